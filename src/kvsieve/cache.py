@@ -1,0 +1,220 @@
+"""`SieveCache`: a ``transformers.Cache`` whose layers store only what their method keeps.
+
+One `SieveLayer` per attention layer. Each owns a `LayerPolicy` (the method's per-layer state) and:
+
+* reports the **logical** length (tokens seen) from ``get_seq_length()`` -- the model derives every new token's
+  RoPE position from it -- and ``(stored + q, seen - stored)`` from ``get_mask_sizes()``, so that all stored
+  entries count as past;
+* tags the keys it returns so that kvsieve's attention function finds it (see `kvsieve.attention`);
+* measures what it stores and attends, for the statistics.
+
+Gemma-3's sliding-window layers keep transformers' own ``DynamicSlidingWindowLayer`` and behaviour.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
+
+from kvsieve.attention import LAYER_TAG, use_sieve_attention
+from kvsieve.methods.base import AttentionCall, LayerInfo, Method, Phase
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture is not one kvsieve has been validated on."""
+
+
+class SieveLayer(CacheLayerMixin):
+    """A cache layer that delegates storage and attention to its method's `LayerPolicy`."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, policy, cache: SieveCache) -> None:
+        super().__init__()
+        self.policy = policy
+        self.cache = cache
+        self.seen = 0  # logical tokens seen (prompt + generated), whatever is stored
+        self._phase = Phase.DECODE
+        self._first_position = 0
+        # measured, for statistics
+        self.attended_total = 0  # sum over attention calls of the entries attended per KV head
+        self.attend_calls = 0
+        self.stored_after_prefill: int | None = None
+        self.bytes_after_prefill: int | None = None
+        self.bytes_before_compress: int | None = None
+        self.trace: list[torch.Tensor] | None = [] if cache.trace else None
+
+    # ------------------------------------------------------------------------------ CacheLayerMixin API
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[-2]
+        self._phase = self.cache.phase_for(self, q)
+        self._first_position = self.seen
+        keys, values = self.policy.update(key_states, value_states, self.seen, self._phase)
+        self.seen += q
+        keys = keys[:]  # a fresh tensor object, so the tag never sticks to a buffer that outlives this call
+        setattr(keys, LAYER_TAG, self)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = self.policy.stored_length()
+        return stored + query_length, self.seen - stored
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        raise NotImplementedError("a SieveCache cannot be reset; create a new one for a new prompt")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a compressed cache cannot be cropped (assisted generation is not supported)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.policy.select_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.policy.select_batch(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("kvsieve caches do not support num_return_sequences > 1 or beam search yet")
+
+    # back-compat views: some transformers utilities read ``layer.keys`` / ``layer.values``
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self.policy.store.is_empty else self.policy.store.keys
+
+    @keys.setter
+    def keys(self, value) -> None:  # CacheLayerMixin.__init__ assigns None
+        pass
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self.policy.store.is_empty else self.policy.store.values
+
+    @values.setter
+    def values(self, value) -> None:
+        pass
+
+    # --------------------------------------------------------------------------------------- attention
+    def attend(self, module, query, keys, values, scaling, kwargs: dict[str, Any]) -> torch.Tensor:
+        call = AttentionCall(
+            module=module,
+            query=query,
+            keys=keys,
+            values=values,
+            scaling=scaling,
+            phase=self._phase,
+            first_position=self._first_position,
+            seen=self.seen,
+            kwargs=kwargs,
+            record=self._record,
+        )
+        if self._phase is not Phase.DECODE:
+            self.policy.observe(call)
+        out = self.policy.attend(call)
+        if self._phase is Phase.PREFILL_LAST:
+            self.bytes_before_compress = self.policy.kv_bytes()
+            self.policy.compress(call)
+            self.stored_after_prefill = self.policy.stored_length()
+            self.bytes_after_prefill = self.policy.kv_bytes()
+        return out
+
+    def _record(self, positions: torch.Tensor) -> None:
+        self.attended_total += positions.shape[-1]
+        self.attend_calls += 1
+        if self.trace is not None:
+            self.trace.append(positions.detach().clone())
+
+
+class SieveCache(Cache):
+    """A ``transformers.Cache`` for one generation with a kvsieve method.
+
+    ``SieveCache(model, kvsieve.method("snapkv", budget=256))`` switches ``model`` to kvsieve's attention function
+    (identical to sdpa for any other cache) and can be passed as ``model.generate(past_key_values=cache)``: the
+    first multi-token forward is taken as the whole prompt and compressed layer by layer right after it.
+    ``kvsieve.generate`` drives the phases explicitly instead (chunked prefill, a question fed after compression).
+
+    ``trace=True`` records, per layer and attention call, the logical positions attended (``[B, H_kv, S]``), for
+    tests and analysis.
+    """
+
+    def __init__(self, model_or_config, method: Method | None = None, *, reserve: int = 64, trace: bool = False):
+        from kvsieve.methods import method as make_method
+
+        config = getattr(model_or_config, "config", model_or_config)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        check_supported(text_config)
+        self.method = method if method is not None else make_method("full")
+        self.trace = trace
+        self.phase: Phase | None = None  # None: automatic (model.generate); else set by kvsieve.generate
+        self.question_span: tuple[int, int] | None = None  # logical [start, end) of a separately fed question
+        n_layers = text_config.num_hidden_layers
+        n_heads = text_config.num_attention_heads
+        n_kv = getattr(text_config, "num_key_value_heads", None) or n_heads
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // n_heads
+        layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * n_layers
+        layers: list[CacheLayerMixin] = []
+        for idx, kind in enumerate(layer_types):
+            if kind == "sliding_attention":
+                layers.append(DynamicSlidingWindowLayer(sliding_window=text_config.sliding_window))
+            elif kind == "full_attention":
+                info = LayerInfo(idx, n_layers, n_heads, n_kv, head_dim, text_config)
+                layers.append(SieveLayer(self.method.make_policy(info, reserve), self))
+            else:
+                raise UnsupportedModelError(f"layer type {kind!r} (layer {idx}) is not supported by kvsieve")
+        super().__init__(layers=layers)
+        if isinstance(model_or_config, torch.nn.Module):
+            use_sieve_attention(model_or_config)
+
+    def phase_for(self, layer: SieveLayer, n_new: int) -> Phase:
+        if self.phase is not None:
+            return self.phase
+        return Phase.PREFILL_LAST if layer.seen == 0 else Phase.DECODE
+
+    @property
+    def sieve_layers(self) -> list[SieveLayer]:
+        return [layer for layer in self.layers if isinstance(layer, SieveLayer)]
+
+    # ------------------------------------------------------------------------------------- statistics
+    def stored_tokens(self) -> list[int]:
+        """Entries per KV head each layer stores now (sliding layers: their window)."""
+        return [_stored(layer) for layer in self.layers]
+
+    def kv_bytes(self) -> int:
+        """Bytes of K/V entries held now by all layers, measured from the tensors."""
+        return sum(layer_kv_bytes(layer) for layer in self.layers)
+
+
+def _stored(layer: CacheLayerMixin) -> int:
+    if isinstance(layer, SieveLayer):
+        return layer.policy.stored_length()
+    return 0 if layer.keys is None else layer.keys.shape[-2]
+
+
+def layer_kv_bytes(layer: CacheLayerMixin) -> int:
+    if isinstance(layer, SieveLayer):
+        return layer.policy.kv_bytes()
+    if layer.keys is None:
+        return 0
+    return layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+
+
+def check_supported(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"model type {model_type!r} is not supported by kvsieve; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )

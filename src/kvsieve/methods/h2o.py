@@ -1,0 +1,72 @@
+"""H2O: heavy hitters (most attended tokens so far) + recent tokens, updated at every decode step.
+
+Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models",
+NeurIPS 2023 (arXiv 2306.14048). Every entry accumulates the softmax attention it receives from every query
+(prompt queries during prefill, then each generated token's); the cache keeps the ``budget * recent_ratio`` most
+recent tokens plus the highest-scoring others (the paper splits the budget equally), and after each decode step
+the lowest-scoring non-recent entry leaves. Prefill scores are column sums computed ``score_block`` queries at a
+time: the ``n x n`` attention matrix is never materialised. GQA: scores are reduced over each group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvsieve.methods.base import AttentionCall, check_choice, check_float, check_int, register
+from kvsieve.methods.eviction import PROTECTED, BudgetedMethod, PriorityEvictionPolicy
+from kvsieve.ops.scoring import attention_column_sums, attention_probs, reduce_gqa
+
+SCORE = "h2o_score"
+
+
+class H2OPolicy(PriorityEvictionPolicy):
+    rolling = True
+
+    def __init__(self, method, info, reserve=64):
+        super().__init__(method, info, reserve)
+        self.store.add_aux(SCORE)
+
+    def _accumulate(self, probs_sum: torch.Tensor) -> None:
+        """Add per-query-head attention mass ``[B, H, S]`` to the stored entries' scores."""
+        self.store.aux(SCORE).add_(reduce_gqa(probs_sum, self.info.n_kv_heads, self.method.gqa_reduce))
+
+    def observe(self, call: AttentionCall) -> None:
+        store = self.store
+        sums = attention_column_sums(
+            call.query, store.keys, call.scaling, call.first_position, self.method.score_block, store.positions
+        )
+        self._accumulate(sums)
+
+    def after_decode_attention(self, call: AttentionCall) -> None:
+        q_pos = torch.arange(call.first_position, call.seen, device=call.query.device)
+        probs = attention_probs(call.query, self.store.keys, call.scaling, q_pos, self.store.positions)
+        self._accumulate(probs.sum(dim=2))
+
+    def priority(self, call: AttentionCall) -> torch.Tensor:
+        n_recent = round(self.k * self.method.recent_ratio)
+        positions = self.store.positions
+        recent = positions >= call.seen - n_recent
+        return torch.where(recent, PROTECTED + positions.double(), self.store.aux(SCORE))
+
+
+@register
+@dataclass
+class H2O(BudgetedMethod):
+    """Accumulated-attention heavy hitters + recent window; ``budget`` = heavy + recent, held at every step."""
+
+    name = "h2o"
+    summary = "Heavy hitters by accumulated attention + recent tokens, updated every decode step"
+    paper = "arXiv 2306.14048 (NeurIPS 2023)"
+    policy = H2OPolicy
+
+    recent_ratio: float = 0.5
+    gqa_reduce: str = "mean"
+    score_block: int = 512
+
+    def validate(self) -> None:
+        super().validate()
+        check_float("recent_ratio", self.recent_ratio, 0.0, 1.0)
+        check_choice("gqa_reduce", self.gqa_reduce, ("mean", "max", "sum"))
+        check_int("score_block", self.score_block, 1)

@@ -1,0 +1,72 @@
+"""SnapKV: keep the prompt entries that the last window of prompt queries attends to most.
+
+Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation", NeurIPS 2024 (arXiv 2404.14469).
+After the prompt's prefill, per layer: the last ``window_size`` queries' softmax attention over the prefix keys is
+summed over the window, max-pooled along the sequence (kernel ``kernel_size``: neighbouring tokens of a selected
+one come along, which keeps spans such as numbers intact), reduced over each GQA group, and the top
+``budget - window`` prefix entries per KV head are kept together with the window itself. One shot: tokens added
+later (a question chunk, generated tokens) are appended and never evicted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvsieve.methods.base import AttentionCall, check_choice, check_int, register
+from kvsieve.methods.eviction import PROTECTED, BudgetedMethod, PriorityEvictionPolicy
+from kvsieve.ops.scoring import attention_probs, pool_scores, reduce_gqa
+
+
+class SnapKVPolicy(PriorityEvictionPolicy):
+    def __init__(self, method, info, reserve=64):
+        super().__init__(method, info, reserve)
+        self.window_queries: torch.Tensor | None = None  # [B, H, <=w, D], the latest prompt queries
+        self.window_first = 0  # logical position of window_queries[:, :, 0]
+
+    def observe(self, call: AttentionCall) -> None:
+        w = self.method.window_size
+        queries = call.query if self.window_queries is None else torch.cat([self.window_queries, call.query], dim=2)
+        end = call.first_position + call.n_new
+        self.window_queries = queries[:, :, -w:]
+        self.window_first = end - self.window_queries.shape[2]
+
+    def priority(self, call: AttentionCall) -> torch.Tensor:
+        """``[B, H_kv, S]``: pooled window attention for the prefix, protected (newest first) for the window."""
+        store = self.store
+        positions = store.positions  # prompt order: index == position while nothing has been evicted
+        q_pos = torch.arange(
+            self.window_first, self.window_first + self.window_queries.shape[2], device=positions.device
+        )
+        probs = attention_probs(self.window_queries, store.keys, call.scaling, q_pos, positions)  # [B, H, w, S]
+        scores = pool_scores(probs.sum(dim=2), self.method.kernel_size, self.method.pooling)
+        scores = reduce_gqa(scores, self.info.n_kv_heads, self.method.gqa_reduce)
+        in_window = positions >= self.window_first
+        self.window_queries = None  # one shot: free the queries
+        return torch.where(in_window, PROTECTED + positions.double(), scores)
+
+
+@register
+@dataclass
+class SnapKV(BudgetedMethod):
+    """Observation-window scoring after prefill; ``budget`` = window + top-(budget - window) prefix entries."""
+
+    name = "snapkv"
+    summary = "Observation-window attention, max-pooled, top-k per KV head after prefill"
+    paper = "arXiv 2404.14469 (NeurIPS 2024)"
+    policy = SnapKVPolicy
+
+    window_size: int = 32
+    kernel_size: int = 7
+    pooling: str = "max"
+    gqa_reduce: str = "mean"
+
+    def validate(self) -> None:
+        super().validate()
+        check_int("window_size", self.window_size, 1)
+        check_int("kernel_size", self.kernel_size, 1)
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (same padding), got {self.kernel_size}")
+        check_choice("pooling", self.pooling, ("max", "avg"))
+        check_choice("gqa_reduce", self.gqa_reduce, ("mean", "max", "sum"))

@@ -1,0 +1,1 @@
+"""Shared tensor machinery: storage, attention, scoring. Written once, used by every method."""
