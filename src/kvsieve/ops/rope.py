@@ -1,0 +1,75 @@
+"""Rotary position embedding helpers, computed from the model's config like the model itself does.
+
+transformers caches keys after RoPE and hands the attention function post-RoPE queries. Methods that need
+pre-RoPE vectors (RefreshKV's query similarity, InfLLM's block memory) undo the rotation: RoPE is a rotation per
+pair of channels, so rotating by ``-position`` recovers the input exactly up to float rounding. Methods that give
+tokens positions of their own (InfLLM: window-relative local keys, one fixed distance for memory) rotate again.
+
+Layout: the "rotate half" convention of Llama/Qwen/Mistral/Gemma in transformers (channel ``i`` pairs with
+``i + D/2``). ``attention_scaling`` (YaRN, LongRoPE) multiplies cos and sin exactly as the model does.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+
+def _default_inv_freq(config) -> tuple[torch.Tensor, float]:
+    base = config.rope_parameters["rope_theta"]
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = int(dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+
+
+class Rotary:
+    """cos/sin of the model's RoPE at arbitrary positions, and (un)rotation of ``[..., S, D]`` tensors."""
+
+    def __init__(self, config, layer_type: str | None = None) -> None:
+        params = config.rope_parameters
+        if layer_type is not None and layer_type in params:  # Gemma-3: per layer-type parameters
+            params = params[layer_type]
+        rope_type = params.get("rope_type", "default")
+        proxy = _ConfigView(config, params)
+        if rope_type == "default":
+            inv_freq, scaling = _default_inv_freq(proxy)
+        else:
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](proxy)
+        self.inv_freq = inv_freq
+        self.attention_scaling = float(scaling)
+
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``positions`` ``[...]`` -> cos, sin ``[..., D]`` (computed in float32, cast like the model)."""
+        freqs = positions.to(device=device, dtype=torch.float32)[..., None] * self.inv_freq.to(device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Apply RoPE at ``positions`` (broadcastable to ``x.shape[:-1]``) to ``x`` ``[..., S, D]``."""
+        cos, sin = self.cos_sin(positions, torch.float32, x.device)
+        return (x.float() * cos + _rotate_half(x.float()) * sin).to(x.dtype)
+
+    def unrotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Undo RoPE at ``positions``: the pre-RoPE vector, exact up to float rounding (the inverse of a rotation
+        is the rotation by ``-position``; ``attention_scaling`` s scales both cos and sin, hence the ``1/s^2``)."""
+        cos, sin = self.cos_sin(positions, torch.float32, x.device)
+        scale = self.attention_scaling**2
+        return ((x.float() * cos - _rotate_half(x.float()) * sin) / scale).to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class _ConfigView:
+    """The config with ``rope_parameters`` replaced (ROPE_INIT_FUNCTIONS read them from the config)."""
+
+    def __init__(self, config, rope_parameters: dict) -> None:
+        self._config = config
+        self.rope_parameters = rope_parameters
+
+    def __getattr__(self, name: str):
+        return getattr(self._config, name)

@@ -1,0 +1,45 @@
+"""The RoPE helper reproduces the model's own rotary embedding and inverts it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from helpers import tiny_model
+from kvsieve.ops.rope import Rotary
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_rotate_matches_the_model_and_unrotate_inverts(arch):
+    model = tiny_model(arch)
+    config = model.config
+    rotary = Rotary(config)
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 7, config.head_dim if hasattr(config, "head_dim") and config.head_dim else 16)
+    positions = torch.tensor([0, 1, 5, 100, 513, 700, 1000])
+    cos, sin = model.model.rotary_emb(x, positions[None])
+    expected, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    assert torch.allclose(rotary.rotate(x, positions), expected, atol=1e-5)
+    assert torch.allclose(rotary.unrotate(expected, positions), x, atol=1e-5)
+
+
+def test_yarn_scaling_is_inverted():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        max_position_embeddings=2048,
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 2.0,
+            "original_max_position_embeddings": 1024,
+            "rope_theta": 10000.0,
+        },
+    )
+    rotary = Rotary(config)
+    assert rotary.attention_scaling != 1.0
+    x = torch.randn(1, 1, 3, 16)
+    positions = torch.tensor([3, 1500, 2000])
+    assert torch.allclose(rotary.unrotate(rotary.rotate(x, positions), positions), x, atol=1e-5)
