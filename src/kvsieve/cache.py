@@ -121,6 +121,7 @@ class SieveLayer(CacheLayerMixin):
             seen=self.seen,
             kwargs=kwargs,
             record=self._record,
+            question_span=self.cache.question_span,
         )
         if self._phase is not Phase.DECODE:
             self.policy.observe(call)
@@ -161,6 +162,7 @@ class SieveCache(Cache):
         self.trace = trace
         self.phase: Phase | None = None  # None: automatic (model.generate); else set by kvsieve.generate
         self.question_span: tuple[int, int] | None = None  # logical [start, end) of a separately fed question
+        self.shared: dict[str, Any] = {}  # per-cache state that a method shares across its layers (LayerInfo.shared)
         n_layers = text_config.num_hidden_layers
         n_heads = text_config.num_attention_heads
         n_kv = getattr(text_config, "num_key_value_heads", None) or n_heads
@@ -171,7 +173,7 @@ class SieveCache(Cache):
             if kind == "sliding_attention":
                 layers.append(DynamicSlidingWindowLayer(sliding_window=text_config.sliding_window))
             elif kind == "full_attention":
-                info = LayerInfo(idx, n_layers, n_heads, n_kv, head_dim, text_config)
+                info = LayerInfo(idx, n_layers, n_heads, n_kv, head_dim, text_config, shared=self.shared)
                 layers.append(SieveLayer(self.method.make_policy(info, reserve), self))
             else:
                 raise UnsupportedModelError(f"layer type {kind!r} (layer {idx}) is not supported by kvsieve")
@@ -191,14 +193,14 @@ class SieveCache(Cache):
     # ------------------------------------------------------------------------------------- statistics
     def stored_tokens(self) -> list[int]:
         """Entries per KV head each layer stores now (sliding layers: their window)."""
-        return [_stored(layer) for layer in self.layers]
+        return [stored_entries(layer) for layer in self.layers]
 
     def kv_bytes(self) -> int:
         """Bytes of K/V entries held now by all layers, measured from the tensors."""
         return sum(layer_kv_bytes(layer) for layer in self.layers)
 
 
-def _stored(layer: CacheLayerMixin) -> int:
+def stored_entries(layer: CacheLayerMixin) -> int:
     if isinstance(layer, SieveLayer):
         return layer.policy.stored_length()
     return 0 if layer.keys is None else layer.keys.shape[-2]

