@@ -50,6 +50,9 @@ class LayerInfo:
     n_kv_heads: int
     head_dim: int
     config: PretrainedConfig | None = None
+    # One dict per SieveCache, the same object for all its layers: state a method ties across layers within one
+    # cache (e.g. ActQKV's per-step block pool), never across caches.
+    shared: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def group_size(self) -> int:
@@ -75,6 +78,8 @@ class AttentionCall:
     seen: int
     kwargs: dict[str, Any]
     record: Callable[[torch.Tensor], None]  # call with the positions ``[B, H_kv, S]`` this call attended
+    # logical [start, end) of a question fed as its own chunk (``SieveCache.question_span``), else None
+    question_span: tuple[int, int] | None = None
 
     @property
     def n_new(self) -> int:
