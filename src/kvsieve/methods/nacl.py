@@ -1,0 +1,367 @@
+"""NACL: one eviction at encoding time, by proxy-token attention plus a random sample drawn from it.
+
+Chen et al., "NACL: A General and Effective KV Cache Eviction Framework for LLMs at Inference Time", ACL 2024
+(arXiv 2408.03675); released code PaddlePaddle/Research ``NLP/ACL2024-NACL``.
+
+Right after the prompt's prefill -- layer by layer, once, independently per KV head -- the cache keeps
+
+* the ``sink`` first tokens and the ``recent`` last tokens (protected),
+* the ``C_p`` candidates with the highest proxy score ``F(j) = sum_p softmax(q_p K^T / sqrt(d))_j``, where the
+  proxies ``p`` are the question's tokens (paper) or the last ``proxy_ratio`` of the prompt (released code),
+* ``C_r`` more candidates drawn without replacement with probability ``softmax(F)`` over those left (no
+  temperature). Random eviction keeps some of the long tail that a deterministic top-k always drops.
+
+The prompt's own prefill attends fully; tokens that come later (generated tokens, a question in query-agnostic
+use) are appended and never evicted, as in the released code (the paper's Alg. 1 mentions decode-time eviction
+every ``m`` steps without giving ``m``).
+
+Assumptions and deviations (see docs/methods/nacl.md):
+
+* Proxy attention is causal (the paper's A; the code attends non-causally over all keys). Only keys inside the
+  proxy span differ, and those are mostly protected.
+* GQA: a KV head's score sums ``F`` over the query heads of its group (``gqa="sum"``). ``gqa="code"`` reproduces
+  the released code's indexing, which scores KV head ``k`` with query head ``k`` (spec §4.3).
+* The code's ``sink_tokens=256`` with ``token_protect_ratio=0.01`` gives a negative recent window below 25.6K
+  tokens; here the sink takes at most half of the protected part.
+* Sampling uses the Gumbel-top-k form of sequential draws without replacement (same distribution as the code's
+  ``np.random.choice(replace=False, p=softmax(F))``), in log space, so probabilities that underflow in
+  ``softmax(F)`` never make the draw fail; a ``torch.Generator`` seeded from ``(seed, layer)`` makes it
+  reproducible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvsieve.methods.base import (
+    AttentionCall,
+    LayerInfo,
+    LayerPolicy,
+    check_choice,
+    check_float,
+    check_int,
+    register,
+    register_preset,
+    resolve_budget,
+)
+from kvsieve.methods.eviction import BudgetedMethod
+from kvsieve.ops.scoring import attention_column_sums, reduce_gqa
+
+# Default split of the budget among the parts left at None: the released code's 1% : 12% : 7% of its 20% budget.
+DEFAULT_SHARES = {"protect": 0.05, "proxy_keep": 0.60, "random_keep": 0.35}
+PARTS = ("protect", "proxy_keep", "random_keep")
+
+
+# ------------------------------------------------------------------------------------------ pure functions
+def proxy_scores(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    scaling: float,
+    query_start: int,
+    gqa: str = "sum",
+    block: int = 512,
+    key_positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """NACL's proxy score per KV head: ``[B, H_kv, S]`` (float32).
+
+    ``query`` ``[B, H, p, D]``: post-RoPE queries of the proxy tokens at positions ``query_start ..
+    query_start + p - 1``; ``keys`` ``[B, H_kv, S, D]``. Each proxy's causal softmax over the keys is summed over
+    the proxies (``block`` queries at a time, never ``p x S`` at once), then per KV head: ``"sum"`` over the query
+    heads of its group, ``"code"`` the released code's query head ``k`` for KV head ``k``.
+    """
+    n_kv = keys.shape[1]
+    if gqa == "sum":
+        sums = attention_column_sums(query, keys, scaling, query_start, block, key_positions)  # [B, H, S]
+        return reduce_gqa(sums, n_kv, "sum")
+    if gqa == "code":
+        # only query heads 0..H_kv-1 are used; query head h reads KV head h // g
+        kv_of = torch.arange(n_kv, device=keys.device) // (query.shape[1] // n_kv)
+        positions = None if key_positions is None else key_positions[:, kv_of]
+        return attention_column_sums(query[:, :n_kv], keys[:, kv_of], scaling, query_start, block, positions)
+    raise ValueError(f"gqa must be 'sum' or 'code', got {gqa!r}")
+
+
+def layer_generator(seed: int, layer_idx: int) -> torch.Generator:
+    """A CPU generator that depends only on ``(seed, layer_idx)``: the same kept set on every run and device."""
+    digest = hashlib.sha256(f"kvsieve-nacl:{seed}:{layer_idx}".encode()).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Standard Gumbel noise (float64), drawn on the CPU from ``generator`` and moved to ``device``."""
+    u = torch.rand(shape, generator=generator, dtype=torch.float64)
+    u = u.clamp_(min=torch.finfo(torch.float64).tiny)
+    return (-torch.log(-torch.log(u))).to(device)
+
+
+@dataclass
+class Selection:
+    """Kept indices per head (``[B, H_kv, k]``, ascending) and where they came from."""
+
+    kept: torch.Tensor
+    top: torch.Tensor  # [B, H_kv, C_p]: the proxy-score top-k among the candidates
+    random: torch.Tensor  # [B, H_kv, C_r]: the sample drawn from softmax(F) over the remaining candidates
+
+
+def select_kept(
+    scores: torch.Tensor, n_sink: int, n_recent: int, n_top: int, n_random: int, generator: torch.Generator
+) -> Selection:
+    """NACL's kept set per head from proxy scores ``[B, H_kv, n]`` over a prompt stored in order (index = position).
+
+    Candidates are positions ``[n_sink, n - n_recent)``. The top ``n_top`` candidates by score are kept, then
+    ``n_random`` of the others are drawn without replacement with probability ``softmax(scores)`` over them: the
+    Gumbel-top-k trick (add Gumbel noise to the log-probabilities, keep the ``n_random`` largest) has exactly the
+    distribution of sequential draws, each from the softmax renormalised over what is left.
+    """
+    b, h, n = scores.shape
+    if n_sink + n_recent + n_top + n_random > n or min(n_sink, n_recent, n_top, n_random) < 0:
+        raise ValueError(f"parts {n_sink}+{n_recent}+{n_top}+{n_random} do not fit a prompt of {n} tokens")
+    device = scores.device
+    positions = torch.arange(n, device=device)
+    candidate = (positions >= n_sink) & (positions < n - n_recent)
+    ranked = scores.double().masked_fill(~candidate, -math.inf)
+    top = torch.topk(ranked, n_top, dim=-1).indices if n_top else ranked.new_empty(b, h, 0, dtype=torch.long)
+    rest = ranked.scatter(-1, top, -math.inf)  # log-probabilities up to a constant; -inf: not drawable
+    noise = gumbel_noise((b, h, n), generator, device)
+    drawn = torch.topk(rest + noise, n_random, dim=-1).indices if n_random else top[..., :0]
+    protected = torch.cat([positions[:n_sink], positions[n - n_recent :]]).expand(b, h, -1)
+    kept = torch.cat([protected, top, drawn], dim=-1).sort(dim=-1).values
+    return Selection(kept=kept, top=top, random=drawn)
+
+
+# ------------------------------------------------------------------------------------------------ policy
+class NACLPolicy(LayerPolicy):
+    """Buffers the queries that can still be proxies during prefill, scores and evicts once at ``compress``."""
+
+    def __init__(self, method: NACL, info: LayerInfo, reserve: int = 64) -> None:
+        super().__init__(method, info, reserve)
+        # Rolling buffer of the latest prompt queries [B, H, m, D] and the position of the first one. A token at
+        # position i can be a proxy only if i >= (1 - proxy_ratio) * n >= (1 - proxy_ratio) * seen, so older
+        # queries are dropped: at most proxy_ratio * n + one chunk of queries are ever held.
+        self.queries: torch.Tensor | None = None
+        self.queries_first = 0
+        self._stats: dict[str, Any] = {}
+
+    def observe(self, call: AttentionCall) -> None:
+        q = call.query
+        first = call.first_position
+        if self.queries is not None:
+            q = torch.cat([self.queries, q], dim=2)
+            first = self.queries_first
+        oldest = max(0, math.floor((1.0 - self.method.proxy_ratio) * call.seen) - 1)
+        oldest = min(oldest, call.seen - 1)  # the last token is always a proxy
+        span = call.question_span
+        if self.method.proxy_source == "question" and span is not None and span[0] <= call.first_position:
+            oldest = min(oldest, span[0])  # this chunk is the question: all of it may be proxies
+        if oldest > first:
+            # a copy, so that a view of the tail does not keep the whole chunk's queries alive
+            q = q[:, :, oldest - first :].clone()
+            first = oldest
+        self.queries = q
+        self.queries_first = first
+
+    def compress(self, call: AttentionCall) -> None:
+        m: NACL = self.method
+        n = call.seen
+        queries, first = self.queries, self.queries_first
+        self.queries = None  # one shot: free the buffer whatever happens next
+        span = call.question_span if m.proxy_source == "question" else None
+        if span is not None and span[1] == n:
+            source, proxy_start = "question", span[0]
+        else:
+            source, proxy_start = "last", n - max(1, int(m.proxy_ratio * n))
+        n_proxy = n - proxy_start
+        k = resolve_budget(m.budget, n)
+        self._stats = {"prompt_tokens": n, "budget_tokens": min(k, n), "proxy_source": source, "proxy_tokens": n_proxy}
+        if k >= n or n <= m.min_eviction_seqlen:
+            self._record_counts(None, n)
+            return
+        if self.store.length != n:
+            raise RuntimeError(f"NACL expects the whole prompt stored at compression ({self.store.length} != {n})")
+        sink, recent, n_top, n_random = m.split(n, n_proxy)
+        scaling = call.scaling if call.scaling is not None else self.info.head_dim**-0.5
+        if queries is None or proxy_start < first:
+            raise RuntimeError(f"NACL: proxy queries from position {proxy_start} were not buffered (from {first})")
+        proxies = queries[:, :, proxy_start - first :]
+        scores = proxy_scores(
+            proxies, self.store.keys, scaling, proxy_start, m.gqa, m.score_block, self.store.positions
+        )
+        gen = layer_generator(m.seed, self.info.layer_idx)
+        selection = select_kept(scores, sink, recent, n_top, n_random, gen)
+        self.store.keep(selection.kept)
+        self._record_counts(selection, n, sink, recent)
+
+    def _record_counts(self, sel: Selection | None, n: int, sink: int = 0, recent: int = 0) -> None:
+        """Measured per KV head (batch row 0; every row keeps the same counts) from the index tensors."""
+        h = self.info.n_kv_heads
+        if sel is None:
+            self._stats.update(evicted=False, kept_per_head=[n] * h)
+            return
+        kept = sel.kept[0]
+        distinct = (kept.diff(dim=-1) > 0).sum(dim=-1) + 1
+        self._stats.update(
+            evicted=True,
+            kept_per_head=distinct.tolist(),
+            kept_sink=(kept < sink).sum(dim=-1).tolist(),
+            kept_recent=(kept >= n - recent).sum(dim=-1).tolist(),
+            kept_proxy_top=[sel.top.shape[-1]] * h,
+            kept_random=[sel.random.shape[-1]] * h,
+        )
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._stats)
+
+
+# ------------------------------------------------------------------------------------------------ method
+def _check_part(name: str, value: Any) -> None:
+    """A part of the budget: None (default split), an int >= 0 (tokens) or a float in [0, 1] (prompt fraction)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be None, an int (tokens) or a float in [0, 1] (prompt fraction), got {value!r}")
+    if isinstance(value, int):
+        check_int(name, value, 0)
+    else:
+        check_float(name, value, 0.0, 1.0)
+
+
+def _part_tokens(value: int | float, n: int) -> int:
+    """A float part is floor(fraction * n), as in the released code."""
+    return int(value * n) if isinstance(value, float) else value
+
+
+@register
+@dataclass
+class NACL(BudgetedMethod):
+    """Proxy-token top-k + softmax-sampled random tokens + sink/recent, per KV head, once after prefill.
+
+    ``budget`` (int tokens or float fraction of the prompt) = sink + recent + C_p + C_r entries per layer and KV
+    head. ``protect`` (sink + recent), ``proxy_keep`` (C_p) and ``random_keep`` (C_r) are int tokens, float
+    fractions of the prompt (floored) or None: the parts left at None share what the given ones leave of the
+    budget in the proportions of ``DEFAULT_SHARES`` (5 : 60 : 35), the last of them taking the rounding rest.
+    When all three are given they must add up to the budget.
+    """
+
+    name = "nacl"
+    summary = "Proxy-token attention top-k + softmax-sampled random tokens, per KV head, once after prefill"
+    paper = "arXiv 2408.03675 (ACL 2024)"
+    policy = NACLPolicy
+
+    budget: int | float = 0.2
+    n_sink: int = 4
+    protect: int | float | None = None
+    proxy_keep: int | float | None = None
+    random_keep: int | float | None = None
+    proxy_ratio: float = 0.01
+    proxy_source: str = "question"
+    keep_proxies: bool = True
+    gqa: str = "sum"
+    seed: int = 0
+    min_eviction_seqlen: int = 0
+    score_block: int = 512
+
+    @property
+    def compress_after_question(self) -> bool:  # type: ignore[override]
+        """With a separate question and ``proxy_source="question"``, the question's tokens are the proxies."""
+        return self.proxy_source == "question"
+
+    def validate(self) -> None:
+        super().validate()
+        check_int("n_sink", self.n_sink, 0)
+        for name in PARTS:
+            _check_part(name, getattr(self, name))
+        check_float("proxy_ratio", self.proxy_ratio, 0.0, 1.0, low_open=True)
+        check_choice("proxy_source", self.proxy_source, ("question", "last"))
+        if not isinstance(self.keep_proxies, bool):
+            raise TypeError(f"keep_proxies must be a bool, got {self.keep_proxies!r}")
+        check_choice("gqa", self.gqa, ("sum", "code"))
+        check_int("seed", self.seed, 0)
+        check_int("min_eviction_seqlen", self.min_eviction_seqlen, 0)
+        check_int("score_block", self.score_block, 1)
+        # Consistency that does not depend on the prompt length: parts and budget of the same kind.
+        given = {p: getattr(self, p) for p in PARTS if getattr(self, p) is not None}
+        same_kind = all(type(v) is type(self.budget) for v in given.values())
+        if given and same_kind:
+            total = sum(given.values())
+            names = " + ".join(given)
+            if total > self.budget + 1e-9:
+                raise ValueError(f"{names} = {total} exceeds budget = {self.budget}")
+            if len(given) == len(PARTS) and abs(total - self.budget) > 1e-9:
+                raise ValueError(
+                    f"{names} = {total} must equal budget = {self.budget} when all three parts are given "
+                    "(leave random_keep=None to give it the rest of the budget)"
+                )
+
+    def split(self, n: int, n_proxy: int = 0) -> tuple[int, int, int, int]:
+        """Tokens per head ``(sink, recent, C_p, C_r)`` for a prompt of ``n`` tokens with ``n_proxy`` proxies.
+
+        The sink takes at most half of ``protect`` (the released code's 256 sink tokens would otherwise exceed its
+        1% protected part below 25.6K tokens). With ``keep_proxies`` the recent window grows to cover the proxies,
+        the room coming from C_r, then C_p, so the total stays the same.
+        """
+        k = min(resolve_budget(self.budget, n), n)
+        parts = {p: _part_tokens(getattr(self, p), n) for p in PARTS if getattr(self, p) is not None}
+        given_total = sum(parts.values())
+        if given_total > k:
+            names = " + ".join(f"{p} ({v})" for p, v in parts.items())
+            raise ValueError(f"{names} = {given_total} tokens exceed budget = {k} tokens for a {n}-token prompt")
+        missing = [p for p in PARTS if p not in parts]
+        left = k - given_total
+        if missing:
+            weight = sum(DEFAULT_SHARES[p] for p in missing)
+            for p in missing[:-1]:
+                parts[p] = round(left * DEFAULT_SHARES[p] / weight)
+            parts[missing[-1]] = k - sum(parts.values())
+        protect, n_top, n_random = parts["protect"], parts["proxy_keep"], parts["random_keep"]
+        sink = min(self.n_sink, protect // 2)
+        recent = protect - sink
+        if self.keep_proxies and n_proxy > recent:
+            extra = n_proxy - recent
+            if extra > n_top + n_random:
+                raise ValueError(
+                    f"keep_proxies: the {n_proxy} proxy tokens and {sink} sink tokens do not fit in budget = {k} "
+                    f"tokens; raise budget, lower proxy_ratio (or shorten the question) or set keep_proxies=False"
+                )
+            recent = n_proxy
+            from_random = min(extra, n_random)
+            n_random -= from_random
+            n_top -= extra - from_random
+        return sink, recent, n_top, n_random
+
+
+register_preset(
+    "nacl-code",
+    NACL,
+    "NACL with the released code's settings: protect 1% (256 sink), C_p 12%, C_r 7%, proxies = last 1%",
+    budget=0.2,
+    n_sink=256,
+    protect=0.01,
+    proxy_keep=0.12,
+    random_keep=0.07,
+    proxy_ratio=0.01,
+    proxy_source="last",
+    keep_proxies=False,
+    min_eviction_seqlen=2048,
+)
+# The paper's Table 4 (LLaMA-2-7B, 4K inputs), fractions of the prompt: budget % -> (Protect Proxy, No-protect Proxy,
+# C_p, C_r). "Protect Proxy" is the protected recent part and Protect + No-protect the proxy span [ASSUMPTION, spec
+# §4.4]; the table has no separate sink.
+PAPER_TABLE4 = {10: (0.01, 0.03, 0.02, 0.07), 20: (0.02, 0.18, 0.06, 0.12), 30: (0.015, 0.20, 0.105, 0.18)}
+for _pct, (_protect, _noprotect, _cp, _cr) in PAPER_TABLE4.items():
+    register_preset(
+        f"nacl-paper-{_pct}",
+        NACL,
+        f"NACL with the paper's Table 4 split at {_pct}%: protect {_protect:.1%}, C_p {_cp:.1%}, C_r {_cr:.0%}",
+        budget=_pct / 100,
+        n_sink=0,
+        protect=_protect,
+        proxy_keep=_cp,
+        random_keep=_cr,
+        proxy_ratio=round(_protect + _noprotect, 6),
+        keep_proxies=False,
+    )
