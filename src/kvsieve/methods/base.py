@@ -171,7 +171,7 @@ def check_budget(budget: Any, name: str = "budget") -> None:
         raise TypeError(f"{name} must be an int (tokens) or a float in (0, 1] (fraction of the prompt), got {budget!r}")
     if isinstance(budget, int) and budget < 1:
         raise ValueError(f"{name} must be >= 1 token when given as an int, got {budget}")
-    if (isinstance(budget, float) and not (0.0 < budget <= 1.0)) or (isinstance(budget, float) and math.isnan(budget)):
+    if isinstance(budget, float) and not (0.0 < budget <= 1.0):  # also rejects NaN
         raise ValueError(f"{name} as a fraction of the prompt must be in (0, 1], got {budget}")
 
 
