@@ -148,3 +148,18 @@ def masked_reference(model, traces: dict[int, list[torch.Tensor]], context, toke
 
 def traces_of(cache: SieveCache) -> dict[int, list[torch.Tensor]]:
     return {i: layer.trace for i, layer in enumerate(cache.layers) if getattr(layer, "trace", None) is not None}
+
+
+class IdTokenizer:
+    """A stand-in tokenizer for tiny models: prompts are space-separated token ids; decoding joins the ids."""
+
+    chat_template = None
+
+    def __init__(self, eos: int | None = None):
+        self.eos_token_id = eos
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [int(t) for t in text.split()]}
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return " ".join(map(str, tokens))

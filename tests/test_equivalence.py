@@ -13,7 +13,7 @@ import torch
 from transformers import DynamicCache
 
 import kvsieve
-from helpers import TINY_CONFIGS, greedy_with_logits, masked_reference, random_ids, tiny_model, traces_of
+from helpers import TINY_CONFIGS, IdTokenizer, greedy_with_logits, masked_reference, random_ids, tiny_model, traces_of
 from kvsieve.cache import SieveCache, SieveLayer
 from kvsieve.generate import cache_kwargs
 
@@ -123,7 +123,7 @@ def test_negative_control_stored_length_breaks_positions(monkeypatch):
 def test_stored_sizes_are_the_budget_and_bytes_are_real(name):
     model = tiny_model("qwen2")
     out = kvsieve.generate(
-        model, _IdTokenizer(), random_ids(N_PROMPT), method=kvsieve.method(name, budget=0.25), max_new_tokens=5
+        model, IdTokenizer(), random_ids(N_PROMPT), method=kvsieve.method(name, budget=0.25), max_new_tokens=5
     )
     budget = round(0.25 * N_PROMPT)
     assert out.stats.kv_stored_tokens_per_layer == [budget] * 3
@@ -178,16 +178,3 @@ def test_decode_appends_write_in_place():
         model(input_ids=torch.tensor([[token + 3]]), **cache_kwargs(model, cache))
     assert layer.policy.store._keys.data_ptr() == pointer
     assert layer.get_seq_length() == N_PROMPT + 5
-
-
-class _IdTokenizer:
-    """Tokens are given as ids; decoding joins them."""
-
-    chat_template = None
-    eos_token_id = None
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": [int(t) for t in text.split()]}
-
-    def decode(self, tokens, skip_special_tokens=True):
-        return " ".join(map(str, tokens))

@@ -5,23 +5,8 @@ from __future__ import annotations
 import torch
 
 import kvsieve
-from helpers import random_ids, tiny_model
+from helpers import IdTokenizer, random_ids, tiny_model
 from kvsieve.generate import sample_next
-
-
-class IdTokenizer:
-    """Prompts are token ids; decoding writes one letter per id so streamed pieces are easy to check."""
-
-    chat_template = None
-
-    def __init__(self, eos: int | None = None):
-        self.eos_token_id = eos
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": [int(t) for t in text.split()]}
-
-    def decode(self, tokens, skip_special_tokens=True):
-        return "".join(chr(97 + t % 26) for t in tokens)
 
 
 def test_sampling_is_greedy_at_zero_temperature_and_seeded_otherwise():

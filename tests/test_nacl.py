@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 import kvsieve
-from helpers import TINY_CONFIGS, masked_reference, random_ids, tiny_model, traces_of
+from helpers import TINY_CONFIGS, IdTokenizer, masked_reference, random_ids, tiny_model, traces_of
 from kvsieve.cache import SieveCache
 from kvsieve.generate import cache_kwargs, prefill
 from kvsieve.methods.nacl import layer_generator, select_kept
@@ -128,7 +128,7 @@ def test_batch_rows_select_independently():
 
 def test_generation_stats_report_the_parts():
     model = tiny_model("qwen2")
-    out = kvsieve.generate(model, _IdTokenizer(), random_ids(N_PROMPT), method=kvsieve.method("nacl", budget=0.5),
+    out = kvsieve.generate(model, IdTokenizer(), random_ids(N_PROMPT), method=kvsieve.method("nacl", budget=0.5),
                            max_new_tokens=3)  # fmt: skip
     assert out.stats.kv_stored_tokens_per_layer == [24] * 3
     for entry in out.stats.layers:
@@ -354,16 +354,3 @@ def test_default_model_question_as_proxies_equals_masked_reference(default_model
     assert stats["kept_recent"][0] == len(question) and stats["kept_random"][0] > 0  # the question is kept
     reference = masked_reference(model, traces_of(cache), ctx, tokens, question=question)
     assert (logits - reference).abs().max().item() < 1e-3  # fp32, 30 layers; measured ~1e-5
-
-
-class _IdTokenizer:
-    """Tokens are given as ids; decoding joins them."""
-
-    chat_template = None
-    eos_token_id = None
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": [int(t) for t in text.split()]}
-
-    def decode(self, tokens, skip_special_tokens=True):
-        return " ".join(map(str, tokens))

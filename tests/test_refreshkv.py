@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 
 import kvsieve
-from helpers import TINY_CONFIGS, greedy_with_logits, masked_reference, random_ids, tiny_model, traces_of
+from helpers import TINY_CONFIGS, IdTokenizer, greedy_with_logits, masked_reference, random_ids, tiny_model, traces_of
 from kvsieve.cache import SieveCache
 from kvsieve.generate import cache_kwargs
 from kvsieve.methods.base import Phase
@@ -72,8 +72,8 @@ def test_sampling_through_both_loops_with_a_covering_budget_equals_full():
     model = tiny_model("qwen2")
     ctx = random_ids(N_PROMPT)
     kw = dict(max_new_tokens=N_NEW, temperature=0.9, top_p=0.95, seed=3, stop_at_eos=False)
-    full = kvsieve.generate(model, _IdTokenizer(), ctx, method="full", **kw)
-    ours = kvsieve.generate(model, _IdTokenizer(), ctx, method=refreshkv(budget=BIG, stride=2), **kw)
+    full = kvsieve.generate(model, IdTokenizer(), ctx, method="full", **kw)
+    ours = kvsieve.generate(model, IdTokenizer(), ctx, method=refreshkv(budget=BIG, stride=2), **kw)
     assert ours.tokens == full.tokens
     ids = torch.tensor([ctx])
     gen_kw = dict(max_new_tokens=N_NEW, do_sample=True, attention_mask=torch.ones_like(ids), pad_token_id=0)
@@ -88,7 +88,7 @@ def test_sampling_through_both_loops_with_a_covering_budget_equals_full():
     out = model.generate(ids, **cache_kwargs(model, cache), **gen_kw)
     assert out.shape[1] == N_PROMPT + N_NEW
     assert all(layer.policy.partial.length == 12 for layer in _layers(cache))
-    out = kvsieve.generate(model, _IdTokenizer(), ctx, method=refreshkv(budget=12, stride=2), **kw)
+    out = kvsieve.generate(model, IdTokenizer(), ctx, method=refreshkv(budget=12, stride=2), **kw)
     assert len(out.tokens) == N_NEW
 
 
@@ -240,7 +240,7 @@ def test_partial_steps_attend_k_plus_the_new_token_and_full_cache_keeps_every_to
 def test_generate_statistics_are_measured():
     model = tiny_model("qwen2")  # 3 layers, 2 KV heads, head_dim 16, fp32
     out = kvsieve.generate(
-        model, _IdTokenizer(), random_ids(N_PROMPT), method=refreshkv(budget=0.25, stride=4), max_new_tokens=9
+        model, IdTokenizer(), random_ids(N_PROMPT), method=refreshkv(budget=0.25, stride=4), max_new_tokens=9
     )
     k, entry_bytes = round(0.25 * N_PROMPT), 2 * 16 * 2 * 4  # per token: 2 heads x 16 dims x (K, V) x fp32
     decode_calls = 8
@@ -413,16 +413,3 @@ def test_default_model_query_similarity_equals_masked_reference(default_model):
     assert 0 < sum(s["full_steps"] for s in stats) < sum(s["query_checks"] for s in stats)
     reference = masked_reference(model, traces_of(cache), ctx, tokens)
     assert (logits - reference).abs().max().item() < 1e-3
-
-
-class _IdTokenizer:
-    """Tokens are given as ids; decoding joins them."""
-
-    chat_template = None
-    eos_token_id = None
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": [int(t) for t in text.split()]}
-
-    def decode(self, tokens, skip_special_tokens=True):
-        return " ".join(map(str, tokens))
