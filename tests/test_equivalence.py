@@ -178,3 +178,19 @@ def test_decode_appends_write_in_place():
         model(input_ids=torch.tensor([[token + 3]]), **cache_kwargs(model, cache))
     assert layer.policy.store._keys.data_ptr() == pointer
     assert layer.get_seq_length() == N_PROMPT + 5
+
+
+@pytest.mark.parametrize("name", ["snapkv", "h2o", "streamingllm"])
+def test_batch_of_equal_length_prompts_equals_each_prompt_alone(name):
+    """Every tensor keeps its batch dimension: selection is per batch row and KV head."""
+    model = tiny_model("qwen2")
+    prompts = torch.tensor([random_ids(N_PROMPT, seed=1), random_ids(N_PROMPT, seed=2)])
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+
+    def run(ids):
+        cache = SieveCache(model, kvsieve.method(name, budget=20))
+        return model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), **kw)
+
+    together = run(prompts)
+    for row in range(2):
+        assert torch.equal(together[row], run(prompts[row : row + 1])[0])
