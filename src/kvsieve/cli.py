@@ -1,4 +1,4 @@
-"""Command line: ``kvsieve generate | methods | demo``.
+"""Command line: ``kvsieve generate | methods | demo | eval | report``.
 
 Errors in the user's input (unknown method, bad budget, missing model, ...) print one line and exit with status 2,
 without a traceback (set ``KVSIEVE_DEBUG=1`` to see it).
@@ -60,7 +60,79 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(demo)
     _add_method_args(demo, default_method="snapkv", default_budget=0.2)
     demo.add_argument("--max-new-tokens", type=int, default=24)
+
+    ev = sub.add_parser(
+        "eval",
+        help="sweep methods x budgets x tasks x lengths into a resumable run directory",
+        description="Run (or resume) an evaluation sweep. A YAML --config gives any setting; the options below "
+        "override it. The full cache always runs as the reference. Rerun the same command to resume.",
+    )
+    ev.add_argument("--out", required=True, help="run directory (created; resumed if it holds the same config)")
+    ev.add_argument("--config", help="YAML file of settings (keys as in kvsieve.eval.config.EvalConfig)")
+    ev.add_argument("--model", default=None, help="local HF directory, .gguf file or known alias (default: SmolLM2)")
+    ev.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    ev.add_argument("--methods", type=_names, help="comma-separated method names (full is always run)")
+    ev.add_argument("--budgets", type=_budgets, help="comma-separated budgets: ints (tokens) or fractions")
+    ev.add_argument("--tasks", type=_names, help="comma-separated tasks, e.g. passkey,niah_single_2,lm")
+    ev.add_argument("--data", action="append", default=None, metavar="FILE", help="a benchmark JSONL file (repeatable)")
+    ev.add_argument("--lengths", type=_ints, help="comma-separated prompt lengths in tokens")
+    ev.add_argument("--samples", type=int, help="samples per task, length and depth")
+    ev.add_argument("--depths", type=_floats, help="comma-separated needle depths in [0, 1]")
+    ev.add_argument("--modes", type=_names, help="query_aware,query_agnostic")
+    ev.add_argument("--seed", type=int)
+    ev.add_argument("--chunk-size", type=int, help="prefill prompts this many tokens at a time")
+    ev.add_argument("--max-new-tokens", type=int, help="override every task's own")
+    ev.add_argument("--lm-continuation", type=int, help="tokens scored after each lm context")
+    ev.add_argument(
+        "--metric", type=parse_param, action="append", default=[], metavar="TASK=METRIC", help="override a metric"
+    )
+    ev.add_argument(
+        "--param",
+        type=parse_param,
+        action="append",
+        default=[],
+        metavar="METHOD.K=V",
+        help="a method parameter, e.g. snapkv.window_size=16 (repeatable)",
+    )
+    ev.add_argument("--no-chat", action="store_true", help="do not apply the tokenizer's chat template")
+    ev.add_argument("--no-share-prefill", action="store_true", help="every method runs its own prefill")
+    ev.add_argument("--force", action="store_true", help="set aside the rows of a different configuration")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    rep = sub.add_parser("report", help="write one self-contained HTML page of plots and tables from run directories")
+    rep.add_argument("run_dirs", nargs="+", metavar="DIR", help="run directories written by kvsieve eval")
+    rep.add_argument("--out", default="report.html", help="the HTML file to write (default: report.html)")
+    rep.add_argument("--title", default=None)
     return parser
+
+
+def _split(text: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return items
+
+
+def _names(text: str) -> list[str]:
+    return _split(text)
+
+
+def _budgets(text: str) -> list[int | float]:
+    return [parse_budget(item) for item in _split(text)]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(item) for item in _split(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(item) for item in _split(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -169,6 +241,57 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.model, args.dtype, make_method(args), args.max_new_tokens)
 
 
+def eval_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given on the command line (None: not given), in `EvalConfig`'s terms."""
+    params: dict[str, dict[str, Any]] = {}
+    for key, value in args.param:
+        method_name, dot, name = key.partition(".")
+        if not dot or not method_name or not name:
+            raise ValueError(f"--param for eval expects METHOD.KEY=VALUE (e.g. snapkv.window_size=16), got {key!r}")
+        params.setdefault(method_name, {})[name] = value
+    return {
+        "model": args.model,
+        "dtype": args.dtype,
+        "methods": args.methods,
+        "budgets": args.budgets,
+        "tasks": args.tasks,
+        "data": args.data,
+        "lengths": args.lengths,
+        "samples": args.samples,
+        "depths": args.depths,
+        "modes": args.modes,
+        "seed": args.seed,
+        "chunk_size": args.chunk_size,
+        "max_new_tokens": args.max_new_tokens,
+        "lm_continuation": args.lm_continuation,
+        "metrics": {task: str(metric) for task, metric in args.metric} or None,
+        "params": params or None,
+        "chat": False if args.no_chat else None,
+        "share_prefill": False if args.no_share_prefill else None,
+    }
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kvsieve.eval.config import EvalConfig
+    from kvsieve.eval.runner import run_eval
+
+    config = EvalConfig.load(args.config, eval_overrides(args))
+    try:
+        run_eval(config, args.out, force=args.force, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\nkvsieve eval: interrupted; rerun the same command to resume from {args.out}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from kvsieve.eval.report import write_report
+
+    path = write_report(args.run_dirs, args.out, title=args.title)
+    print(f"kvsieve report: wrote {path}")
+    return 0
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -181,7 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from kvsieve.cache import UnsupportedModelError
 
-    handlers = {"generate": cmd_generate, "methods": cmd_methods, "demo": cmd_demo}
+    handlers = {
+        "generate": cmd_generate,
+        "methods": cmd_methods,
+        "demo": cmd_demo,
+        "eval": cmd_eval,
+        "report": cmd_report,
+    }
     try:
         return handlers[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, UnsupportedModelError, NotImplementedError) as error:

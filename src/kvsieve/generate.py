@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -171,30 +171,30 @@ def generate(
     start = time.perf_counter()
     logits = prefill(model, cache, context_ids, question_ids, chunk_size, device)
     prefill_s = time.perf_counter() - start
-    after_prefill = _snapshot(cache)
+    after_prefill = kv_snapshot(cache)
 
     stops = eos_ids(model, tokenizer) if stop_at_eos else set()
-    tokens: list[int] = []
     emitted = ""
-    decode_s = 0.0
-    decode_steps = 0
+
+    def on_token(tokens: list[int]) -> None:
+        nonlocal emitted
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if len(text) > len(emitted) and not text.endswith("\ufffd"):
+            stream(text[len(emitted) :])
+            emitted = text
+
     attended_before = [(layer.attended_total, layer.attend_calls) for layer in cache.sieve_layers]
-    while True:
-        next_token = sample_next(logits, temperature, top_p, generator)
-        token = int(next_token[0, 0])
-        tokens.append(token)
-        if stream is not None:
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            if len(text) > len(emitted) and not text.endswith("\ufffd"):
-                stream(text[len(emitted) :])
-                emitted = text
-        if token in stops or len(tokens) >= max_new_tokens:
-            break
-        t0 = time.perf_counter()
-        out = model(input_ids=next_token, **cache_kwargs(model, cache))
-        logits = out.logits[:, -1]
-        decode_s += time.perf_counter() - t0
-        decode_steps += 1
+    tokens, decode_s, decode_steps = decode(
+        model,
+        cache,
+        logits,
+        max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        generator=generator,
+        stop_ids=stops,
+        on_token=None if stream is None else on_token,
+    )
 
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     if stream is not None and len(text) > len(emitted):
@@ -211,6 +211,43 @@ def generate(
         decode_s / decode_steps if decode_steps else None,
     )
     return GenerationOutput(text=text, tokens=tokens, stats=stats)
+
+
+def decode(
+    model,
+    cache,
+    logits: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    stop_ids: Collection[int] = (),
+    on_token: Callable[[list[int]], None] | None = None,
+) -> tuple[list[int], float, int]:
+    """Choose up to ``max_new_tokens`` tokens, starting from ``logits`` ``[1, V]`` (the prompt's last position) and
+    feeding each chosen token through ``cache``; stops after a token in ``stop_ids``.
+
+    Returns the tokens, the seconds spent in the decode forwards and their number (one fewer than the tokens: the
+    last token is never fed). ``on_token(tokens)`` is called after each token is chosen (streaming).
+    """
+    tokens: list[int] = []
+    decode_s = 0.0
+    decode_steps = 0
+    while True:
+        next_token = sample_next(logits, temperature, top_p, generator)
+        token = int(next_token[0, 0])
+        tokens.append(token)
+        if on_token is not None:
+            on_token(tokens)
+        if token in stop_ids or len(tokens) >= max_new_tokens:
+            break
+        t0 = time.perf_counter()
+        out = model(input_ids=next_token, **cache_kwargs(model, cache))
+        logits = out.logits[:, -1]
+        decode_s += time.perf_counter() - t0
+        decode_steps += 1
+    return tokens, decode_s, decode_steps
 
 
 def prefill(
@@ -257,8 +294,9 @@ def _chunks(ids: list[int], size: int | None) -> list[list[int]]:
     return [ids[i : i + size] for i in range(0, len(ids), size)]
 
 
-def _snapshot(cache: SieveCache) -> dict[str, Any]:
-    """Stored entries and bytes per layer right after compression (before any question chunk or decoding)."""
+def kv_snapshot(cache: SieveCache) -> dict[str, Any]:
+    """Stored entries per layer (``stored``), bytes held (``bytes``) and bytes the same layers held for the
+    uncompressed prompt (``bytes_full``), right after compression (before any question chunk or decoding)."""
     stored, held, full = [], 0, 0
     for layer in cache.layers:
         if getattr(layer, "stored_after_prefill", None) is not None:

@@ -1,6 +1,9 @@
-"""Evaluation: offline tasks, loaders for user-provided benchmark files, and metrics."""
+"""Evaluation: offline tasks, loaders for user-provided benchmark files, metrics, the sweep runner and its report."""
 
+from .config import EvalConfig
 from .metrics import METRICS, score, score_sample
+from .report import write_report
+from .runner import format_summary, read_rows, run_eval, summarize
 from .tasks import (
     QA,
     TASKS,
@@ -23,17 +26,23 @@ __all__ = [
     "QA",
     "TASKS",
     "DataFormatError",
+    "EvalConfig",
     "LMDoc",
     "PromptTemplate",
     "Rendered",
     "Sample",
     "available_tasks",
     "demo_document",
+    "format_summary",
     "lm_documents",
     "load_benchmark_file",
     "make_task",
+    "read_rows",
     "render",
+    "run_eval",
     "score",
     "score_sample",
+    "summarize",
     "truncate_middle",
+    "write_report",
 ]

@@ -142,6 +142,13 @@ class Method:
     # NACL with a separate question: the question's tokens are the proxy queries, so compression happens after
     # the question chunk instead of before it.
     compress_after_question: ClassVar[bool] = False
+    # True when the policy's prefill is the plain append of `LayerPolicy.update` with full attention and all the
+    # method's work happens in ``observe``/``compress``: several such methods can then share one prompt forward
+    # (`kvsieve.prefill_sharing`). Methods that store or attend the prompt their own way (InfLLM) leave it False.
+    shares_prefill: ClassVar[bool] = False
+    # True when the method keeps working past the model's trained window (``max_position_embeddings``); the
+    # evaluation harness skips longer prompts for the others.
+    extrapolates: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.validate()

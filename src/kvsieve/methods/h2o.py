@@ -60,6 +60,7 @@ class H2O(BudgetedMethod):
     summary = "Heavy hitters by accumulated attention + recent tokens, updated every decode step"
     paper = "arXiv 2306.14048 (NeurIPS 2023)"
     policy = H2OPolicy
+    shares_prefill = True
 
     recent_ratio: float = 0.5
     gqa_reduce: str = "mean"

@@ -251,6 +251,7 @@ class NACL(BudgetedMethod):
     summary = "Proxy-token attention top-k + softmax-sampled random tokens, per KV head, once after prefill"
     paper = "arXiv 2408.03675 (ACL 2024)"
     policy = NACLPolicy
+    shares_prefill = True
 
     budget: int | float = 0.2
     n_sink: int = 4

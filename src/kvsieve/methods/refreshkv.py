@@ -287,6 +287,7 @@ class RefreshKV(BudgetedMethod):
     summary = "Full cache + small partial cache; full-attention steps refresh it when the query drifts"
     paper = "arXiv 2411.05787 (ACL 2025)"
     policy = RefreshKVPolicy
+    shares_prefill = True
 
     budget: int | float = 0.125
     schedule: str = "query_similarity"

@@ -56,6 +56,7 @@ class SnapKV(BudgetedMethod):
     summary = "Observation-window attention, max-pooled, top-k per KV head after prefill"
     paper = "arXiv 2404.14469 (NeurIPS 2024)"
     policy = SnapKVPolicy
+    shares_prefill = True
 
     window_size: int = 32
     kernel_size: int = 7

@@ -34,6 +34,7 @@ class StreamingLLM(BudgetedMethod):
     summary = "Attention sinks + recent window, rolling during decode"
     paper = "arXiv 2309.17453 (ICLR 2024)"
     policy = StreamingLLMPolicy
+    shares_prefill = True
 
     n_sink: int = 4
 

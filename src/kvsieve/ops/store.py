@@ -31,6 +31,7 @@ class KVStore:
         self._positions: torch.Tensor | None = None
         self._aux: dict[str, torch.Tensor] = {}
         self._aux_dtypes: dict[str, torch.dtype] = {}
+        self._mirror_of: KVStore | None = None  # the store this one views (shared prefill), see `mirror`
 
     # ----------------------------------------------------------------------------------------------- views
     @property
@@ -159,6 +160,50 @@ class KVStore:
         for t in self._aux.values():
             t[bi, hi, slots] = t[:, :, last]
         self.length = last
+
+    # ------------------------------------------------------------------------------------ shared prefill
+    def mirror(self, source: KVStore) -> None:
+        """Become a read-only view of ``source``'s entries while keeping this store's own auxiliary tensors.
+
+        For a shared prefill (`kvsieve.prefill_sharing`): one store holds the prompt, and every participating
+        policy scores it through its own store, whose aux tensors (scores) stay private. Entries that appeared since
+        the previous ``mirror`` start with zero aux values, as after `append`. Never write through a mirror: call
+        `adopt` before anything that stores or evicts.
+        """
+        if source._keys is None:
+            return
+        b, h, cap = source._positions.shape
+        old_length = self.length if self._mirror_of is source else 0
+        self._mirror_of = source
+        for name, dtype in self._aux_dtypes.items():
+            old = self._aux.get(name)
+            if old is None or old.shape != (b, h, cap):
+                grown = torch.zeros(b, h, cap, dtype=dtype, device=source._positions.device)
+                if old is not None and old_length:
+                    grown[:, :, :old_length] = old[:, :, :old_length]
+                self._aux[name] = grown
+            self._aux[name][:, :, old_length : source.length] = 0
+        self._keys, self._values, self._positions = source._keys, source._values, source._positions
+        self.length = source.length
+
+    def adopt(self, source: KVStore) -> None:
+        """Hold a private copy of ``source``'s entries (with this store's spare capacity), keeping the aux values
+        that this store accumulated as a `mirror` of ``source``."""
+        n = source.length
+        aux = {name: t[:, :, :n].clone() for name, t in self._aux.items()} if self._mirror_of is source else {}
+        self._mirror_of = None
+        self.length = 0
+        self._keys = self._values = self._positions = None
+        self._aux = {}
+        if source._keys is None:
+            return
+        self._allocate(source.keys, source.values, n + self.reserve)
+        self._keys[:, :, :n] = source.keys
+        self._values[:, :, :n] = source.values
+        self._positions[:, :, :n] = source.positions
+        for name, t in aux.items():
+            self._aux[name][:, :, :n] = t
+        self.length = n
 
     def select_batch(self, batch_indices: torch.Tensor) -> None:
         """Keep the given batch rows (beam search / batch filtering)."""

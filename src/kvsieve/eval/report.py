@@ -1,0 +1,473 @@
+"""``kvsieve report``: one self-contained HTML page from one or more run directories.
+
+The page holds, per task, score and retention (score / full-cache score) against the budget for every method and
+mode; needle-in-a-haystack heatmaps (needle depth x prompt length) per method and budget; KV memory and latency
+per method, budget and length; for the ``lm`` task perplexity, KL to the full cache and top-1 agreement; and under
+every plot the table of the numbers drawn. Plots are matplotlib PNGs inlined as base64: the file needs nothing
+else (no scripts or styles from the network), so it can be mailed or committed as is. A few lines of inline
+script only report an image that failed to decode on the browser console (the test looks for console errors).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kvsieve.eval.config import FULL, LM_TASK
+from kvsieve.eval.runner import CONFIG, ENV, ROWS, SUMMARY, _budget_order, read_rows, summarize
+
+__all__ = ["RunData", "build_report", "load_run", "write_report"]
+
+MODE_STYLES = {"query_aware": "-", "query_agnostic": "--", "lm": "-"}
+MODE_MARKERS = {"query_aware": "o", "query_agnostic": "s", "lm": "o"}
+
+
+@dataclass
+class RunData:
+    """One run directory, read back."""
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+    env: dict[str, Any]
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]]
+
+
+def load_run(path: str | Path) -> RunData:
+    path = Path(path)
+    if not (path / ROWS).is_file():
+        raise FileNotFoundError(f"{str(path)!r} is not a kvsieve run directory (no {ROWS})")
+
+    def read(name: str, parse: Callable[[str], Any]) -> Any:
+        try:
+            return parse((path / name).read_text(encoding="utf-8")) or {}
+        except (OSError, ValueError, yaml.YAMLError):
+            return {}
+
+    return RunData(
+        path.resolve().name,
+        path,
+        read(CONFIG, yaml.safe_load),
+        read(ENV, json.loads),
+        read(SUMMARY, json.loads),
+        read_rows(path / ROWS),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _img(fig, alt: str) -> str:
+    return f'<img class="plot" alt="{html.escape(alt)}" src="data:image/png;base64,{_png(fig)}">'
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "") -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="t">{html.escape(c)}</td>' if isinstance(c, str) else f"<td>{html.escape(_fmt(c))}</td>"
+            for c in row
+        )
+        + "</tr>"
+        for row in rows
+    )
+    cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    return f'<table class="numbers">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _budget_value(label: str) -> float | None:
+    try:
+        return float(label)
+    except ValueError:
+        return None
+
+
+def _budget_axis(labels: Sequence[str]) -> tuple[dict[str, float], list[float], list[str], str]:
+    """x positions for budget labels: their values when all are fractions (or all token counts), else ranks."""
+    values = {b: _budget_value(b) for b in labels}
+    numeric = [b for b in labels if values[b] is not None]
+    fractions = all("." in b for b in numeric)
+    tokens = all("." not in b for b in numeric)
+    if numeric and (fractions or tokens):
+        positions = {b: values[b] for b in numeric}
+        ticks = sorted(positions.values())
+        names = [next(b for b in numeric if positions[b] == t) for t in ticks]
+        return positions, ticks, names, "budget (fraction of the prompt)" if fractions else "budget (tokens)"
+    ordered = sorted(numeric, key=_budget_order)
+    positions = {b: float(i) for i, b in enumerate(ordered)}
+    return positions, list(positions.values()), ordered, "budget"
+
+
+def _colors(names: Sequence[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"] if len(names) <= 10 else colormaps["tab20"]
+    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+
+
+def _series_name(row: dict[str, Any], several: bool) -> str:
+    return f"{row['method']} [{row['_run']}]" if several else row["method"]
+
+
+# ----------------------------------------------------------------------------------------------- sections
+def _score_section(task: str, groups: list[dict[str, Any]], colors: dict[str, Any]) -> str:
+    """Score and retention against the budget, per method (colour) and mode (line style)."""
+    compressed = [g for g in groups if g["budget"] != "-" and g["n"]]
+    unbudgeted = [g for g in groups if g["budget"] == "-" and g["n"]]
+    is_lm = task == LM_TASK
+    panels = [("score", "top-1 agreement with the full cache" if is_lm else "score"), ("retention", "retention")]
+    if is_lm:
+        panels = [("ppl", "perplexity"), ("kl", "KL(full || method), nats/token"), ("score", "top-1 agreement")]
+    fig = _figure(5.2 * len(panels), 3.6)
+    axes = fig.subplots(1, len(panels))
+    positions, ticks, tick_names, xlabel = _budget_axis(sorted({g["budget"] for g in compressed}, key=_budget_order))
+    for ax, (field, label) in zip(axes, panels):
+        for (series, mode), members in _by(compressed, lambda g: (g["series"], g["mode"])).items():
+            points = sorted(
+                (positions[g["budget"]], g[field])
+                for g in members
+                if g.get(field) is not None and g["budget"] in positions
+            )
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(
+                    xs,
+                    ys,
+                    MODE_STYLES.get(mode, "-"),
+                    marker=MODE_MARKERS.get(mode, "o"),
+                    color=colors[series],
+                    label=f"{series} ({mode})" if not is_lm else series,
+                )
+        for g in unbudgeted:  # the full cache (black) and methods without a budget
+            value = (1.0 if g["method_key"] == FULL else g.get(field)) if field == "retention" else g.get(field)
+            if value is not None:
+                color = "black" if g["method_key"] == FULL else colors[g["series"]]
+                ax.axhline(value, color=color, linestyle=MODE_STYLES.get(g["mode"], "-"), linewidth=0.8, alpha=0.6)
+        if ticks:
+            ax.set_xticks(ticks, tick_names)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if field in ("score", "retention") and not is_lm:
+            ax.set_ylim(-0.05, max([1.05, *((g.get(field) or 0) + 0.05 for g in compressed)]))
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        axes[-1].legend(handles, labels, fontsize=7, loc="best")
+    fig.suptitle(f"{task}: black lines = full cache", fontsize=10)
+    header = ["mode", "method", "budget", "n", "score", "retention", "skipped"]
+    if is_lm:
+        header = ["method", "budget", "n", "perplexity", "KL", "top-1 agreement", "skipped"]
+    rows = []
+    for g in groups:
+        if is_lm:
+            rows.append([g["series"], g["budget"], g["n"], g.get("ppl"), g.get("kl"), g["score"], g["skipped"]])
+        else:
+            rows.append([g["mode"], g["series"], g["budget"], g["n"], g["score"], g["retention"], g["skipped"]])
+    return _img(fig, f"{task} score vs budget") + _table(header, rows)
+
+
+def _heatmap_section(task: str, rows: list[dict[str, Any]], several: bool) -> str:
+    """Mean score per (needle depth, prompt length), one heatmap per method, budget and mode."""
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("depth") is not None]
+    if not ok:
+        return ""
+    depths = sorted({round(float(r["depth"]), 4) for r in ok})
+    lengths = sorted({int(r["length"]) for r in ok})
+    cells = _by(ok, lambda r: (r["mode"], _series_name(r, several), r["budget"]))
+    order = list(dict.fromkeys(_series_name(r, several) for r in rows))  # the sweep's method order
+    keys = sorted(cells, key=lambda k: (k[0], k[1].split(" [")[0] != FULL, order.index(k[1]), _budget_order(k[2])))
+    n_cols = min(4, len(keys))
+    n_rows = math.ceil(len(keys) / n_cols)
+    fig = _figure(3.2 * n_cols + 0.8, 2.6 * n_rows + 0.4)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    table = []
+    image = None
+    for ax, key in zip(axes.flat, keys):
+        grid = [[math.nan] * len(lengths) for _ in depths]
+        for (depth, length), members in _by(
+            cells[key], lambda r: (round(float(r["depth"]), 4), int(r["length"]))
+        ).items():
+            grid[depths.index(depth)][lengths.index(length)] = sum(r["score"] for r in members) / len(members)
+        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto", origin="upper")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                if not math.isnan(value):
+                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+        mode, series, budget = key
+        ax.set_title(f"{series} @ {budget}\n{mode}", fontsize=8)
+        ax.set_xlabel("length (tokens)", fontsize=7)
+        ax.set_ylabel("needle depth", fontsize=7)
+        for i, depth in enumerate(depths):
+            table.append([mode, series, budget, f"{depth:.0%}", *(grid[i][j] for j in range(len(lengths)))])
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.set_visible(False)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.6, label="score")
+    fig.suptitle(f"{task}: needle in a haystack (depth x length)", fontsize=10)
+    header = ["mode", "method", "budget", "depth", *(f"L={n}" for n in lengths)]
+    return _img(fig, f"{task} needle heatmaps") + _table(header, table)
+
+
+def _cost_section(rows: list[dict[str, Any]], several: bool, colors: dict[str, Any]) -> str:
+    """KV bytes, prefill time and decode time per method and budget, one bar per prompt length."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if not ok:
+        return ""
+    lengths = sorted({int(r["length"]) for r in ok})
+    per = _by(ok, lambda r: (_series_name(r, several), r["budget"], int(r["length"])))
+    columns = sorted(
+        {(s, b) for s, b, _ in per}, key=lambda k: (k[0] != FULL, list(colors).index(k[0]), _budget_order(k[1]))
+    )
+    metrics = [
+        ("kv_bytes", "KV after compression (MiB)", 1 / 2**20),
+        ("prefill_s", "prefill (s)", 1.0),
+        ("decode_s_per_token", "decode (ms / token)", 1000.0),
+    ]
+    fig = _figure(max(8.0, 0.45 * len(columns) * len(lengths) + 3), 3.2 * len(metrics))
+    axes = fig.subplots(len(metrics), 1, sharex=True)
+    width = 0.8 / len(lengths)
+    table = []
+    means: dict[tuple, dict[str, float | None]] = {}
+    for (series, budget, length), members in per.items():
+        entry = {}
+        for field, _, scale in [*metrics, ("kv_bytes_full", "", 1 / 2**20), ("attended_per_step", "", 1.0)]:
+            values = [r[field] for r in members if r.get(field) is not None]
+            entry[field] = scale * sum(values) / len(values) if values else None
+        means[(series, budget, length)] = entry
+    for ax, (field, label, _) in zip(axes, metrics):
+        for j, length in enumerate(lengths):
+            xs, ys, cs = [], [], []
+            for i, (series, budget) in enumerate(columns):
+                value = means.get((series, budget, length), {}).get(field)
+                if value is not None:
+                    xs.append(i + (j - (len(lengths) - 1) / 2) * width)
+                    ys.append(value)
+                    cs.append(colors[series])
+            ax.bar(xs, ys, width=width * 0.95, color=cs, alpha=0.45 + 0.55 * (j + 1) / len(lengths))
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    from matplotlib.patches import Patch
+
+    shades = [Patch(color="0.35", alpha=0.45 + 0.55 * (j + 1) / len(lengths)) for j in range(len(lengths))]
+    axes[0].legend(shades, [f"L={n}" for n in lengths], fontsize=7, title="prompt length", title_fontsize=7)
+    axes[-1].set_xticks(range(len(columns)), [f"{s} @ {b}" for s, b in columns], rotation=45, ha="right", fontsize=7)
+    fig.suptitle("KV memory and latency per method and budget", fontsize=10)
+    for series, budget in columns:
+        for length in lengths:
+            entry = means.get((series, budget, length))
+            if entry is None:
+                continue
+            fraction = (
+                entry["kv_bytes"] / entry["kv_bytes_full"]
+                if entry["kv_bytes"] is not None and entry["kv_bytes_full"]
+                else None
+            )
+            table.append(
+                [
+                    series,
+                    budget,
+                    length,
+                    entry["kv_bytes"],
+                    fraction,
+                    entry["attended_per_step"],
+                    entry["prefill_s"],
+                    entry["decode_s_per_token"],
+                ]
+            )
+    header = ["method", "budget", "length", "KV MiB", "KV / full", "attended / step", "prefill s", "decode ms/tok"]
+    return _img(fig, "KV memory and latency") + _table(header, table)
+
+
+def _by(items, key) -> dict[Any, list]:
+    out: dict[Any, list] = {}
+    for item in items:
+        out.setdefault(key(item), []).append(item)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- page
+_STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px auto; max-width: 1400px;
+       color: #222; padding: 0 16px; }
+h1 { font-size: 1.5em; } h2 { margin-top: 2em; border-bottom: 1px solid #ccc; } h3 { margin-top: 1.5em; }
+img.plot { max-width: 100%; display: block; margin: 12px 0; }
+table.numbers { border-collapse: collapse; font-size: 12px; margin: 8px 0 24px; }
+table.numbers td, table.numbers th { border: 1px solid #ddd; padding: 2px 8px; text-align: right; }
+table.numbers th { background: #f3f3f3; } table.numbers td.t { text-align: left; }
+table.meta td { padding: 1px 12px 1px 0; font-size: 13px; vertical-align: top; }
+.note { color: #555; font-size: 13px; }
+"""
+
+# Reports an image that did not decode; a healthy report logs nothing.
+_SCRIPT = """
+window.addEventListener("load", function () {
+  for (const img of document.images) {
+    if (!img.complete || img.naturalWidth === 0) { console.error("kvsieve report: image failed: " + img.alt); }
+  }
+});
+"""
+
+
+def _meta_section(runs: Sequence[RunData]) -> str:
+    parts = []
+    for run in runs:
+        env, config, summary = run.env, run.config, run.summary
+        model = env.get("model") or {}
+        cells = [
+            ("run", str(run.path)),
+            (
+                "model",
+                f"{config.get('model')} ({model.get('type', '?')}, {model.get('parameters', '?')} parameters, "
+                f"{model.get('dtype', '?')}, window {model.get('max_position_embeddings', '?')})",
+            ),
+            ("methods", ", ".join(config.get("methods") or [])),
+            ("budgets", ", ".join(map(str, config.get("budgets") or []))),
+            ("tasks", ", ".join(config.get("tasks") or []) + (" + data files" if config.get("data") else "")),
+            ("lengths", ", ".join(map(str, config.get("lengths") or []))),
+            (
+                "samples",
+                f"{config.get('samples')} per task, length and depth; modes {', '.join(config.get('modes') or [])}",
+            ),
+            (
+                "rows",
+                f"{sum(r.get('status') == 'ok' for r in run.rows)} ok, "
+                f"{sum(r.get('status') == 'skipped' for r in run.rows)} skipped"
+                + ("" if summary.get("complete") else " (run not complete)"),
+            ),
+            ("time", "-" if summary.get("elapsed_s") is None else f"{summary['elapsed_s'] / 60:.1f} min"),
+            (
+                "software",
+                f"python {env.get('python', '?')}, torch {env.get('torch', '?')}, transformers "
+                f"{env.get('transformers', '?')}, kvsieve {env.get('kvsieve', '?')}, commit "
+                f"{(env.get('git_commit') or '?')[:12]}{' (dirty)' if env.get('git_dirty') else ''}",
+            ),
+            (
+                "hardware",
+                f"{env.get('cpu', '?')}, {env.get('cpu_cores', '?')} cores, {env.get('memory_gib', '?')} GiB"
+                + (f", GPU {', '.join(env['gpu'])}" if env.get("gpu") else ", no GPU"),
+            ),
+        ]
+        rows = "".join(f"<tr><td><b>{html.escape(k)}</b></td><td>{html.escape(str(v))}</td></tr>" for k, v in cells)
+        parts.append(f'<table class="meta">{rows}</table>')
+    return "\n".join(parts)
+
+
+def build_report(runs: Sequence[RunData], title: str | None = None) -> str:
+    """The HTML page for ``runs`` (one or more run directories)."""
+    several = len(runs) > 1
+    rows: list[dict[str, Any]] = []
+    for run in runs:
+        for row in run.rows:
+            rows.append({**row, "_run": run.name})
+    series_names = list(dict.fromkeys(_series_name(r, several) for r in rows))
+    series_names.sort(key=lambda s: s.split(" [")[0] != FULL)
+    colors = _colors(series_names)
+    title = title or "kvsieve evaluation: " + ", ".join(run.name for run in runs)
+    body = [f"<h1>{html.escape(title)}</h1>", _meta_section(runs)]
+    body.append(
+        '<p class="note">Score: the task metric in [0, 1] (lm: top-1 agreement with the full cache). Retention: a '
+        "method's summed score over the samples and questions where the full cache also ran, divided by the full "
+        "cache's. KV: bytes of keys and values held right after compression, measured from the tensors. Prefill: "
+        "seconds until the first new token's logits (a shared prefill is apportioned: the common forward plus the "
+        "method's own scoring and compression).</p>"
+    )
+    groups = []
+    for run in runs:
+        for g in summarize(run.rows):
+            series = f"{g['method']} [{run.name}]" if several else g["method"]
+            groups.append({**g, "series": series, "method_key": g["method"]})
+    tasks = list(dict.fromkeys(g["task"] for g in groups))
+    body.append("<h2>Summary</h2>")
+    body.append(
+        _table(
+            ["task", "mode", "method", "budget", "n", "score", "retention", "KV MiB", "prefill s", "decode ms/tok"],
+            [
+                [
+                    g["task"],
+                    g["mode"],
+                    g["series"],
+                    g["budget"],
+                    g["n"],
+                    g["score"],
+                    g["retention"],
+                    None if g["kv_bytes"] is None else g["kv_bytes"] / 2**20,
+                    g["prefill_s"],
+                    g["decode_ms_per_token"],
+                ]
+                for g in groups
+            ],
+        )
+    )
+    body.append("<h2>Score and retention vs budget</h2>")
+    for task in tasks:
+        task_groups = [g for g in groups if g["task"] == task]
+        if any(g["n"] for g in task_groups):
+            body.append(f"<h3>{html.escape(task)}</h3>")
+            body.append(_score_section(task, task_groups, colors))
+    heatmaps = []
+    for task in tasks:
+        if task == LM_TASK:
+            continue
+        section = _heatmap_section(task, [r for r in rows if r["task"] == task], several)
+        if section:
+            heatmaps.append(f"<h3>{html.escape(task)}</h3>" + section)
+    if heatmaps:
+        body.append("<h2>Needle in a haystack: depth x length</h2>")
+        body.extend(heatmaps)
+    cost = _cost_section(rows, several, colors)
+    if cost:
+        body.append("<h2>KV memory and latency</h2>")
+        body.append(cost)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    body.append(f'<p class="note">Written by kvsieve report on {stamp}.</p>')
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>\n<body>\n"
+        + "\n".join(body)
+        + f"\n<script>{_SCRIPT}</script>\n</body></html>\n"
+    )
+
+
+def write_report(run_dirs: Sequence[str | Path], out: str | Path = "report.html", title: str | None = None) -> Path:
+    """Read ``run_dirs`` and write the HTML page to ``out``; returns its path."""
+    runs = [load_run(d) for d in run_dirs]
+    if not any(run.rows for run in runs):
+        raise ValueError(f"no rows in {', '.join(map(str, run_dirs))}: nothing to report")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(build_report(runs, title), encoding="utf-8")
+    return out

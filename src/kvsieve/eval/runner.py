@@ -1,0 +1,930 @@
+"""The evaluation runner: a sweep of methods x budgets x tasks x lengths x modes into a resumable run directory.
+
+Work is done one *unit* at a time: one sample (or LM document) in one mode. Within a unit:
+
+* the full cache always runs, as the reference (budget ``-``);
+* methods that compress after prefill (``Method.shares_prefill``) share one prompt forward with it
+  (`kvsieve.prefill_sharing`); the others (InfLLM, ActQKV) run their own prefill;
+* query-aware mode: the question is part of the compressed prompt (one prefill per question);
+  query-agnostic mode: the context is compressed once and each question is fed, as its own chunk, to a copy of the
+  compressed cache -- except for methods that compress after the question (NACL's proxies), which prefill the
+  context with each question;
+* ``lm``: a context of ``length`` tokens, then ``lm_continuation`` tokens teacher-forced one step at a time with
+  every method in lockstep with the full cache, so that only one vocabulary distribution per cache is ever held:
+  perplexity, mean KL(full || method) and top-1 agreement with the full cache.
+
+Run directory (``--out``):
+
+* ``config.yaml``: the resolved configuration. A directory holding a different one refuses to resume (``force``
+  sets its rows aside and starts again).
+* ``env.json``: versions (python, torch, transformers, kvsieve, git commit) and hardware; later sessions are listed
+  under ``resumed``.
+* ``rows.jsonl``: one JSON row per sample x question x mode x method x budget, appended as each finishes with one
+  ``write`` of the whole line, then ``fsync``. On start the rows are read back, a trailing partial line (a killed
+  write) is cut off, and work whose ``key`` exists is skipped: a killed run resumes with no row lost or duplicated,
+  and a finished run does nothing.
+* ``summary.json``: per task, mode, method and budget (written at the end, ``complete: true``).
+
+Lengths beyond the model's window (``max_position_embeddings``) give ``status: skipped`` rows with the reason for
+methods that cannot extrapolate (``Method.extrapolates``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from kvsieve.cache import SieveCache
+from kvsieve.eval.config import FULL, LM_TASK, EvalConfig, MethodRun
+from kvsieve.eval.metrics import score_sample
+from kvsieve.eval.tasks import TASKS, LMDoc, Sample, lm_documents, load_benchmark_file, make_task, render
+from kvsieve.eval.tasks.base import make_sample_id
+from kvsieve.generate import cache_kwargs, decode, eos_ids, kv_snapshot, prefill
+from kvsieve.methods.base import Phase
+from kvsieve.prefill_sharing import copy_cache, shared_prefill, shares_prefill
+
+__all__ = [
+    "ROWS",
+    "TIMING_FIELDS",
+    "RunDirError",
+    "format_summary",
+    "read_rows",
+    "run_eval",
+    "summarize",
+]
+
+ROWS = "rows.jsonl"
+CONFIG = "config.yaml"
+ENV = "env.json"
+SUMMARY = "summary.json"
+LM_MODE = "lm"
+# Fields that measure time: they differ between runs of the same configuration; everything else must not.
+TIMING_FIELDS = ("prefill_s", "decode_s_per_token")
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked (another configuration, unreadable rows)."""
+
+
+# ------------------------------------------------------------------------------------------------ rows file
+def read_rows(path: str | Path, repair: bool = False) -> list[dict[str, Any]]:
+    """The rows of a ``rows.jsonl``. A trailing partial line (a write cut short by a kill) is ignored, and with
+    ``repair`` cut off the file; a malformed complete line is an error naming the file and line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        if repair:
+            with path.open("r+b") as handle:
+                handle.truncate(end)
+                handle.flush()
+                os.fsync(handle.fileno())
+        data = data[:end]
+    rows = []
+    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise RunDirError(
+                f"{path}:{number}: not a JSON row ({error.msg}); the file was edited or corrupted"
+            ) from None
+        if not isinstance(row, dict) or "key" not in row:
+            raise RunDirError(f"{path}:{number}: not a kvsieve row (no 'key')")
+        rows.append(row)
+    return rows
+
+
+class _RowLog:
+    """Appends rows atomically: one ``write`` of a whole line on an ``O_APPEND`` descriptor, then ``fsync``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def append(self, row: dict[str, Any]) -> None:
+        data = (json.dumps(row, sort_keys=True, default=_json_default, allow_nan=False) + "\n").encode("utf-8")
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        written = os.write(self.fd, data)
+        if written != len(data):  # a regular file takes the whole buffer; anything else is a full disk
+            raise OSError(f"{self.path}: short write ({written} of {len(data)} bytes); the disk may be full")
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, tuple | set):
+        return list(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return str(value)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _open_run_dir(out: Path, config: EvalConfig, force: bool, echo: Callable[[str], None]) -> bool:
+    """Create or check ``out``; returns True when it holds this configuration's finished run."""
+    out.mkdir(parents=True, exist_ok=True)
+    config_path, rows_path = out / CONFIG, out / ROWS
+    if config_path.exists():
+        try:
+            old = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            raise RunDirError(f"{config_path}: unreadable ({error}); use another --out or --force") from None
+        differences = config.differences(old)
+        if differences and not force:
+            raise RunDirError(
+                f"{out} holds a run with a different configuration ({'; '.join(differences)}). Use another --out, "
+                "or --force to set its rows aside and start again"
+            )
+        if differences:
+            _set_aside(out, echo)
+        elif _finished(out):
+            return True
+    elif rows_path.exists() and rows_path.stat().st_size:
+        if not force:
+            raise RunDirError(f"{out} holds rows but no {CONFIG}: use another --out, or --force to set them aside")
+        _set_aside(out, echo)
+    _write_atomic(config_path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return False
+
+
+def _set_aside(out: Path, echo: Callable[[str], None]) -> None:
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    for name in (ROWS, SUMMARY):
+        path = out / name
+        if path.exists():
+            path.rename(out / f"{name}.replaced-{stamp}")
+            echo(f"kvsieve eval: moved the old {name} aside to {name}.replaced-{stamp}")
+
+
+def _finished(out: Path) -> bool:
+    try:
+        summary = json.loads((out / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return bool(summary.get("complete")) and summary.get("rows") == len(read_rows(out / ROWS))
+
+
+# ----------------------------------------------------------------------------------------------- environment
+def environment(model=None) -> dict[str, Any]:
+    """Versions and hardware, for ``env.json``."""
+    import transformers
+
+    import kvsieve
+
+    env: dict[str, Any] = {
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "kvsieve": kvsieve.__version__,
+        "git_commit": None,
+        "git_dirty": None,
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": _memory_gib(),
+        "gpu": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available()
+        else [],
+    }
+    source = Path(kvsieve.__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode == 0:
+            env["git_commit"] = commit.stdout.strip()
+            status = subprocess.run(
+                ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            env["git_dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if model is not None:
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        env["model"] = {
+            "type": getattr(config, "model_type", None),
+            "name_or_path": getattr(model.config, "_name_or_path", None),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "device": str(next(model.parameters()).device),
+            "max_position_embeddings": getattr(config, "max_position_embeddings", None),
+        }
+    return env
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------- plan
+@dataclass
+class _Unit:
+    """One sample (or LM document) in one mode: the work that shares a prefill."""
+
+    task: str
+    length: int
+    mode: str
+    sample_id: str
+    index: int
+    sample: Sample | None = None
+    doc: LMDoc | None = None
+    n_questions: int = 1
+    skip_reason: str | None = None  # every method that cannot extrapolate is skipped (without building samples)
+
+    def pair(self, question: int) -> str:
+        """The row key without method and budget: rows with the same pair are compared to the full cache."""
+        return f"{self.task}|L{self.length}|{self.sample_id}|q{question}|{self.mode}"
+
+    def key(self, question: int, run: MethodRun) -> str:
+        return f"{self.pair(question)}|{run.name}|{run.label}"
+
+
+def _window(model) -> int | None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "max_position_embeddings", None)
+
+
+def _plan(config: EvalConfig, runs: list[MethodRun], tokenizer, window: int | None) -> list[_Unit]:
+    units: list[_Unit] = []
+    for task in config.tasks:
+        for length in config.lengths:
+            needed = length + (config.lm_continuation if task == LM_TASK else 0)
+            beyond = window is not None and needed > window
+            reason = None
+            if beyond and not any(r.method.extrapolates for r in runs):
+                reason = _beyond_reason(needed, window)
+            if task == LM_TASK:
+                docs = (
+                    [None] * config.samples
+                    if reason
+                    else lm_documents(tokenizer, length, config.lm_continuation, config.samples, seed=config.seed)
+                )
+                for i, doc in enumerate(docs):
+                    sample_id = f"lm/L{length}/s{config.seed}/{i}"
+                    units.append(_Unit(task, length, LM_MODE, sample_id, i, doc=doc, skip_reason=reason))
+                continue
+            spec = TASKS[task]
+            depths = config.depths if spec.supports_depth else None
+            if reason:
+                samples: list[Sample | None] = []
+                ids = [
+                    make_sample_id(task, length, None if depths is None else float(d), config.seed, i)
+                    for d in (depths or [None])
+                    for i in range(config.samples)
+                ]
+            else:
+                samples = make_task(
+                    task,
+                    tokenizer,
+                    length=length,
+                    n_samples=config.samples,
+                    seed=config.seed,
+                    depths=depths,
+                    chat=config.chat,
+                    **config.task_options.get(task, {}),
+                )
+                ids = [s.sample_id for s in samples]
+            for i, sample_id in enumerate(ids):
+                sample = samples[i] if samples else None
+                for mode in config.modes:
+                    units.append(
+                        _Unit(
+                            task,
+                            length,
+                            mode,
+                            sample_id,
+                            i,
+                            sample=sample,
+                            n_questions=len(sample.questions) if sample else 1,
+                            skip_reason=reason,
+                        )
+                    )
+    for entry in config.data:
+        for length in config.lengths:
+            loaded = load_benchmark_file(
+                entry["path"],
+                entry.get("benchmark"),
+                entry.get("task"),
+                tokenizer=tokenizer,
+                max_length=length,
+                group_by_context=bool(entry.get("group_by_context", False)),
+            )
+            for i, sample in enumerate(loaded[: config.samples]):
+                for mode in config.modes:
+                    units.append(
+                        _Unit(sample.task, length, mode, sample.sample_id, i, sample, n_questions=len(sample.questions))
+                    )
+    return units
+
+
+def _beyond_reason(tokens: int, window: int) -> str:
+    return (
+        f"{tokens} positions exceed the model's window of {window} tokens (max_position_embeddings) and the method "
+        "cannot extrapolate"
+    )
+
+
+# --------------------------------------------------------------------------------------------------- runner
+@dataclass
+class _Prepared:
+    """A cache right after its prompt (compressed), ready to read a question or decode."""
+
+    cache: SieveCache
+    logits: torch.Tensor
+    prefill_s: float
+    snapshot: dict[str, Any]
+    shared: bool
+
+
+class _Evaluator:
+    def __init__(self, config, runs, model, tokenizer, log: _RowLog, done: set[str], on_row) -> None:
+        self.config = config
+        self.runs = runs
+        self.model = model
+        self.tokenizer = tokenizer
+        self.log = log
+        self.done = done
+        self.on_row = on_row
+        self.device = model.get_input_embeddings().weight.device
+        self.window = _window(model)
+        self.stops = eos_ids(model, tokenizer)
+        self.reserve = 64
+
+    # ----------------------------------------------------------------------------------------------- rows
+    def emit(self, unit: _Unit, question: int, run: MethodRun, fields: dict[str, Any]) -> None:
+        key = unit.key(question, run)
+        if key in self.done:
+            return
+        sample = unit.sample
+        row: dict[str, Any] = {
+            "key": key,
+            "pair": unit.pair(question),
+            "task": unit.task,
+            "benchmark": (sample.meta.get("benchmark") if sample else None) or ("lm" if unit.task == LM_TASK else None),
+            "length": unit.length,
+            "depth": sample.depth if sample else None,
+            "sample_id": unit.sample_id,
+            "question": question,
+            "mode": unit.mode,
+            "method": run.name,
+            "budget": run.label,
+            "params": run.method.params(),
+            **fields,
+        }
+        self.log.append(row)
+        self.done.add(key)
+        if self.on_row is not None:
+            self.on_row(row)
+
+    def skip(self, unit: _Unit, question: int, run: MethodRun, reason: str, **extra) -> None:
+        self.emit(unit, question, run, {"status": "skipped", "reason": reason, **extra})
+
+    def todo(self, unit: _Unit, question: int) -> list[MethodRun]:
+        return [run for run in self.runs if unit.key(question, run) not in self.done]
+
+    # ------------------------------------------------------------------------------------------ prefills
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def prepare(
+        self, runs: Sequence[MethodRun], context: list[int], question: list[int] | None
+    ) -> dict[MethodRun, _Prepared]:
+        """Caches of ``runs`` after ``context`` (+ ``question``, fed as `kvsieve.generate.prefill` would). The full
+        cache and the methods that can share ride one shared prefill; the others prefill on their own."""
+        out: dict[MethodRun, _Prepared] = {}
+        shared = [r for r in runs if self.config.share_prefill and not r.is_full and shares_prefill(r.method)]
+        full = [r for r in runs if r.is_full]
+        if self.config.share_prefill and (full or shared):
+            result = shared_prefill(
+                self.model,
+                [r.method for r in shared],
+                context,
+                question,
+                chunk_size=self.config.chunk_size,
+                reserve=self.reserve,
+            )
+            for run in full:
+                out[run] = _Prepared(
+                    result.full, result.full_logits, result.shared_s, kv_snapshot(result.full), bool(shared)
+                )
+            for run, cache, logits, seconds in zip(shared, result.caches, result.logits, result.method_s):
+                out[run] = _Prepared(cache, logits, result.shared_s + seconds, kv_snapshot(cache), True)
+        for run in runs:
+            if run in out:
+                continue
+            cache = SieveCache(self.model, run.method, reserve=self.reserve)
+            self._sync()
+            start = time.perf_counter()
+            logits = prefill(self.model, cache, context, question or [], self.config.chunk_size, self.device)
+            self._sync()
+            out[run] = _Prepared(cache, logits, time.perf_counter() - start, kv_snapshot(cache), False)
+        return out
+
+    def feed_question(self, cache: SieveCache, start: int, question: list[int]) -> tuple[torch.Tensor, float]:
+        """The question as its own chunk after the compressed context (query-agnostic use)."""
+        cache.question_span = (start, start + len(question))
+        cache.phase = Phase.DECODE
+        ids = torch.tensor([question], dtype=torch.long, device=self.device)
+        self._sync()
+        t0 = time.perf_counter()
+        logits = self.model(input_ids=ids, logits_to_keep=1, **cache_kwargs(self.model, cache)).logits[:, -1]
+        self._sync()
+        return logits, time.perf_counter() - t0
+
+    def with_question_span(self, run: MethodRun, start: int, end: int) -> MethodRun:
+        """Query-aware ActQKV: the question's span inside the prompt, unless the user set one."""
+        fields = {f.name for f in dataclasses.fields(run.method)}
+        if "question_span" not in fields or run.method.question_span is not None:
+            return run
+        method = dataclasses.replace(run.method, question_span=(start, end))
+        if method.name != run.method.name:  # presets carry their own name
+            object.__setattr__(method, "name", run.method.name)
+        return MethodRun(run.name, run.budget, method)
+
+    # ------------------------------------------------------------------------------------------- QA units
+    def run_qa(self, unit: _Unit) -> None:
+        sample = unit.sample
+        assert sample is not None
+        max_new = self.config.max_new_tokens or sample.max_new_tokens
+        encoded: dict[int, tuple[list[int], list[int]]] = {}
+        live: dict[int, list[MethodRun]] = {}
+        for q in range(unit.n_questions):
+            runs = self.todo(unit, q)
+            if not runs:
+                continue
+            rendered = render(sample, q, self.tokenizer, self.config.chat)
+            context, question = rendered.encode(self.tokenizer)
+            encoded[q] = (context, question)
+            positions = len(context) + len(question) + max_new
+            can_run = []
+            for run in runs:
+                if self.window is not None and positions > self.window and not run.method.extrapolates:
+                    self.skip(unit, q, run, _beyond_reason(positions, self.window), prompt_tokens=positions - max_new)
+                else:
+                    can_run.append(run)
+            if can_run:
+                live[q] = can_run
+        if not live:
+            return
+        if unit.mode == "query_aware":
+            for q, runs in live.items():
+                context, question = encoded[q]
+                span = (len(context), len(context) + len(question))
+                adjusted = {run: self.with_question_span(run, *span) for run in runs}
+                prepared = self.prepare(list(adjusted.values()), context + question, None)
+                for run in runs:
+                    item = prepared[adjusted[run]]
+                    self.finish(unit, q, run, sample, item, item.logits, item.prefill_s, len(context), len(question))
+            return
+        # query-agnostic: compress each distinct context once; questions read copies of it
+        by_context: dict[tuple[int, ...], list[int]] = {}
+        for q in live:
+            by_context.setdefault(tuple(encoded[q][0]), []).append(q)
+        for context_key, questions in by_context.items():
+            context = list(context_key)
+            early = list(dict.fromkeys(r for q in questions for r in live[q] if not r.method.compress_after_question))
+            early = [r for r in self.runs if r in early]  # sweep order
+            base = self.prepare(early, context, None) if early else {}
+            remaining = {run: sum(run in live[q] for q in questions) for run in early}
+            for q in questions:
+                question = encoded[q][1]
+                late = [r for r in live[q] if r.method.compress_after_question]
+                late_prepared = self.prepare(late, context, question) if late else {}
+                for run in live[q]:
+                    if run in late_prepared:
+                        item = late_prepared[run]
+                        self.finish(
+                            unit, q, run, sample, item, item.logits, item.prefill_s, len(context), len(question)
+                        )
+                        continue
+                    item = base[run]
+                    remaining[run] -= 1
+                    cache = item.cache if remaining[run] == 0 else copy_cache(item.cache)
+                    logits, question_s = self.feed_question(cache, len(context), question)
+                    used = dataclasses.replace(item, cache=cache)
+                    self.finish(
+                        unit, q, run, sample, used, logits, item.prefill_s + question_s, len(context), len(question)
+                    )
+
+    def finish(
+        self,
+        unit: _Unit,
+        q: int,
+        run: MethodRun,
+        sample: Sample,
+        item: _Prepared,
+        logits: torch.Tensor,
+        prefill_s: float,
+        prompt_tokens: int,
+        question_tokens: int,
+    ) -> None:
+        """Decode the answer, score it and write the row."""
+        cache = item.cache
+        max_new = self.config.max_new_tokens or sample.max_new_tokens
+        before = [(layer.attended_total, layer.attend_calls) for layer in cache.sieve_layers]
+        tokens, decode_s, steps = decode(self.model, cache, logits, max_new, stop_ids=self.stops)
+        prediction = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        metric = self.config.metrics.get(unit.task, sample.metric)
+        scored = sample if metric == sample.metric else dataclasses.replace(sample, metric=metric)
+        snapshot = item.snapshot
+        self.emit(
+            unit,
+            q,
+            run,
+            {
+                "status": "ok",
+                "prediction": prediction,
+                "answers": list(sample.questions[q].answers),
+                "score": score_sample(scored, q, prediction),
+                "metric": metric,
+                "prompt_tokens": prompt_tokens,
+                "question_tokens": question_tokens,
+                "new_tokens": len(tokens),
+                "kv_stored_tokens": sum(snapshot["stored"]) / len(snapshot["stored"]),
+                "kv_bytes": snapshot["bytes"],
+                "kv_bytes_full": snapshot["bytes_full"],
+                "attended_per_step": _attended_per_step(cache, before),
+                "prefill_s": prefill_s,
+                "decode_s_per_token": decode_s / steps if steps else None,
+                "shared_prefill": item.shared,
+            },
+        )
+
+    # ------------------------------------------------------------------------------------------- LM units
+    def run_lm(self, unit: _Unit) -> None:
+        doc = unit.doc
+        assert doc is not None
+        runs = self.todo(unit, 0)
+        if not runs:
+            return
+        context, continuation = doc.input_ids_context, doc.input_ids_continuation
+        positions = len(context) + len(continuation)
+        live = []
+        for run in runs:
+            if self.window is not None and positions > self.window and not run.method.extrapolates:
+                self.skip(unit, 0, run, _beyond_reason(positions, self.window), doc_id=doc.doc_id)
+            elif not run.is_full:
+                live.append(run)
+        if not live and unit.key(0, next(r for r in self.runs if r.is_full)) in self.done:
+            return  # only the reference's row was missing, and it is a skip row now
+        full_run = next(r for r in self.runs if r.is_full)
+        order = [full_run, *live]
+        prepared = self.prepare(order, context, None)
+        logits = {run: prepared[run].logits for run in order}
+        nll = dict.fromkeys(order, 0.0)
+        kl = dict.fromkeys(order, 0.0)
+        agree = dict.fromkeys(order, 0)
+        decode_s = dict.fromkeys(order, 0.0)
+        before = {
+            run: [(la.attended_total, la.attend_calls) for la in prepared[run].cache.sieve_layers] for run in order
+        }
+        steps = len(continuation)
+        for t, target in enumerate(continuation):
+            reference = torch.log_softmax(logits[full_run][0].float(), dim=-1)
+            p_reference = reference.exp()
+            top_reference = int(reference.argmax())
+            for run in order:
+                logp = reference if run is full_run else torch.log_softmax(logits[run][0].float(), dim=-1)
+                nll[run] -= float(logp[target])
+                if run is not full_run:
+                    kl[run] += float((p_reference * (reference - logp)).sum())
+                agree[run] += int(int(logp.argmax()) == top_reference)
+            if t + 1 == steps:
+                break
+            ids = torch.tensor([[target]], dtype=torch.long, device=self.device)
+            for run in order:
+                cache = prepared[run].cache
+                self._sync()
+                t0 = time.perf_counter()
+                logits[run] = self.model(input_ids=ids, **cache_kwargs(self.model, cache)).logits[:, -1]
+                self._sync()
+                decode_s[run] += time.perf_counter() - t0
+        for run in order:
+            if unit.key(0, run) in self.done:
+                continue
+            item = prepared[run]
+            snapshot = item.snapshot
+            self.emit(
+                unit,
+                0,
+                run,
+                {
+                    "status": "ok",
+                    "doc_id": doc.doc_id,
+                    "source": doc.source,
+                    "metric": "top1_agreement",
+                    "score": agree[run] / steps,
+                    "ppl": math.exp(nll[run] / steps),
+                    "nll": nll[run] / steps,
+                    "kl": kl[run] / steps,
+                    "top1_agreement": agree[run] / steps,
+                    "prompt_tokens": len(context),
+                    "new_tokens": steps,
+                    "kv_stored_tokens": sum(snapshot["stored"]) / len(snapshot["stored"]),
+                    "kv_bytes": snapshot["bytes"],
+                    "kv_bytes_full": snapshot["bytes_full"],
+                    "attended_per_step": _attended_per_step(item.cache, before[run]),
+                    "prefill_s": item.prefill_s,
+                    "decode_s_per_token": decode_s[run] / (steps - 1) if steps > 1 else None,
+                    "shared_prefill": item.shared,
+                },
+            )
+
+    def run_unit(self, unit: _Unit) -> None:
+        if unit.skip_reason is not None:
+            for q in range(unit.n_questions):
+                for run in self.todo(unit, q):
+                    self.skip(unit, q, run, unit.skip_reason)
+            return
+        if unit.mode == LM_MODE:
+            self.run_lm(unit)
+        else:
+            self.run_qa(unit)
+
+
+def _attended_per_step(cache: SieveCache, before: list[tuple[int, int]]) -> float | None:
+    """Mean over layers of the entries per KV head one decode step attended (measured by the policies)."""
+    per_layer = []
+    for layer, (total, calls) in zip(cache.sieve_layers, before):
+        n = layer.attend_calls - calls
+        if n:
+            per_layer.append((layer.attended_total - total) / n)
+    return sum(per_layer) / len(per_layer) if per_layer else None
+
+
+# -------------------------------------------------------------------------------------------------- summary
+def _mean(values: Iterable[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
+
+
+def _budget_order(label: str) -> tuple[int, float]:
+    if label == "-":
+        return (0, 0.0)
+    try:
+        value = float(label)
+    except ValueError:
+        return (2, 0.0)
+    return (1 if value <= 1.0 and "." in label else 2, value)
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per task, mode, method and budget: rows, mean score, retention (method score / full-cache score over the
+    same samples and questions), mean KV bytes, prefill seconds and decode ms per token (LM: perplexity and KL)."""
+    full_scores = {
+        r["pair"]: r["score"] for r in rows if r["method"] == FULL and r.get("status") == "ok" and "pair" in r
+    }
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["task"], row["mode"], row["method"], row["budget"]), []).append(row)
+    method_order = list(dict.fromkeys(r["method"] for r in rows))
+    out = []
+    for (task, mode, method, budget), members in groups.items():
+        ok = [r for r in members if r.get("status") == "ok"]
+        paired = [r for r in ok if r.get("pair") in full_scores]
+        full_sum = sum(full_scores[r["pair"]] for r in paired)
+        entry = {
+            "task": task,
+            "mode": mode,
+            "method": method,
+            "budget": budget,
+            "n": len(ok),
+            "skipped": len(members) - len(ok),
+            "score": _mean(r["score"] for r in ok),
+            "retention": sum(r["score"] for r in paired) / full_sum if paired and full_sum > 0 else None,
+            "kv_bytes": _mean(r.get("kv_bytes") for r in ok),
+            "kv_bytes_full": _mean(r.get("kv_bytes_full") for r in ok),
+            "kv_stored_tokens": _mean(r.get("kv_stored_tokens") for r in ok),
+            "prefill_s": _mean(r.get("prefill_s") for r in ok),
+            "decode_ms_per_token": _mean(
+                None if r.get("decode_s_per_token") is None else 1000 * r["decode_s_per_token"] for r in ok
+            ),
+        }
+        if task == LM_TASK:
+            entry["ppl"] = _mean(r.get("ppl") for r in ok)
+            entry["kl"] = _mean(r.get("kl") for r in ok)
+        out.append(entry)
+    out.sort(
+        key=lambda g: (
+            g["task"],
+            g["mode"],
+            method_order.index(g["method"]) if g["method"] in method_order else 0,
+            _budget_order(g["budget"]),
+        )
+    )
+    return out
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None:
+        return "-"
+    return format(value, spec)
+
+
+def format_summary(groups: Sequence[dict[str, Any]]) -> str:
+    """The terminal table: one line per task, mode, method and budget."""
+    has_lm = any(g["task"] == LM_TASK for g in groups)
+    header = ["task", "mode", "method", "budget", "n", "score", "retention", "KV MiB", "prefill s", "decode ms/tok"]
+    if has_lm:
+        header += ["ppl", "KL"]
+    lines = [header]
+    for g in groups:
+        line = [
+            g["task"],
+            g["mode"],
+            g["method"],
+            g["budget"],
+            str(g["n"]) + (f" (+{g['skipped']} skipped)" if g["skipped"] else ""),
+            _fmt(g["score"], ".3f"),
+            _fmt(g["retention"], ".3f"),
+            _fmt(None if g["kv_bytes"] is None else g["kv_bytes"] / 2**20, ".2f"),
+            _fmt(g["prefill_s"], ".2f"),
+            _fmt(g["decode_ms_per_token"], ".1f"),
+        ]
+        if has_lm:
+            line += [_fmt(g.get("ppl"), ".2f"), _fmt(g.get("kl"), ".4f")]
+        lines.append(line)
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    text = []
+    for n, line in enumerate(lines):
+        cells = [str(c).ljust(w) if i < 4 else str(c).rjust(w) for i, (c, w) in enumerate(zip(line, widths))]
+        text.append("  ".join(cells).rstrip())
+        if n == 0:
+            text.append("  ".join("-" * w for w in widths))
+    return "\n".join(text)
+
+
+def _write_summary(out: Path, rows: list[dict[str, Any]], complete: bool, elapsed_s: float | None) -> list[dict]:
+    groups = summarize(rows)
+    summary = {
+        "complete": complete,
+        "rows": len(rows),
+        "ok": sum(r.get("status") == "ok" for r in rows),
+        "skipped": sum(r.get("status") == "skipped" for r in rows),
+        "elapsed_s": elapsed_s,
+        "groups": groups,
+    }
+    _write_atomic(out / SUMMARY, json.dumps(summary, indent=1, allow_nan=False) + "\n")
+    return groups
+
+
+# -------------------------------------------------------------------------------------------------- entry
+def run_eval(
+    config: EvalConfig | dict[str, Any],
+    out: str | Path,
+    *,
+    model=None,
+    tokenizer=None,
+    force: bool = False,
+    progress: bool = True,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    echo: Callable[[str], None] | None = print,
+) -> list[dict[str, Any]]:
+    """Run (or resume) a sweep into the run directory ``out``; returns the summary groups.
+
+    ``config``: an `EvalConfig` or its dict. Everything is validated before any work. ``model``/``tokenizer``:
+    already loaded (else ``kvsieve.load_model(config.model, dtype=config.dtype)``). ``force``: set aside the rows
+    of a different configuration found in ``out``. ``on_row(row)`` is called after each row is safely written.
+    ``echo``: where the summary table and notes go (None: nowhere).
+    """
+    say = echo or (lambda _text: None)
+    if not isinstance(config, EvalConfig):
+        config = EvalConfig.from_dict(config)
+    runs = config.validate()
+    if model is None and config.model is None:
+        from kvsieve.models import DEFAULT_MODEL
+
+        config.model = DEFAULT_MODEL  # the resolved configuration names the model it ran
+    out = Path(out)
+    if _open_run_dir(out, config, force, say):
+        rows = read_rows(out / ROWS)
+        groups = summarize(rows)
+        say(f"kvsieve eval: {out} already holds this finished run ({len(rows)} rows); nothing to do")
+        say(format_summary(groups))
+        return groups
+    if model is None:
+        import kvsieve
+
+        model, tokenizer = kvsieve.load_model(config.model, dtype=config.dtype)
+    elif tokenizer is None:
+        raise ValueError("run_eval: a model was given without its tokenizer")
+
+    env_path = out / ENV
+    env = environment(model)
+    if env_path.exists():
+        try:
+            first = json.loads(env_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            first = None
+        if isinstance(first, dict):
+            first.setdefault("resumed", []).append(env)
+            env = first
+    _write_atomic(env_path, json.dumps(env, indent=1, default=str) + "\n")
+
+    existing = read_rows(out / ROWS, repair=True)
+    done = {r["key"] for r in existing}
+    start = time.perf_counter()
+    units = _plan(config, runs, tokenizer, _window(model))
+    log = _RowLog(out / ROWS)
+    evaluator = _Evaluator(config, runs, model, tokenizer, log, done, on_row)
+    finished_units = sum(
+        all(unit.key(q, run) in done for q in range(unit.n_questions) for run in runs) for unit in units
+    )
+    bar = _progress(len(units), finished_units, progress)
+    previous = _elapsed(out) or 0.0
+    complete = False
+    try:
+        with torch.inference_mode():
+            for unit in units:
+                if all(unit.key(q, run) in done for q in range(unit.n_questions) for run in runs):
+                    continue
+                bar.set_postfix_str(f"{unit.task} L{unit.length} {unit.mode}", refresh=False)
+                evaluator.run_unit(unit)
+                bar.update(1)
+        complete = True
+    finally:
+        bar.close()
+        log.close()
+        # also when interrupted: a partial summary, and the time spent so far (a resumed run adds to it)
+        groups = _write_summary(out, read_rows(out / ROWS), complete, previous + time.perf_counter() - start)
+    say(format_summary(groups))
+    return groups
+
+
+def _elapsed(out: Path) -> float | None:
+    try:
+        return json.loads((out / SUMMARY).read_text(encoding="utf-8")).get("elapsed_s")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+class _NoBar:
+    def set_postfix_str(self, *args, **kwargs) -> None:
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="sample", desc="kvsieve eval", file=sys.stderr, dynamic_ncols=True)

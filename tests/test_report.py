@@ -1,0 +1,244 @@
+"""The HTML report: self-contained, every plot present, and it renders in headless Chromium without console errors.
+
+The run directory is written from fixture rows shaped like the runner's (a needle depth x length grid, two
+methods at two budgets, both modes, an lm task, skip rows): fast, and with scores that make the plots non-trivial.
+The Chromium check has a negative control: a page with a corrupt image must log a console error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kvsieve.cli import main
+from kvsieve.eval.report import build_report, load_run, write_report
+from kvsieve.eval.runner import summarize
+
+METHODS = {"full": ["-"], "snapkv": ["0.1", "0.5"], "streamingllm": ["0.1", "0.5"]}
+DEPTHS = [0.0, 0.5, 1.0]
+LENGTHS = [512, 1024]
+KV_FULL = 30 * 2 * 3 * 64 * 4  # bytes per token: layers x (K, V) x KV heads x head_dim x fp32
+
+
+def fixture_score(method: str, budget: str, depth: float, mode: str) -> float:
+    """Full finds every needle; StreamingLLM only the recent one; SnapKV loses mid-depth needles at 10%, and more
+    of them without the question."""
+    if method == "full":
+        return 1.0
+    if method == "streamingllm":
+        return 1.0 if depth == 1.0 else 0.0
+    if budget == "0.5":
+        return 1.0
+    return 0.0 if depth == 0.5 or (mode == "query_agnostic" and depth == 0.0) else 1.0
+
+
+def fixture_rows() -> list[dict]:
+    rows = []
+    for length in LENGTHS:
+        for mode in ("query_aware", "query_agnostic"):
+            for depth in DEPTHS:
+                sample_id = f"passkey/L{length}/d{depth:.4f}/s0/0"
+                pair = f"passkey|L{length}|{sample_id}|q0|{mode}"
+                for method, budgets in METHODS.items():
+                    for budget in budgets:
+                        fraction = 1.0 if budget == "-" else float(budget)
+                        rows.append(
+                            {
+                                "key": f"{pair}|{method}|{budget}",
+                                "pair": pair,
+                                "task": "passkey",
+                                "length": length,
+                                "depth": depth,
+                                "sample_id": sample_id,
+                                "question": 0,
+                                "mode": mode,
+                                "method": method,
+                                "budget": budget,
+                                "status": "ok",
+                                "score": fixture_score(method, budget, depth, mode),
+                                "metric": "first_int_match",
+                                "prediction": "12345",
+                                "answers": ["12345"],
+                                "kv_bytes": int(KV_FULL * length * fraction),
+                                "kv_bytes_full": KV_FULL * length,
+                                "kv_stored_tokens": length * fraction,
+                                "attended_per_step": length * fraction,
+                                "prefill_s": 2.0 * length / 1024 + (0.1 if method == "snapkv" else 0.0),
+                                "decode_s_per_token": 0.05 + 0.02 * fraction,
+                            }
+                        )
+    for method, budgets in METHODS.items():  # lm: perplexity rises and agreement falls as the budget shrinks
+        for budget in budgets:
+            fraction = 1.0 if budget == "-" else float(budget)
+            pair = "lm|L1024|lm/L1024/s0/0|q0|lm"
+            rows.append(
+                {
+                    "key": f"{pair}|{method}|{budget}",
+                    "pair": pair,
+                    "task": "lm",
+                    "length": 1024,
+                    "depth": None,
+                    "mode": "lm",
+                    "method": method,
+                    "budget": budget,
+                    "status": "ok",
+                    "metric": "top1_agreement",
+                    "score": 0.5 + 0.5 * fraction,
+                    "top1_agreement": 0.5 + 0.5 * fraction,
+                    "ppl": 20.0 / fraction**0.2,
+                    "kl": 0.0 if method == "full" else 0.3 * (1 - fraction),
+                    "kv_bytes": int(KV_FULL * 1024 * fraction),
+                    "kv_bytes_full": KV_FULL * 1024,
+                    "prefill_s": 2.0,
+                    "decode_s_per_token": 0.06,
+                }
+            )
+    for method, budgets in METHODS.items():
+        for budget in budgets:
+            pair = "passkey|L16384|passkey/L16384/d0.5000/s0/0|q0|query_aware"
+            rows.append(
+                {
+                    "key": f"{pair}|{method}|{budget}",
+                    "pair": pair,
+                    "task": "passkey",
+                    "length": 16384,
+                    "depth": None,
+                    "mode": "query_aware",
+                    "method": method,
+                    "budget": budget,
+                    "status": "skipped",
+                    "reason": "16384 positions exceed the model's window of 8192 tokens",
+                }
+            )
+    return rows
+
+
+def write_run_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    rows = fixture_rows()
+    config = {
+        "model": "smollm2-135m",
+        "methods": list(METHODS),
+        "budgets": [0.1, 0.5],
+        "tasks": ["passkey", "lm"],
+        "lengths": [*LENGTHS, 16384],
+        "samples": 1,
+        "depths": DEPTHS,
+        "modes": ["query_aware", "query_agnostic"],
+    }
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {"python": "3.11", "torch": "2.13", "cpu": "test CPU", "cpu_cores": 2, "model": {"type": "llama"}}
+    (path / "env.json").write_text(json.dumps(env))
+    (path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {"complete": True, "rows": len(rows), "elapsed_s": 90.0, "groups": summarize(rows)}
+    (path / "summary.json").write_text(json.dumps(summary))
+    return path
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    run = write_run_dir(tmp_path_factory.mktemp("runs") / "sweep")
+    return write_report([run], tmp_path_factory.mktemp("report") / "report.html")
+
+
+def test_report_is_self_contained_with_every_plot_and_table(report):
+    text = report.read_text(encoding="utf-8")
+    # nothing fetched from anywhere: every image is inline, no external script, style or link
+    assert not re.search(r"""(src|href)\s*=\s*["'](?!data:)""", text)
+    images = re.findall(r'<img class="plot" alt="([^"]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+    assert [alt for alt, _ in images] == [
+        "lm score vs budget",
+        "passkey score vs budget",
+        "passkey needle heatmaps",
+        "KV memory and latency",
+    ]
+    assert all(len(data) > 10_000 for _, data in images)
+    # the numbers behind the plots: summary + one table per plot
+    assert text.count('<table class="numbers">') == 1 + len(images)
+    assert "retention" in text and "perplexity" in text and "depth" in text and "KV / full" in text
+    # heatmap table: StreamingLLM @ 0.1 finds only the needle at depth 100%
+    plain = text.replace(' class="t"', "")
+    assert "<td>query_aware</td><td>streamingllm</td><td>0.1</td><td>100%</td><td>1.000</td>" in plain
+    assert "<td>query_aware</td><td>streamingllm</td><td>0.1</td><td>50%</td><td>0.000</td>" in plain
+    assert "65 ok, 5 skipped" in text  # the rows, counted: 60 passkey + 5 lm, one skip row per method and budget
+
+
+def test_two_run_directories_and_the_command_line(tmp_path, capsys):
+    first = write_run_dir(tmp_path / "a")
+    second = write_run_dir(tmp_path / "b")
+    out = tmp_path / "both.html"
+    assert main(["report", str(first), str(second), "--out", str(out), "--title", "two runs"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    text = out.read_text(encoding="utf-8")
+    assert "<title>two runs</title>" in text and "snapkv [a]" in text and "snapkv [b]" in text
+    assert main(["report", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "not a kvsieve run directory" in capsys.readouterr().err
+
+
+def test_report_of_a_run_in_progress(tmp_path):
+    """No summary yet (a running sweep): the report still renders from the rows."""
+    run = write_run_dir(tmp_path / "partial")
+    (run / "summary.json").unlink()
+    html = build_report([load_run(run)])
+    assert "(run not complete)" in html and html.count("<img") == 4
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def _chromium(page: Path, screenshot: Path, profile: Path) -> subprocess.CompletedProcess:
+    command = [
+        shutil.which("chromium"),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--enable-logging=stderr",
+        "--v=0",
+        f"--screenshot={screenshot}",
+        "--window-size=1400,3000",
+        page.resolve().as_uri(),
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def _console_messages(stderr: str) -> list[str]:
+    """Chromium logs every page console message (errors and uncaught exceptions included) as ``:CONSOLE``."""
+    return [line for line in stderr.splitlines() if ":CONSOLE" in line]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    screenshot = tmp_path / "report.png"
+    result = _chromium(report, screenshot, tmp_path / "profile")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _console_messages(result.stderr) == []  # the report logs only when an image fails to decode
+    assert _png_size(screenshot) == (1400, 3000)
+    from matplotlib.image import imread
+
+    pixels = imread(screenshot)[..., :3]  # floats in [0, 1]
+    ink = (pixels.min(axis=-1) < 0.9).mean()
+    colourful = ((pixels.max(axis=-1) - pixels.min(axis=-1)) > 0.3).mean()
+    assert ink > 0.05, f"the page is nearly blank ({ink:.1%} non-white pixels)"
+    assert colourful > 0.005, f"no coloured plot lines or heatmaps visible ({colourful:.2%} coloured pixels)"
+
+    # negative control: a corrupt image is reported on the console
+    broken = tmp_path / "broken.html"
+    broken.write_text(re.sub(r"base64,[A-Za-z0-9+/=]{64}", "base64,AAAA", report.read_text(), count=1))
+    result = _chromium(broken, tmp_path / "broken.png", tmp_path / "profile2")
+    assert any("image failed" in line for line in _console_messages(result.stderr)), result.stderr[-2000:]
