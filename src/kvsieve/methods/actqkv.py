@@ -1,0 +1,410 @@
+"""ActQKV: InfLLM with an activation-aware probe query and a dynamic per-layer number of retrieved blocks.
+
+Xiao et al., "Activation-aware Probe-Query: Effective Key-Value Retrieval for Long-Context LLMs Inference"
+(arXiv 2502.13542; code MrXiaoaa/ActQKV). The paper's full text was not available: this is the released code's
+behaviour (``spec/methods.md`` section 2), on kvsieve's InfLLM substrate (`kvsieve.methods.infllm`).
+
+What changes relative to InfLLM:
+
+* **Probe query.** A window's retrieval query is not the plain mean of its memory queries but a weighted mean:
+  token ``t`` weighs ``b_t / sum b``, with the Activation Bias ``b_t = mean_j (q_tj - mu_j)^2 / (var_j +
+  mean(var)/100)`` -- how far its query (all heads concatenated) sits from running statistics ``(mu, var)`` of the
+  queries seen so far. The statistics follow the code's update rule; while they warm up (the first
+  ``warmup_calls`` calls, 1000 in the code) the weights are uniform, i.e. the probe is InfLLM's mean.
+* **Cosine similarity** ranks the blocks, plus ``question_weight x cos(question, repr_B)`` during the prompt when a
+  question span is given (Q-LLM's question term).
+* **Dynamic cut-off.** Each step has a pool of ``topk x L`` blocks for the ``L`` layers. Layer ``l`` (in order)
+  takes ``clamp(round(w_l x remaining), min(N, min_blocks), min(N, max_blocks))`` blocks, where during decoding
+  ``w_l = e_l / sum_{i >= l} e_i`` and ``e_i`` is layer i's mean normalised entropy of its block scores over its
+  last ``entropy_window`` retrievals (100); during the prompt (or before every layer has a full window) the
+  split is uniform, ``w_l = 1 / (L - l)``, i.e. ``topk`` blocks each unless clamped.
+
+State is per cache: the block pool lives in ``LayerInfo.shared`` (one dict per `SieveCache`), and so do the
+activation statistics with ``stats_scope="shared"`` (the default: the code pools every layer's queries into one
+set of statistics); ``stats_scope="layer"`` keeps one set per layer. Deviations from the released code (details
+and reasons in ``docs/methods/infllm_actqkv.md``):
+
+* statistics start fresh for every cache (the code's module globals persist across the samples of a process, so
+  later samples start warm); statistics are per batch row;
+* the question vector is built once the question span has been read (the code builds it at the first window that
+  fills the init tokens, reading queries of the whole first model-level chunk); the question term is on during
+  the prompt's phases and off for generated tokens (the code: off from the third model forward);
+* the unused 2%-threshold mask is not computed; no analysis files are written;
+* with fewer than 2 blocks no entropy sample is taken (the code's log(1) edge case);
+* with batch > 1 the layer's block count uses the entropy averaged over rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from kvsieve.methods.base import (
+    AttentionCall,
+    LayerInfo,
+    Phase,
+    check_choice,
+    check_float,
+    check_int,
+    register,
+    register_preset,
+)
+from kvsieve.methods.infllm import InfLLM, InfLLMPolicy, dot_scores
+from kvsieve.ops.scoring import top_indices
+
+SHARED_KEY = "actqkv"
+
+
+class ActivationStats:
+    """Running per-channel mean and variance of retrieval queries, and each token's Activation Bias weight.
+
+    ``token_weights(h)`` with ``h`` ``[B, c, H * D]`` (a window's memory queries, heads concatenated) updates the
+    statistics with the window (the code's rule, ``count`` capped at ``horizon``) and returns the weights ``[B, c]``
+    (summing to 1), or None while warming up (``count <= warmup``: uniform weights, the plain mean).
+    """
+
+    def __init__(self, horizon: int = 1000, warmup: int = 1000) -> None:
+        self.horizon = horizon
+        self.warmup = warmup
+        self.mean: torch.Tensor | None = None  # [B, H * D] float32
+        self.var: torch.Tensor | None = None
+        self.count = 0
+
+    def token_weights(self, h: torch.Tensor) -> torch.Tensor | None:
+        h = h.float()
+        c = h.shape[1]
+        mu_w = h.mean(dim=1)
+        var_w = h.var(dim=1, unbiased=False)
+        warming = self.count <= self.warmup
+        if self.mean is None:
+            self.var = var_w * c / (c - 1) if c > 1 else torch.zeros_like(var_w)
+            self.mean = mu_w
+        else:
+            n = min(self.count, self.horizon)
+            self.var = (self.var * (n - 1 / c) + var_w + (mu_w - self.mean) ** 2 / (1 + 1 / n)) / (n + 1 - 1 / c)
+            self.mean = (self.mean * n + mu_w) / (n + 1)
+        self.count += 1
+        if warming:
+            return None
+        return self.bias_weights(h)
+
+    def bias_weights(self, h: torch.Tensor) -> torch.Tensor:
+        """``b_t / sum_t b_t`` with ``b_t`` the mean over channels of the standardised squared deviation."""
+        denom = (self.var + self.var.mean(dim=-1, keepdim=True) / 100).clamp_min(torch.finfo(torch.float32).tiny)
+        bias = ((h.float() - self.mean[:, None]) ** 2 / denom[:, None]).mean(dim=-1)  # [B, c]
+        total = bias.sum(dim=1, keepdim=True)
+        uniform = torch.full_like(bias, 1.0 / bias.shape[1])
+        return torch.where(total > 0, bias / total.clamp_min(torch.finfo(torch.float32).tiny), uniform)
+
+    def select_batch(self, idx: torch.Tensor) -> None:
+        if self.mean is not None:
+            self.mean = self.mean.index_select(0, idx.to(self.mean.device))
+            self.var = self.var.index_select(0, idx.to(self.var.device))
+
+
+class BlockPool:
+    """The per-step block budget split across layers (code: ``adjust_tok_K`` / ``predict_current_budget``).
+
+    ``reset(n_windows)`` at the first layer of every forward gives each window a pool of ``topk x L`` blocks;
+    ``take(layer, window, entropy, n_blocks, dynamic)`` records the layer's normalised entropy (kept over the last
+    ``window`` retrievals) and returns its block count, removing it from the window's pool.
+    """
+
+    def __init__(self, topk: int, min_blocks: int, max_blocks: int, window: int) -> None:
+        self.topk = topk
+        self.min_blocks = min_blocks
+        self.max_blocks = max_blocks
+        self.window = window
+        self.samples: list[deque[float]] = []
+        self.remaining: list[float] = []
+        self.history: list[list[int]] = []  # per reset: the counts handed out, in order (for statistics/tests)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.samples)
+
+    def add_layer(self) -> int:
+        self.samples.append(deque(maxlen=self.window))
+        return len(self.samples) - 1
+
+    def reset(self, n_windows: int) -> None:
+        self.remaining = [float(self.topk * self.n_layers)] * n_windows
+        self.history.append([])
+        del self.history[:-64]
+
+    def ready(self) -> bool:
+        """Every layer has a full window of entropy samples."""
+        return all(len(s) == self.window for s in self.samples)
+
+    def take(self, layer: int, window: int, entropy: float | None, n_blocks: int, dynamic: bool) -> int:
+        if entropy is not None:
+            self.samples[layer].append(entropy)
+        pool = self.remaining[window]
+        if dynamic and self.ready():
+            means = [sum(s) / len(s) for s in self.samples[layer:]]
+            total = sum(means)
+            weight = means[0] / total if total > 0 else math.nan
+        else:
+            weight = 1.0 / (self.n_layers - layer)
+        k_min, k_max = min(n_blocks, self.min_blocks), min(n_blocks, self.max_blocks)
+        share = weight * pool
+        k = round(share) if math.isfinite(share) else k_min
+        k = max(min(k, k_max), k_min)
+        self.remaining[window] = pool - k
+        if self.history:
+            self.history[-1].append(k)
+        return k
+
+
+class ActQKVShared:
+    """What ActQKV's layers of one cache share (``LayerInfo.shared["actqkv"]``)."""
+
+    def __init__(self, method: ActQKV) -> None:
+        self.pool = BlockPool(
+            method.blocks_per_step, method.min_blocks, method.max_blocks_per_step, method.entropy_window
+        )
+        self.activation = ActivationStats(method.stats_horizon, method.warmup_calls)
+
+
+class ActQKVPolicy(InfLLMPolicy):
+    def __init__(self, method: ActQKV, info: LayerInfo, reserve: int = 64) -> None:
+        super().__init__(method, info, reserve)
+        self.shared: ActQKVShared = info.shared.setdefault(SHARED_KEY, ActQKVShared(method))
+        self.ordinal = self.shared.pool.add_layer()  # layers are built in order: 0 is the first attention layer
+        self.activation = (
+            self.shared.activation
+            if method.stats_scope == "shared"
+            else ActivationStats(method.stats_horizon, method.warmup_calls)
+        )
+        self.question: torch.Tensor | None = None  # [B, H * D]
+        span = method.question_span
+        self.span = None if span is None or method.question_weight == 0 else (int(span[0]), int(span[1]))
+        self.span_queries: torch.Tensor | None = None  # [B, H, span, D] memory queries of the question tokens
+        self.span_scores: torch.Tensor | None = None  # [B, H, span] their local scores, captured as they leave
+        self.entropies: list[float] = []
+
+    # ----------------------------------------------------------------------------------------- hooks
+    def begin_call(self, call: AttentionCall, n_windows: int) -> None:
+        if self.ordinal == 0:
+            self.shared.pool.reset(n_windows)
+
+    def on_chunk(self, call: AttentionCall, q_mem: torch.Tensor) -> None:
+        if self.span is None or self.question is not None:
+            return
+        q0, q1 = self.span
+        first, c = call.first_position, q_mem.shape[2]
+        lo, hi = max(q0, first), min(q1, first + c)
+        if lo >= hi:
+            return
+        if self.span_queries is None:
+            b, h, _, d = q_mem.shape
+            self.span_queries = q_mem.new_zeros(b, h, q1 - q0, d, dtype=torch.float32)
+            self.span_scores = torch.zeros(b, h, q1 - q0, dtype=torch.float32, device=q_mem.device)
+        self.span_queries[:, :, lo - q0 : hi - q0] = q_mem[:, :, lo - first : hi - first].float()
+
+    def on_leave(self, first_position: int, scores: torch.Tensor) -> None:
+        if self.span_scores is None or self.question is not None:
+            return
+        q0, q1 = self.span
+        lo, hi = max(q0, first_position), min(q1, first_position + scores.shape[2])
+        if lo < hi:
+            self.span_scores[:, :, lo - q0 : hi - q0] = scores[:, :, lo - first_position : hi - first_position]
+
+    def after_window(self, call: AttentionCall, end: int) -> None:
+        """Build the question vector (code: ``append_global``) once the span has been read and the window has
+        passed ``n_local`` tokens: per head, the mean memory query of its ``repr_topk`` best-scored span tokens."""
+        if self.span_queries is None or self.question is not None:
+            return
+        q0, q1 = self.span
+        if end < q1 or end <= self.method.n_local:
+            return
+        rs = self.recent.first_position
+        lo, hi = max(q0, rs), min(q1, self.recent.end_position)
+        if lo < hi:  # span tokens still in the recent buffer: their scores so far
+            self.span_scores[:, :, lo - q0 : hi - q0] = self.recent.scores[:, :, lo - rs : hi - rs]
+        r = min(self.method.repr_topk, q1 - q0)
+        chosen = self.span_scores.topk(r, dim=-1).indices  # [B, H, r]
+        d = self.span_queries.shape[-1]
+        picked = self.span_queries.gather(2, chosen[..., None].expand(-1, -1, -1, d)).mean(dim=2)  # [B, H, D]
+        self.question = picked.reshape(picked.shape[0], -1)
+        self.span_queries = self.span_scores = None
+
+    # ------------------------------------------------------------------------------------- retrieval
+    def probe(self, q_mem: torch.Tensor) -> torch.Tensor:
+        """Activation-Bias-weighted mean of the window's memory queries ``[B, H, w, D]`` -> ``[B, H * D]``."""
+        b, h, w, d = q_mem.shape
+        flat = q_mem.float().permute(0, 2, 1, 3).reshape(b, w, h * d)  # [B, w, H * D]
+        weights = self.activation.token_weights(flat)
+        if weights is None:  # warm-up: exactly InfLLM's probe
+            return q_mem.float().mean(dim=2).reshape(b, -1)
+        return (weights[..., None] * flat).sum(dim=1)
+
+    def similarity(self, probe: torch.Tensor) -> torch.Tensor:
+        reprs = self.memory.reprs
+        if self.method.similarity == "dot":
+            return dot_scores(reprs, probe)
+        return dot_scores(F.normalize(reprs, dim=-1), F.normalize(probe, dim=-1))
+
+    def select_blocks(self, call: AttentionCall, q_mem: torch.Tensor, window: int) -> torch.Tensor | None:
+        m = self.method
+        probe = self.probe(q_mem)  # every window updates the statistics, blocks or not (as the code does)
+        n = 0 if self.memory is None else self.memory.n_blocks
+        b = q_mem.shape[0]
+        decoding = call.phase is Phase.DECODE
+        if n == 0:
+            if m.dynamic_topk:
+                self.shared.pool.take(self.ordinal, window, None, 0, decoding)
+            return None
+        scores = self.similarity(probe)  # [B, N]
+        if self.question is not None and not decoding:
+            scores = scores + m.question_weight * self.similarity(self.question)
+        if not m.dynamic_topk:
+            k = min(self.topk, n)
+        else:
+            entropy = None
+            if n >= 2:
+                p = scores.float().softmax(dim=-1)
+                ent = -(p * torch.log(p + 1e-10)).sum(dim=-1) / math.log(n)
+                entropy = float(ent.mean())
+                self.entropies.append(entropy)
+            k = self.shared.pool.take(self.ordinal, window, entropy, n, decoding)
+        if k >= n:
+            return torch.arange(n, device=q_mem.device)[None].expand(b, n)
+        return top_indices(scores, k)
+
+    def stats(self) -> dict[str, Any]:
+        out = super().stats()
+        out["activation_calls"] = self.activation.count
+        out["question_vector"] = self.question is not None
+        if self.entropies:
+            out["entropy_mean"] = sum(self.entropies) / len(self.entropies)
+        return out
+
+    def select_batch(self, batch_indices: torch.Tensor) -> None:
+        super().select_batch(batch_indices)
+        if self.ordinal == 0 or self.method.stats_scope == "layer":
+            self.activation.select_batch(batch_indices)
+        if self.question is not None:
+            self.question = self.question.index_select(0, batch_indices.to(self.question.device))
+
+
+@register
+@dataclass
+class ActQKV(InfLLM):
+    """InfLLM + Activation-Bias-weighted probe queries + cosine retrieval + entropy-driven blocks per layer.
+
+    Defaults: the released Llama-3 config (64 init + 512 window + 46 blocks x 32 = 2048 entries, windows of 256,
+    4 representative tokens, question weight 4); the device cache holds twice the most blocks a step can take
+    (the ``actqkv-llama3-2k`` preset: the released 128). ``max_blocks`` None: ``2 x topk`` (the code).
+    ``question_span``: the logical ``[start, end)`` of the question inside the prompt (see `find_span`); without it
+    there is no question term. ``similarity="dot"`` with ``dynamic_topk=False`` retrieves like InfLLM (ablations).
+    """
+
+    name = "actqkv"
+    summary = "InfLLM + activation-aware probe query, cosine retrieval, entropy-driven blocks per layer"
+    paper = "arXiv 2502.13542"
+    policy = ActQKVPolicy
+    DEFAULT_TOPK: ClassVar[int] = 46
+    MIN_TOPK: ClassVar[int] = 1
+
+    n_init: int = 64
+    n_local: int = 512
+    block_size: int = 32
+    exc_block_size: int = 256
+    question_weight: float = 4.0
+    question_span: tuple[int, int] | None = None
+    similarity: str = "cosine"
+    dynamic_topk: bool = True
+    min_blocks: int = 32
+    max_blocks: int | None = None  # None: 2 x topk
+    entropy_window: int = 100
+    stats_scope: str = "shared"
+    stats_horizon: int = 1000
+    warmup_calls: int = 1000
+
+    def validate(self) -> None:
+        check_int("min_blocks", self.min_blocks, 0)
+        if self.max_blocks is not None:
+            check_int("max_blocks", self.max_blocks, 1)
+        super().validate()
+        check_float("question_weight", self.question_weight, 0.0)
+        if self.question_span is not None:
+            span = self.question_span
+            ok = (
+                isinstance(span, tuple | list)
+                and len(span) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in span)
+                and 0 <= span[0] < span[1]
+            )
+            if not ok:
+                raise ValueError(
+                    f"question_span must be (start, end) token positions with 0 <= start < end, got {span!r}"
+                )
+        check_choice("similarity", self.similarity, ("cosine", "dot"))
+        if not isinstance(self.dynamic_topk, bool):
+            raise TypeError(f"dynamic_topk must be a bool, got {self.dynamic_topk!r}")
+        check_int("entropy_window", self.entropy_window, 1)
+        check_choice("stats_scope", self.stats_scope, ("shared", "layer"))
+        check_int("stats_horizon", self.stats_horizon, 1)
+        check_int("warmup_calls", self.warmup_calls, 0)
+
+    @property
+    def max_blocks_per_step(self) -> int:
+        if not self.dynamic_topk:
+            return self.blocks_per_step
+        return self.max_blocks if self.max_blocks is not None else 2 * self.blocks_per_step
+
+
+def find_span(sequence: list[int], part: list[int]) -> tuple[int, int] | None:
+    """``[start, end)`` of the first occurrence of ``part`` in ``sequence`` (e.g. a question's token ids inside the
+    prompt's), or None -- what ActQKV's ``question_span`` expects (code: ``extract_question_id``)."""
+    n = len(part)
+    if n == 0:
+        return None
+    for i in range(len(sequence) - n + 1):
+        if sequence[i : i + n] == part:
+            return i, i + n
+    return None
+
+
+register_preset(
+    "actqkv-llama3-2k",
+    ActQKV,
+    "ActQKV, the released Llama-3-8B config: 64 init + 512 window + 46 blocks x 32, 128 cached",
+    n_init=64,
+    n_local=512,
+    block_size=32,
+    topk=46,
+    repr_topk=4,
+    exc_block_size=256,
+    max_cached_block=128,
+)
+register_preset(
+    "actqkv-qwen25-2k",
+    ActQKV,
+    "ActQKV, the released Qwen2.5-7B config: 64 init + 512 window + 23 blocks x 64, 256 cached",
+    n_init=64,
+    n_local=512,
+    block_size=64,
+    topk=23,
+    repr_topk=4,
+    exc_block_size=256,
+    max_cached_block=256,
+)
+register_preset(
+    "actqkv-2k",
+    ActQKV,
+    "ActQKV sized for the default model at 2K attended entries (64 init + 512 window + 46 blocks x 32)",
+    n_init=64,
+    n_local=512,
+    block_size=32,
+    budget=2048,
+    repr_topk=4,
+    exc_block_size=256,
+    max_cached_block=None,
+)
