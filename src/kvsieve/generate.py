@@ -257,9 +257,15 @@ def prefill(
     question_ids: list[int],
     chunk_size: int | None,
     device: torch.device,
+    compress_after_question: bool | None = None,
 ) -> torch.Tensor:
-    """Feed the prompt (and question) through ``cache``; returns the last position's logits ``[1, V]``."""
-    proxies_in_question = bool(question_ids) and cache.method.compress_after_question
+    """Feed the prompt (and question) through ``cache``; returns the last position's logits ``[1, V]``.
+
+    ``compress_after_question`` (default: the cache's method decides) makes the question chunk the one that
+    completes the prompt, instead of a chunk fed after compression."""
+    if compress_after_question is None:
+        compress_after_question = cache.method.compress_after_question
+    proxies_in_question = bool(question_ids) and compress_after_question
     pieces = _chunks(context_ids, chunk_size)
     phases = [Phase.PREFILL] * len(pieces)
     if not proxies_in_question:

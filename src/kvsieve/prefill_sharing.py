@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvsieve.cache import SieveCache, SieveLayer
-from kvsieve.generate import cache_kwargs
+from kvsieve.generate import cache_kwargs, prefill
 from kvsieve.methods.base import AttentionCall, LayerPolicy, Method, Phase
 from kvsieve.methods.base import method as make_method
 
@@ -193,24 +193,13 @@ def shared_prefill(
             full.layers[index] = _FanOutLayer(layer.policy, full, index, participants)
 
     late = bool(question_ids) and bool(methods) and bool(methods[0].compress_after_question)
-    size = len(context_ids) if chunk_size is None else chunk_size
-    pieces = [context_ids[i : i + size] for i in range(0, len(context_ids), size)]
-    phases = [Phase.PREFILL] * len(pieces)
-    if late:
-        pieces.append(question_ids)
-        phases.append(Phase.PREFILL_LAST)
-        full.question_span = (len(context_ids), len(context_ids) + len(question_ids))
-    else:
-        phases[-1] = Phase.PREFILL_LAST
-
     _sync(device)
     start = time.perf_counter()
-    logits = None
-    for piece, phase in zip(pieces, phases):
-        full.phase = phase
-        ids = torch.tensor([piece], dtype=torch.long, device=device)
-        logits = model(input_ids=ids, logits_to_keep=1, **cache_kwargs(model, full)).logits[:, -1]
-    full.phase = Phase.DECODE
+    # the question is part of this shared forward only when it holds the proxies (NACL); otherwise each method's
+    # cache gets it after compression
+    logits = prefill(
+        model, full, context_ids, question_ids if late else [], chunk_size, device, compress_after_question=late
+    )
     _sync(device)
     elapsed = time.perf_counter() - start
 
