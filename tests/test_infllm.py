@@ -336,8 +336,12 @@ def test_budget_maps_to_topk_and_presets():
 def test_clear_errors():
     with pytest.raises(ValueError, match=r"budget=2048 and topk=40 disagree.*gives topk = 46"):
         kvsieve.method("infllm-2k", topk=40)
-    with pytest.raises(TypeError, match="fraction of the prompt is not supported"):
-        kvsieve.method("infllm", budget=0.2)
+    with pytest.raises(ValueError, match=r"budget=0.2 of a 1000-token prompt is 200 entries, fewer than .* 4352"):
+        kvsieve.method("infllm", budget=0.2).for_prompt(1000)
+    with pytest.raises(ValueError, match=r"resolve it with method.for_prompt"):
+        SieveCache(tiny_model("llama"), kvsieve.method("infllm", **{**SMALL, "topk": None}, budget=0.5))
+    with pytest.raises(ValueError, match="pass budget or topk, not both"):
+        kvsieve.method("infllm", **SMALL, budget=0.5)
     with pytest.raises(ValueError, match=r"budget must be an int >= n_init \+ n_local \+ block_size = 4352"):
         kvsieve.method("infllm", budget=4000)
     with pytest.raises(ValueError, match=r"exc_block_size must be in \[1, 512\]"):
@@ -348,6 +352,29 @@ def test_clear_errors():
         kvsieve.method("infllm-2k", max_cached_block=10)
     with pytest.raises(ValueError, match="cache_strategy must be one of"):
         kvsieve.method("infllm", cache_strategy="fifo")
+
+
+def test_fractional_budget_resolves_per_prompt():
+    """A fraction keeps n_init, n_local and block_size and gives the rest of round(budget x n) to blocks; running
+    it equals running the resolved int budget."""
+    params = {**SMALL, "topk": None}
+    fraction = kvsieve.method("infllm", **params, budget=0.5)
+    resolved = fraction.for_prompt(100)
+    assert resolved.budget == 50 and resolved.blocks_per_step == (50 - 4 - 16) // 4
+    assert fraction.budget == 0.5 and kvsieve.method("infllm", **params, budget=50).for_prompt(7).budget == 50
+    preset = kvsieve.method("actqkv-2k", budget=0.25).for_prompt(8000)
+    assert preset.name == "actqkv-2k" and preset.budget == 2000 and preset.blocks_per_step == (2000 - 576) // 32
+    model, ids = tiny_model("llama"), random_ids(96)
+    by_fraction = kvsieve.generate(model, _IdTokenizer(), ids, method=fraction, max_new_tokens=5, chunk_size=32)
+    by_int = kvsieve.generate(
+        model,
+        _IdTokenizer(),
+        ids,
+        method=kvsieve.method("infllm", **params, budget=48),
+        max_new_tokens=5,
+        chunk_size=32,
+    )
+    assert by_fraction.tokens == by_int.tokens and by_fraction.stats.budget == 48
 
 
 # ------------------------------------------------------------------------------------- default model

@@ -164,6 +164,7 @@ def generate(
     if isinstance(method, str) or method is None:
         method = make_method(method or "full")
     context_ids, question_ids = encode_prompt(tokenizer, prompt, question, chat)
+    method = method.for_prompt(len(context_ids) + len(question_ids))
     device = model.get_input_embeddings().weight.device
     cache = SieveCache(model, method, reserve=max_new_tokens + len(question_ids) + 1)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None

@@ -186,7 +186,10 @@ def shared_prefill(
         raise ValueError("context_ids is empty")
     check_shareable(methods, with_question=bool(question_ids))
     device = model.get_input_embeddings().weight.device
-    participants = [_Participant(SieveCache(model, m, reserve=reserve, trace=trace)) for m in methods]
+    n_prompt = len(context_ids) + len(question_ids or [])
+    participants = [
+        _Participant(SieveCache(model, m.for_prompt(n_prompt), reserve=reserve, trace=trace)) for m in methods
+    ]
     full = SieveCache(model, make_method("full"), reserve=reserve, trace=trace)
     for index, layer in enumerate(full.layers):
         if isinstance(layer, SieveLayer):

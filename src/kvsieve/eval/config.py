@@ -255,6 +255,11 @@ class EvalConfig:
                         f"method {name} does not take budget {budget!r}: {error}. Give it budgets of its own "
                         f"(method_budgets: {{{name}: [...]}} in the config, or --param {name}.budget=...)"
                     ) from None
+                for length in self.lengths:  # structures sized from a fraction (InfLLM) must fit every length
+                    try:
+                        built.for_prompt(length)
+                    except ValueError as error:
+                        raise ValueError(f"method {name} at length {length}: {error}") from None
                 runs.append(MethodRun(name, budget, built))
         return runs
 

@@ -465,7 +465,8 @@ class _Evaluator:
         for run in runs:
             if run in out:
                 continue
-            cache = SieveCache(self.model, run.method, reserve=self.reserve)
+            method = run.method.for_prompt(len(context) + len(question or []))
+            cache = SieveCache(self.model, method, reserve=self.reserve)
             self._sync()
             start = time.perf_counter()
             logits = prefill(self.model, cache, context, question or [], self.config.chunk_size, self.device)

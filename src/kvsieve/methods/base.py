@@ -162,6 +162,15 @@ class Method:
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
+    def for_prompt(self, prompt_tokens: int) -> Method:
+        """This method as it runs on a prompt of ``prompt_tokens`` tokens (context and question together).
+
+        One-shot methods resolve a fractional budget when they compress, so they return themselves. Methods whose
+        per-step structure follows from the budget before any token is seen (InfLLM's block count) resolve it
+        here; `kvsieve.generate` and the evaluation harness call this, ``SieveCache`` users call it themselves.
+        """
+        return self
+
     @property
     def budget_label(self) -> int | float | None:
         return getattr(self, "budget", None)

@@ -34,6 +34,7 @@ Deviations from the released code (details in ``docs/methods/infllm_actqkv.md``)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -46,11 +47,13 @@ from kvsieve.methods.base import (
     LayerPolicy,
     Method,
     Phase,
+    check_budget,
     check_choice,
     check_float,
     check_int,
     register,
     register_preset,
+    resolve_budget,
 )
 from kvsieve.ops.blocks import BlockMemory, TokenBuffer
 from kvsieve.ops.rope import Rotary
@@ -408,12 +411,11 @@ class InfLLM(Method):
         check_float("score_decay", self.score_decay, 0.0, 1.0, low_open=True)
         if self.topk is not None:
             check_int("topk", self.topk, self.MIN_TOPK)
-        if self.budget is not None:
-            if isinstance(self.budget, float) and not isinstance(self.budget, bool):
-                raise TypeError(
-                    f"{self.name}'s budget is a number of entries attended per step (an int: n_init + n_local + "
-                    f"topk x block_size); a fraction of the prompt is not supported, got {self.budget!r}"
-                )
+        if isinstance(self.budget, float):
+            check_budget(self.budget)  # a fraction of the prompt: resolved by for_prompt
+            if self.topk is not None:
+                raise ValueError(f"pass budget or topk, not both (budget={self.budget!r}, topk={self.topk})")
+        elif self.budget is not None:
             lowest = self.n_init + self.n_local + max(self.MIN_TOPK, 1) * self.block_size
             if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < lowest:
                 raise ValueError(
@@ -428,13 +430,36 @@ class InfLLM(Method):
                     "pass one of them"
                 )
         if self.max_cached_block is not None:
-            check_int("max_cached_block", self.max_cached_block, max(1, self.max_blocks_per_step))
+            fraction = isinstance(self.budget, float)  # the step's block count is known once resolved
+            check_int("max_cached_block", self.max_cached_block, 1 if fraction else max(1, self.max_blocks_per_step))
+
+    def for_prompt(self, prompt_tokens: int) -> InfLLM:
+        """A fractional ``budget`` becomes ``round(budget x prompt_tokens)`` entries: ``n_init``, ``n_local`` and
+        ``block_size`` stay as configured and the blocks retrieved per step take the rest."""
+        if not isinstance(self.budget, float):
+            return self
+        check_int("prompt_tokens", prompt_tokens, 1)
+        entries = resolve_budget(self.budget, prompt_tokens)
+        lowest = self.n_init + self.n_local + max(self.MIN_TOPK, 1) * self.block_size
+        if entries < lowest:
+            raise ValueError(
+                f"budget={self.budget} of a {prompt_tokens}-token prompt is {entries} entries, fewer than n_init + "
+                f"n_local + block_size = {lowest}: raise the budget or shrink n_init, n_local or block_size"
+            )
+        resolved = dataclasses.replace(self, budget=entries)
+        object.__setattr__(resolved, "name", self.name)  # presets keep their name
+        return resolved
 
     @property
     def blocks_per_step(self) -> int:
         """``topk``: given, derived from ``budget``, or the default."""
         if self.topk is not None:
             return self.topk
+        if isinstance(self.budget, float):
+            raise ValueError(
+                f"{self.name}: budget={self.budget} is a fraction of the prompt; resolve it with "
+                "method.for_prompt(prompt_tokens) before building a cache (kvsieve.generate does)"
+            )
         if self.budget is not None:
             return (self.budget - self.n_init - self.n_local) // self.block_size
         return self.DEFAULT_TOPK
@@ -451,7 +476,7 @@ class InfLLM(Method):
         return max(1, 2 * self.max_blocks_per_step)
 
     @property
-    def budget_label(self) -> int:
+    def budget_label(self) -> int | float:
         if self.budget is not None:
             return self.budget
         return self.n_init + self.n_local + self.blocks_per_step * self.block_size

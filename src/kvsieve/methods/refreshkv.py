@@ -57,6 +57,7 @@ from kvsieve.methods.base import (
     check_float,
     check_int,
     register,
+    register_preset,
     resolve_budget,
 )
 from kvsieve.methods.eviction import PROTECTED, BudgetedMethod
@@ -310,3 +311,11 @@ class RefreshKV(BudgetedMethod):
         check_choice("gqa_reduce", self.gqa_reduce, ("max", "mean", "sum"))
         if not isinstance(self.refresh, bool):
             raise TypeError(f"refresh must be True or False, got {self.refresh!r}")
+
+
+register_preset(
+    "refreshkv-fixed",
+    RefreshKV,
+    "RefreshKV with the fixed schedule: every layer takes a full step every `stride` (10) decode steps",
+    schedule="fixed",
+)

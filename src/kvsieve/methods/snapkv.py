@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsieve.methods.base import AttentionCall, check_choice, check_int, register
+from kvsieve.methods.base import AttentionCall, check_choice, check_int, register, register_preset
 from kvsieve.methods.eviction import PROTECTED, BudgetedMethod, PriorityEvictionPolicy
 from kvsieve.ops.scoring import attention_probs, pool_scores, reduce_gqa
 
@@ -71,3 +71,11 @@ class SnapKV(BudgetedMethod):
             raise ValueError(f"kernel_size must be odd (same padding), got {self.kernel_size}")
         check_choice("pooling", self.pooling, ("max", "avg"))
         check_choice("gqa_reduce", self.gqa_reduce, ("mean", "max", "sum"))
+
+
+register_preset(
+    "snapkv-w1",
+    SnapKV,
+    "SnapKV with an observation window of 1 (the last prompt token) and kernel 7: RefreshKV's SnapKV baseline",
+    window_size=1,
+)
