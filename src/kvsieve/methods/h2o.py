@@ -34,8 +34,10 @@ class H2OPolicy(PriorityEvictionPolicy):
 
     def observe(self, call: AttentionCall) -> None:
         store = self.store
+        # nothing evicted yet: the entries are the prefix in order, and the column sums can skip invisible keys
+        positions = None if store.length == call.seen else store.positions
         sums = attention_column_sums(
-            call.query, store.keys, call.scaling, call.first_position, self.method.score_block, store.positions
+            call.query, store.keys, call.scaling, call.first_position, self.method.score_block, positions
         )
         self._accumulate(sums)
 

@@ -66,20 +66,35 @@ def attention_column_sums(
     """Sum over queries of their causal softmax attention on each key: ``[B, H, S]`` (float32).
 
     ``query`` ``[B, H, q, D]`` holds the queries of tokens ``query_start .. query_start + q - 1``; key ``j`` has
-    logical position ``key_positions[..., j]`` (default ``j``). Queries are processed ``block`` at a time, so the
-    peak extra memory is ``B * H * block * S`` floats, never ``q * S``.
+    logical position ``key_positions[..., j]`` (default ``j``: the keys are the prefix in order). Queries are
+    processed ``block`` at a time, so the peak extra memory is ``B * H * block * S`` floats, never ``q * S``.
+
+    Cost: with the default positions a block only scores the keys it can see (a causal triangle, about half the
+    work of a square), and each probability row is normalised through one matrix-vector product
+    (``sum_i p_ij = sum_i exp(l_ij - m_i) / Z_i``) instead of a softmax pass plus a sum pass.
     """
     b, h, q, _ = query.shape
     n_kv, s = keys.shape[1], keys.shape[2]
-    if key_positions is None:
+    g = h // n_kv
+    ordered = key_positions is None
+    if ordered:
         key_positions = torch.arange(s, device=keys.device).view(1, 1, s).expand(b, n_kv, s)
-    total = torch.zeros(b, h, s, dtype=torch.float32, device=query.device)
+    keys_t = keys.float().transpose(-1, -2)
+    total = torch.zeros(b, n_kv, g, s, dtype=torch.float32, device=query.device)
     for start in range(0, q, block):
         stop = min(q, start + block)
+        n = stop - start
+        # keys beyond the block's last query are invisible to all of it (prefix order only)
+        width = min(s, query_start + stop) if ordered else s
         qpos = torch.arange(query_start + start, query_start + stop, device=query.device)
-        probs = attention_probs(query[:, :, start:stop], keys, scaling, qpos, key_positions)
-        total += probs.sum(dim=2)
-    return total
+        scaled = _grouped(query[:, :, start:stop].float() * scaling, n_kv)  # [B, H_kv, g * n, D]
+        logits = torch.matmul(scaled, keys_t[..., :width]).view(b, n_kv, g, n, width)
+        visible = key_positions[:, :, None, None, :width] <= qpos.view(1, 1, 1, n, 1)
+        logits.masked_fill_(~visible, float("-inf"))
+        logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()  # every query sees itself: finite maxima
+        inv_z = logits.sum(dim=-1).reciprocal_()  # [B, H_kv, g, n]
+        total[..., :width] += torch.matmul(inv_z.unsqueeze(-2), logits).squeeze(-2)
+    return total.view(b, h, s)
 
 
 def pool_scores(scores: torch.Tensor, kernel: int, kind: Literal["max", "avg"] = "max") -> torch.Tensor:
