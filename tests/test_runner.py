@@ -222,9 +222,14 @@ def test_killed_cli_run_resumes(reference_run, tiny, tmp_path):
             child.kill()
     partial = read_rows(out / "rows.jsonl")
     assert 15 <= len(partial) < 3 * ROWS
+    # the summary of the samples finished before the kill, with the time they took, survives SIGKILL
+    killed = json.loads((out / "summary.json").read_text())
+    assert not killed["complete"] and 0 < killed["rows"] <= len(partial) and killed["elapsed_s"] > 0
     assert main([*args, "--no-progress"]) == 0
     rows = read_rows(out / "rows.jsonl")
     assert len(rows) == 3 * ROWS and len({r["key"] for r in rows}) == len(rows)
+    finished = json.loads((out / "summary.json").read_text())
+    assert finished["complete"] and finished["elapsed_s"] > killed["elapsed_s"]  # the resumed run adds its time
     assert without_timings(rows[: len(partial)]) == without_timings(partial)
     # Sample i does not depend on how many are drawn, and the weights went through save/load unchanged: the rows
     # of the first samples are the in-memory reference run's. Another process may sum in another order (thread

@@ -895,6 +895,8 @@ def run_eval(
                 bar.set_postfix_str(f"{unit.task} L{unit.length} {unit.mode}", refresh=False)
                 evaluator.run_unit(unit)
                 bar.update(1)
+                # after every sample: a SIGKILL (no `finally`) loses at most one sample's time from elapsed_s
+                _write_summary(out, read_rows(out / ROWS), False, previous + time.perf_counter() - start)
         complete = True
     finally:
         bar.close()
