@@ -58,6 +58,20 @@ def tiny_model(arch: str, seed: int = 0):
     return model
 
 
+def tiny_llama_for(tokenizer, window: int, seed: int = 0):
+    """A tiny random-init Llama over ``tokenizer``'s whole vocabulary (real text prompts), trained window ``window``."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        **{**_COMMON, "vocab_size": len(tokenizer)},
+        num_hidden_layers=2,
+        max_position_embeddings=window,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
 def random_ids(n: int, seed: int = 1) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (n,), generator=g).tolist()

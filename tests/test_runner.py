@@ -20,9 +20,9 @@ import time
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 import kvsieve
+from helpers import tiny_llama_for
 from kvsieve.cli import main
 from kvsieve.eval.config import EvalConfig
 from kvsieve.eval.runner import TIMING_FIELDS, RunDirError, read_rows, run_eval, summarize
@@ -60,23 +60,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny(smollm2_tokenizer):
-    tok = smollm2_tokenizer
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=2,
-        max_position_embeddings=WINDOW,
-        initializer_range=0.1,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    return model, tok
+    return tiny_llama_for(smollm2_tokenizer, WINDOW), smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Command line: ``kvsieve generate | methods | demo | eval | report``.
+"""Command line: ``kvsieve generate | methods | demo | eval | report | bench``.
 
 Errors in the user's input (unknown method, bad budget, missing model, ...) print one line and exit with status 2,
 without a traceback (set ``KVSIEVE_DEBUG=1`` to see it).
@@ -98,6 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-share-prefill", action="store_true", help="every method runs its own prefill")
     ev.add_argument("--force", action="store_true", help="set aside the rows of a different configuration")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    bn = sub.add_parser(
+        "bench",
+        help="prefill time, decode time per token and KV memory of methods side by side",
+        description="Time methods on the same public-domain prompt, interleaved repetition by repetition; ratios to "
+        "the full cache (always run) are taken pair by pair within a repetition. Prints a table; --json writes it.",
+    )
+    _add_model_args(bn)
+    bn.add_argument("--methods", type=_names, default=["snapkv"], help="comma-separated method names")
+    bn.add_argument("--budgets", type=_budgets, default=[0.2], help="comma-separated budgets: ints or fractions")
+    bn.add_argument("--param", type=parse_param, action="append", default=[], metavar="METHOD.K=V")
+    bn.add_argument("--lengths", type=_ints, default=[4096], help="comma-separated prompt lengths in tokens")
+    bn.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per run (1: prefill only)")
+    bn.add_argument("--repeats", type=int, default=3)
+    bn.add_argument("--chunk-size", type=int, default=None, help="prefill this many tokens at a time")
+    bn.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    bn.add_argument("--json", default=None, metavar="FILE", help="also write the rows and the machine here")
 
     rep = sub.add_parser("report", help="write one self-contained HTML page of plots and tables from run directories")
     rep.add_argument("run_dirs", nargs="+", metavar="DIR", help="run directories written by kvsieve eval")
@@ -241,14 +258,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.model, args.dtype, make_method(args), args.max_new_tokens)
 
 
-def eval_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings given on the command line (None: not given), in `EvalConfig`'s terms."""
+def method_params(pairs: list[tuple[str, Any]], command: str) -> dict[str, dict[str, Any]]:
+    """``--param METHOD.KEY=VALUE`` pairs as ``{method: {key: value}}``."""
     params: dict[str, dict[str, Any]] = {}
-    for key, value in args.param:
+    for key, value in pairs:
         method_name, dot, name = key.partition(".")
         if not dot or not method_name or not name:
-            raise ValueError(f"--param for eval expects METHOD.KEY=VALUE (e.g. snapkv.window_size=16), got {key!r}")
+            raise ValueError(
+                f"--param for {command} expects METHOD.KEY=VALUE (e.g. snapkv.window_size=16), got {key!r}"
+            )
         params.setdefault(method_name, {})[name] = value
+    return params
+
+
+def eval_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given on the command line (None: not given), in `EvalConfig`'s terms."""
+    params = method_params(args.param, "eval")
     return {
         "model": args.model,
         "dtype": args.dtype,
@@ -292,6 +317,36 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    import kvsieve
+    from kvsieve.bench import bench, bench_runs, format_bench, machine_line
+    from kvsieve.eval.runner import environment
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    params = method_params(args.param, "bench")
+    bench_runs(args.methods, args.lengths, args.budgets, params, args.new_tokens, args.repeats)  # before the load
+    model, tokenizer = kvsieve.load_model(args.model, dtype=args.dtype)
+
+    def progress(label: str) -> None:
+        print(f"kvsieve bench: {label}", file=sys.stderr, flush=True)
+
+    rows = bench(model, tokenizer, args.methods, args.lengths, args.budgets, params, args.new_tokens, args.repeats,
+                 args.chunk_size, on_run=progress)  # fmt: skip
+    env = environment(model)
+    print(f"kvsieve bench: {machine_line(env)}; {args.repeats} repetitions, medians")
+    print(format_bench(rows))
+    if args.json:
+        record = {"env": env, "args": vars(args), "rows": [r.to_dict() for r in rows]}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
+    return 0
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -310,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": cmd_demo,
         "eval": cmd_eval,
         "report": cmd_report,
+        "bench": cmd_bench,
     }
     try:
         return handlers[args.command](args)

@@ -42,6 +42,7 @@ __all__ = [
     "ModelNotFoundError",
     "default_cache_dir",
     "load_model",
+    "trained_window",
 ]
 
 logger = logging.getLogger(__name__)
@@ -209,6 +210,12 @@ class _LoadOptions:
 
     def tokenizer_kwargs(self) -> dict[str, Any]:
         return {"trust_remote_code": True} if self.trust_remote_code else {}
+
+
+def trained_window(model) -> int | None:
+    """The model's trained context (``max_position_embeddings`` of its text config), or None if it has none."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "max_position_embeddings", None)
 
 
 def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:

@@ -55,6 +55,7 @@ from kvsieve.eval.tasks import TASKS, LMDoc, Sample, lm_documents, load_benchmar
 from kvsieve.eval.tasks.base import make_sample_id
 from kvsieve.generate import cache_kwargs, decode, eos_ids, kv_snapshot, prefill
 from kvsieve.methods.base import Phase
+from kvsieve.models import trained_window
 from kvsieve.prefill_sharing import copy_cache, shared_prefill, shares_prefill
 
 __all__ = [
@@ -291,11 +292,6 @@ class _Unit:
         return f"{self.pair(question)}|{run.name}|{run.label}"
 
 
-def _window(model) -> int | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return getattr(config, "max_position_embeddings", None)
-
-
 def _plan(config: EvalConfig, runs: list[MethodRun], tokenizer, window: int | None) -> list[_Unit]:
     units: list[_Unit] = []
     for task in config.tasks:
@@ -304,7 +300,7 @@ def _plan(config: EvalConfig, runs: list[MethodRun], tokenizer, window: int | No
             beyond = window is not None and needed > window
             reason = None
             if beyond and not any(r.method.extrapolates for r in runs):
-                reason = _beyond_reason(needed, window)
+                reason = beyond_window_reason(needed, window)
             if task == LM_TASK:
                 docs = (
                     [None] * config.samples
@@ -369,7 +365,7 @@ def _plan(config: EvalConfig, runs: list[MethodRun], tokenizer, window: int | No
     return units
 
 
-def _beyond_reason(tokens: int, window: int) -> str:
+def beyond_window_reason(tokens: int, window: int) -> str:
     return (
         f"{tokens} positions exceed the model's window of {window} tokens (max_position_embeddings) and the method "
         "cannot extrapolate"
@@ -398,7 +394,7 @@ class _Evaluator:
         self.done = done
         self.on_row = on_row
         self.device = model.get_input_embeddings().weight.device
-        self.window = _window(model)
+        self.window = trained_window(model)
         self.stops = eos_ids(model, tokenizer)
         self.reserve = 64
 
@@ -513,7 +509,9 @@ class _Evaluator:
             can_run = []
             for run in runs:
                 if self.window is not None and positions > self.window and not run.method.extrapolates:
-                    self.skip(unit, q, run, _beyond_reason(positions, self.window), prompt_tokens=positions - max_new)
+                    self.skip(
+                        unit, q, run, beyond_window_reason(positions, self.window), prompt_tokens=positions - max_new
+                    )
                 else:
                     can_run.append(run)
             if can_run:
@@ -616,7 +614,7 @@ class _Evaluator:
         live = []
         for run in runs:
             if self.window is not None and positions > self.window and not run.method.extrapolates:
-                self.skip(unit, 0, run, _beyond_reason(positions, self.window), doc_id=doc.doc_id)
+                self.skip(unit, 0, run, beyond_window_reason(positions, self.window), doc_id=doc.doc_id)
             elif not run.is_full:
                 live.append(run)
         if not live and unit.key(0, next(r for r in self.runs if r.is_full)) in self.done:
@@ -878,7 +876,7 @@ def run_eval(
     existing = read_rows(out / ROWS, repair=True)
     done = {r["key"] for r in existing}
     start = time.perf_counter()
-    units = _plan(config, runs, tokenizer, _window(model))
+    units = _plan(config, runs, tokenizer, trained_window(model))
     log = _RowLog(out / ROWS)
     evaluator = _Evaluator(config, runs, model, tokenizer, log, done, on_row)
     finished_units = sum(

@@ -1,0 +1,261 @@
+"""``kvsieve bench``: prefill time, decode time per token and KV memory of methods side by side, in one run.
+
+Every method prefills the same public-domain prompt (``kvsieve/data``: KJV Genesis/Exodus, then Paradise Lost,
+repeated if a length needs more) through `kvsieve.generate` and decodes ``new_tokens`` greedily without stopping
+at EOS. Methods run interleaved, repetition by repetition, so that drift on a shared machine hits them alike;
+ratios to the full cache are taken pair by pair within a repetition and their median is reported. Memory comes
+from the cache's tensors (`GenerationStats`) and, on CUDA, from the allocator's peak during each run.
+
+Timings are the clock around the model's forwards (`GenerationStats.prefill_s`, ``decode_s_per_token``), so
+tokenization and model loading are not in them. One warm-up run at a short length precedes the measurements.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from kvsieve.eval.config import EvalConfig, MethodRun
+from kvsieve.eval.runner import beyond_window_reason
+from kvsieve.eval.tasks.text import public_domain_text
+from kvsieve.generate import generate
+from kvsieve.models import trained_window
+
+__all__ = ["BenchRow", "bench", "bench_runs", "format_bench", "machine_line", "prompt_ids"]
+
+PROMPT_SOURCES = ("kjv", "paradise_lost")
+
+
+@dataclass
+class BenchRow:
+    """One method at one budget and prompt length: medians over the repetitions (None where not measured)."""
+
+    method: str
+    budget: str
+    tokens: int
+    new_tokens: int
+    repeats: int
+    status: str = "ok"  # or "skipped"
+    reason: str | None = None
+    prefill_s: float | None = None
+    prefill_vs_full: float | None = None  # median over repetitions of prefill_s / full's prefill_s
+    decode_ms_per_token: float | None = None
+    decode_vs_full: float | None = None
+    kv_bytes: int | None = None  # K/V held right after prefill (and compression)
+    kv_bytes_end: int | None = None  # at the end of decoding
+    kv_bytes_full: int | None = None  # the same layers with the whole prompt
+    host_bytes: int | None = None  # blocks kept off the device (InfLLM, ActQKV)
+    device_peak_bytes: int | None = None  # CUDA allocator peak during the run (model weights included)
+    attended_per_step: float | None = None
+    same_prefix_as_full: int | None = None  # leading generated tokens equal to the full cache's
+    prefill_s_all: list[float] = field(default_factory=list)
+    decode_ms_all: list[float] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@functools.lru_cache(maxsize=4)
+def _source_ids(tokenizer) -> tuple[int, ...]:
+    text = "\n\n".join(public_domain_text(source) for source in PROMPT_SOURCES)
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def prompt_ids(tokenizer, n_tokens: int) -> list[int]:
+    """The first ``n_tokens`` token ids of the shipped public-domain texts, repeated if they are too short."""
+    if n_tokens < 1:
+        raise ValueError(f"prompt length must be >= 1 token, got {n_tokens}")
+    ids = list(_source_ids(tokenizer))
+    reps = -(-n_tokens // len(ids))
+    return (ids * reps)[:n_tokens]
+
+
+def _measure(model, tokenizer, ids: list[int], run: MethodRun, new_tokens: int, chunk_size: int | None) -> dict:
+    cuda = next(model.parameters()).is_cuda
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    out = generate(
+        model, tokenizer, ids, method=run.method, max_new_tokens=new_tokens, chunk_size=chunk_size, chat=False,
+        stop_at_eos=False,
+    )  # fmt: skip
+    s = out.stats
+    host = [layer["host_bytes"] for layer in s.layers if layer.get("host_bytes") is not None]
+    return {
+        "tokens": out.tokens,
+        "prefill_s": s.prefill_s,
+        "decode_ms": None if s.decode_s_per_token is None else 1000 * s.decode_s_per_token,
+        "kv_bytes": s.kv_bytes,
+        "kv_bytes_end": s.kv_bytes_end,
+        "kv_bytes_full": s.kv_bytes_full,
+        "host_bytes": sum(host) if host else None,
+        "device_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "attended_per_step": s.attended_per_step,
+    }
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return statistics.median(kept) if kept else None
+
+
+def _ratios(values: Sequence[float | None], reference: Sequence[float | None] | None) -> float | None:
+    if reference is None:
+        return None
+    return _median([a / b if a is not None and b else None for a, b in zip(values, reference)])
+
+
+def bench_runs(
+    methods: Sequence[str],
+    lengths: Sequence[int],
+    budgets: Sequence[int | float] = (0.2,),
+    params: dict[str, dict[str, Any]] | None = None,
+    new_tokens: int = 32,
+    repeats: int = 3,
+) -> list[MethodRun]:
+    """Validate a benchmark's arguments without a model: the method runs, the full cache first."""
+    config = EvalConfig(
+        methods=list(methods), budgets=list(budgets), params=dict(params or {}), lengths=list(lengths), tasks=["lm"]
+    )
+    config.normalize()
+    runs = config.validate()
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
+        raise ValueError(f"new_tokens must be an int >= 1, got {new_tokens!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    return runs
+
+
+def bench(
+    model,
+    tokenizer,
+    methods: Sequence[str],
+    lengths: Sequence[int],
+    budgets: Sequence[int | float] = (0.2,),
+    params: dict[str, dict[str, Any]] | None = None,
+    new_tokens: int = 32,
+    repeats: int = 3,
+    chunk_size: int | None = None,
+    warmup: bool = True,
+    on_run: Callable[[str], None] | None = None,
+) -> list[BenchRow]:
+    """Measure every method (at every budget; the full cache always, first) at every prompt length.
+
+    ``methods``: registered names; ``budgets`` apply to each method that has a budget; ``params``:
+    ``{method: {parameter: value}}``. A method that cannot extrapolate is skipped (status ``"skipped"``, with the
+    reason) where the prompt plus the new tokens exceed the model's trained window. ``on_run(label)`` is called
+    before each measured run.
+    """
+    runs = bench_runs(methods, lengths, budgets, params, new_tokens, repeats)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+    window = trained_window(model)
+    if warmup:  # first-call costs (allocator, kernels) land here, not in the first measured method
+        _measure(model, tokenizer, prompt_ids(tokenizer, min(256, min(lengths))), runs[0], 2, None)
+    rows: list[BenchRow] = []
+    for n in lengths:
+        ids = prompt_ids(tokenizer, n)
+        live: list[MethodRun] = []
+        for run in runs:
+            if window is not None and n + new_tokens > window and not run.method.extrapolates:
+                reason = beyond_window_reason(n + new_tokens, window)
+                rows.append(
+                    BenchRow(run.name, run.label, n, new_tokens, 0, status="skipped", reason=reason,
+                             params=run.method.params())
+                )  # fmt: skip
+            else:
+                live.append(run)
+        measured: dict[int, list[dict]] = {id(run): [] for run in live}
+        for rep in range(repeats):
+            for run in live:
+                if on_run is not None:
+                    on_run(f"{run.name} {run.label} L{n} ({rep + 1}/{repeats})")
+                measured[id(run)].append(_measure(model, tokenizer, ids, run, new_tokens, chunk_size))
+        full = next((measured[id(r)] for r in live if r.is_full), None)
+        for run in live:
+            ms = measured[id(run)]
+            first = ms[0]
+            same = None
+            if full is not None:
+                ref = full[0]["tokens"]
+                same = next((i for i, (a, b) in enumerate(zip(first["tokens"], ref)) if a != b), len(ref))
+            prefill = [m["prefill_s"] for m in ms]
+            decode = [m["decode_ms"] for m in ms]
+            rows.append(
+                BenchRow(
+                    run.name,
+                    run.label,
+                    n,
+                    new_tokens,
+                    repeats,
+                    prefill_s=_median(prefill),
+                    prefill_vs_full=_ratios(prefill, None if full is None else [m["prefill_s"] for m in full]),
+                    decode_ms_per_token=_median(decode),
+                    decode_vs_full=_ratios(decode, None if full is None else [m["decode_ms"] for m in full]),
+                    kv_bytes=first["kv_bytes"],
+                    kv_bytes_end=first["kv_bytes_end"],
+                    kv_bytes_full=first["kv_bytes_full"],
+                    host_bytes=first["host_bytes"],
+                    device_peak_bytes=max((m["device_peak_bytes"] or 0) for m in ms) or None,
+                    attended_per_step=first["attended_per_step"],
+                    same_prefix_as_full=same,
+                    prefill_s_all=prefill,
+                    decode_ms_all=[d for d in decode if d is not None],
+                    params=run.method.params(),
+                )
+            )
+    return rows
+
+
+def machine_line(env: dict[str, Any]) -> str:
+    """One line from `kvsieve.eval.runner.environment`: where the numbers were taken."""
+    model = env.get("model") or {}
+    where = ", ".join(env["gpu"]) if env.get("gpu") else f"{env.get('cpu')} ({env.get('cpu_cores')} cores)"
+    return (
+        f"{where}, {env.get('torch_threads')} torch threads, torch {env.get('torch')}, "
+        f"transformers {env.get('transformers')}, {model.get('dtype')} on {model.get('device')}"
+    )
+
+
+def format_bench(rows: Sequence[BenchRow]) -> str:
+    """The terminal table."""
+
+    def num(value: float | None, spec: str, suffix: str = "") -> str:
+        return "-" if value is None else format(value, spec) + suffix
+
+    def mib(value: int | None) -> str:
+        return "-" if value is None else f"{value / 2**20:.1f}"
+
+    header = ["tokens", "method", "budget", "prefill s", "x full", "decode ms/tok", "x full", "KV MiB",
+              "KV end MiB", "host MiB", "peak MiB", "attended", "same prefix"]  # fmt: skip
+    lines = [header]
+    for r in rows:
+        if r.status != "ok":
+            lines.append([str(r.tokens), r.method, r.budget, f"skipped: {r.reason}"])
+            continue
+        lines.append(
+            [
+                str(r.tokens), r.method, r.budget, num(r.prefill_s, ".2f"), num(r.prefill_vs_full, ".2f", "x"),
+                num(r.decode_ms_per_token, ".1f"), num(r.decode_vs_full, ".2f", "x"), mib(r.kv_bytes),
+                mib(r.kv_bytes_end), mib(r.host_bytes), mib(r.device_peak_bytes), num(r.attended_per_step, ".0f"),
+                "-" if r.same_prefix_as_full is None else str(r.same_prefix_as_full),
+            ]
+        )  # fmt: skip
+    widths = [max(len(line[i]) for line in lines if len(line) == len(header)) for i in range(len(header))]
+    text = []
+    for k, line in enumerate(lines):
+        if len(line) != len(header):
+            text.append("  ".join([line[0].rjust(widths[0]), line[1].ljust(widths[1]), line[2].ljust(widths[2]),
+                                   line[3]]))  # fmt: skip
+            continue
+        cells = [c.ljust(w) if i in (1, 2) else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))]
+        text.append("  ".join(cells).rstrip())
+        if k == 0:
+            text.append("  ".join("-" * w for w in widths))
+    return "\n".join(text)

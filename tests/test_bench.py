@@ -1,0 +1,93 @@
+"""`kvsieve bench`: measured rows for every method and length, ratios to the full cache, skips beyond the window,
+clear errors. Timings themselves are never asserted (they live in benchmarks and docs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import tiny_llama_for
+from kvsieve.bench import bench, bench_runs, format_bench, prompt_ids
+from kvsieve.cli import main
+
+WINDOW = 512
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm2_tokenizer):
+    return tiny_llama_for(smollm2_tokenizer, WINDOW), smollm2_tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_prompt_is_public_domain_text_of_the_exact_length(smollm2_tokenizer):
+    ids = prompt_ids(smollm2_tokenizer, 300)
+    assert len(ids) == 300 and ids == prompt_ids(smollm2_tokenizer, 600)[:300]
+    assert smollm2_tokenizer.decode(ids[:6]).lstrip().startswith("In the beginning God created")
+    many = prompt_ids(smollm2_tokenizer, 600_000)  # longer than the texts: repeated, still exact
+    assert len(many) == 600_000 and many[:300] == ids
+
+
+def test_rows_measure_every_method_and_compare_with_full(tiny):
+    model, tok = tiny
+    rows = bench(model, tok, ["snapkv", "streamingllm"], [128], budgets=[0.25, 1.0], new_tokens=4, repeats=2)
+    by = {(r.method, r.budget): r for r in rows}
+    assert list(by) == [("full", "-"), ("snapkv", "0.25"), ("snapkv", "1.0"), ("streamingllm", "0.25"),
+                        ("streamingllm", "1.0")]  # fmt: skip
+    full = by["full", "-"]
+    assert full.prefill_vs_full == 1.0 and full.decode_vs_full == 1.0 and full.same_prefix_as_full == 4
+    for row in rows:
+        assert row.status == "ok" and row.repeats == 2 and len(row.prefill_s_all) == 2 and len(row.decode_ms_all) == 2
+        assert row.prefill_s > 0 and row.decode_ms_per_token > 0 and row.kv_bytes_full == full.kv_bytes
+    # a budget of the whole prompt evicts nothing: same tokens and bytes as the full cache
+    assert by["snapkv", "1.0"].same_prefix_as_full == 4 and by["snapkv", "1.0"].kv_bytes == full.kv_bytes
+    # a quarter of the prompt: a quarter of the bytes (32 of 128 entries per layer and head), measured
+    assert by["snapkv", "0.25"].kv_bytes * 4 == full.kv_bytes
+    assert by["streamingllm", "0.25"].kv_bytes_end == by["streamingllm", "0.25"].kv_bytes  # rolling window
+    # 4 tokens: the first from the prefill, then 3 decode steps attending 32 kept + 1, 2, 3 new entries
+    assert by["snapkv", "0.25"].attended_per_step == 34.0
+    assert "snapkv" in format_bench(rows)
+
+
+def test_methods_that_cannot_extrapolate_are_skipped_beyond_the_window(tiny):
+    model, tok = tiny
+    params = {"infllm": dict(n_init=4, n_local=64, block_size=8, exc_block_size=32)}
+    rows = bench(model, tok, ["infllm"], [WINDOW], budgets=[4 + 64 + 2 * 8], params=params, new_tokens=2, repeats=1)
+    full, infllm = rows
+    assert full.status == "skipped" and "window of 512" in full.reason and full.prefill_s is None
+    assert infllm.status == "ok" and infllm.host_bytes > 0 and infllm.prefill_vs_full is None
+    assert "skipped" in format_bench(rows)
+
+
+def test_bad_arguments_name_themselves():
+    with pytest.raises(ValueError, match="new_tokens"):
+        bench_runs(["snapkv"], [128], new_tokens=0)
+    with pytest.raises(ValueError, match="repeats"):
+        bench_runs(["snapkv"], [128], repeats=0)
+    with pytest.raises(ValueError, match="Did you mean 'snapkv'"):
+        bench_runs(["snapvk"], [128])
+    with pytest.raises(ValueError, match="lengths"):
+        bench_runs(["snapkv"], [8])
+
+
+def test_command_line_writes_json(tiny, tmp_path, capsys):
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", str(tmp_path / "m"), "--methods", "h2o", "--budgets", "16", "--lengths", "64",
+            "--new-tokens", "3", "--repeats", "1", "--threads", "1", "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    record = json.loads(out.read_text())
+    assert [r["method"] for r in record["rows"]] == ["full", "h2o"] and record["env"]["torch"] == torch.__version__
+    assert record["rows"][1]["kv_bytes"] * 4 == record["rows"][0]["kv_bytes"]
+    assert "h2o" in capsys.readouterr().out
+    assert main(["bench", "--methods", "h2o", "--new-tokens", "0"]) == 2  # fails before loading any model
