@@ -26,3 +26,13 @@ def default_model():
 def smollm2_tokenizer(default_model):
     """The default model's tokenizer."""
     return default_model[1]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-tensor tests (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    a second thread only adds synchronisation, which costs milliseconds per op on a loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -12,20 +12,14 @@ from helpers import tiny_llama_for
 from kvsieve.bench import bench, bench_runs, format_bench, prompt_ids
 from kvsieve.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
+
 WINDOW = 512
 
 
 @pytest.fixture(scope="module")
 def tiny(smollm2_tokenizer):
     return tiny_llama_for(smollm2_tokenizer, WINDOW), smollm2_tokenizer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_prompt_is_public_domain_text_of_the_exact_length(smollm2_tokenizer):

@@ -20,6 +20,8 @@ from kvsieve.generate import cache_kwargs, prefill
 from kvsieve.methods.base import _REGISTRY
 from kvsieve.prefill_sharing import check_shareable, copy_cache, shared_prefill, shares_prefill
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
+
 N_CONTEXT, N_QUESTION, N_NEW = 160, 12, 6
 
 # Every method that compresses after prefill, at budgets that evict (the context is 160 tokens).
@@ -35,15 +37,6 @@ EARLY = [
 # Methods that compress after a separately fed question (its tokens are the proxies).
 LATE = [("nacl", {"budget": 40}), ("nacl", {"budget": 0.5, "seed": 3})]
 SHAREABLE = {"snapkv", "pyramidkv", "h2o", "streamingllm", "nacl", "refreshkv"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: a second thread only adds synchronisation, which costs milliseconds per op on a loaded machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=["llama", "gemma3_text"])

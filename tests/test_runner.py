@@ -29,6 +29,8 @@ from kvsieve.eval.runner import TIMING_FIELDS, RunDirError, read_rows, run_eval,
 from kvsieve.eval.tasks import DataFormatError, make_task, render
 from kvsieve.methods.base import resolve_budget
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
+
 WINDOW = 1024
 SWEEP = {
     "model": "tiny-llama",
@@ -47,15 +49,6 @@ RUNS = 5  # full + 2 methods x 2 budgets
 # rows at 256: passkey 1 sample x 2 modes, kv_retrieval 1 sample x 2 questions x 2 modes, lm 1 document; at 2048
 # no method can run, so no sample is built and each sample x mode gets one skip row
 ROWS = RUNS * (2 + 4 + 1) + RUNS * (2 + 2 + 1)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: a second thread only adds synchronisation, which costs milliseconds per op on a loaded machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from kvsieve.eval.config import EvalConfig, MethodRun
 from kvsieve.eval.runner import beyond_window_reason
 from kvsieve.eval.tasks.text import public_domain_text
 from kvsieve.generate import generate
+from kvsieve.methods.base import check_int
 from kvsieve.models import trained_window
 
 __all__ = ["BenchRow", "bench", "bench_runs", "format_bench", "machine_line", "prompt_ids"]
@@ -118,6 +119,7 @@ def bench_runs(
     params: dict[str, dict[str, Any]] | None = None,
     new_tokens: int = 32,
     repeats: int = 3,
+    chunk_size: int | None = None,
 ) -> list[MethodRun]:
     """Validate a benchmark's arguments without a model: the method runs, the full cache first."""
     config = EvalConfig(
@@ -125,10 +127,10 @@ def bench_runs(
     )
     config.normalize()
     runs = config.validate()
-    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
-        raise ValueError(f"new_tokens must be an int >= 1, got {new_tokens!r}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    check_int("new_tokens", new_tokens, 1)
+    check_int("repeats", repeats, 1)
+    if chunk_size is not None:
+        check_int("chunk_size", chunk_size, 1)
     return runs
 
 
@@ -152,9 +154,7 @@ def bench(
     reason) where the prompt plus the new tokens exceed the model's trained window. ``on_run(label)`` is called
     before each measured run.
     """
-    runs = bench_runs(methods, lengths, budgets, params, new_tokens, repeats)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+    runs = bench_runs(methods, lengths, budgets, params, new_tokens, repeats, chunk_size)
     window = trained_window(model)
     if warmup:  # first-call costs (allocator, kernels) land here, not in the first measured method
         _measure(model, tokenizer, prompt_ids(tokenizer, min(256, min(lengths))), runs[0], 2, None)

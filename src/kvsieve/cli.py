@@ -329,7 +329,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     params = method_params(args.param, "bench")
-    bench_runs(args.methods, args.lengths, args.budgets, params, args.new_tokens, args.repeats)  # before the load
+    bench_runs(args.methods, args.lengths, args.budgets, params, args.new_tokens, args.repeats, args.chunk_size)
     model, tokenizer = kvsieve.load_model(args.model, dtype=args.dtype)
 
     def progress(label: str) -> None:
