@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ import kvsieve
 from helpers import tiny_llama_for
 from kvsieve.cli import main
 from kvsieve.eval.config import EvalConfig
-from kvsieve.eval.runner import TIMING_FIELDS, RunDirError, read_rows, run_eval, summarize
+from kvsieve.eval.runner import TIMING_FIELDS, RunDirError, read_rows, run_eval, run_rows, summarize
 from kvsieve.eval.tasks import DataFormatError, make_task, render
 from kvsieve.methods.base import resolve_budget
 
@@ -170,6 +171,61 @@ def test_interrupted_run_resumes_to_the_same_rows(reference_run, tiny, tmp_path)
     unloadable = dict(SWEEP)
     run_eval(unloadable, out, progress=False, echo=None)
     assert (out / "rows.jsonl").read_bytes() == before
+
+
+def test_shards_split_the_units_and_together_equal_one_run(reference_run, tiny, tmp_path):
+    """Three shards (one interrupted, then resumed without shards) write the rows of the unsharded run."""
+    model, tok = tiny
+    reference = {r["key"]: r for r in without_timings(read_rows(reference_run[0] / "rows.jsonl"))}
+    out = tmp_path / "run"
+    run_eval(SWEEP, out, model=model, tokenizer=tok, progress=False, echo=None, shard="0/3")
+    run_eval(SWEEP, out, model=model, tokenizer=tok, progress=False, echo=None, shard=(2, 3))
+    files = sorted(p.name for p in out.glob("rows*.jsonl"))
+    assert files == ["rows.shard-0-of-3.jsonl", "rows.shard-2-of-3.jsonl"]
+    first, third = (read_rows(out / name) for name in files)
+    assert first and third and not {r["key"] for r in first} & {r["key"] for r in third}
+    assert not json.loads((out / "summary.json").read_text())["complete"]  # shard 1 has not run
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["elapsed_s_by_writer"]) == {"shard-0-of-3", "shard-2-of-3"}
+    assert summary["elapsed_s"] == pytest.approx(sum(summary["elapsed_s_by_writer"].values()))
+    run_eval(SWEEP, out, model=model, tokenizer=tok, progress=False, echo=None)  # the rest, unsharded
+    rows = run_rows(out)
+    assert {r["key"]: r for r in without_timings(rows)} == reference and len(rows) == len(reference)
+    assert len(read_rows(out / "rows.jsonl")) == len(reference) - len(first) - len(third)
+    assert json.loads((out / "summary.json").read_text())["complete"]
+    assert run_eval(SWEEP, out, model=model, tokenizer=tok, progress=False, echo=None, shard="1/3")  # nothing to do
+    assert len(run_rows(out)) == len(reference)
+    for bad in ("3/3", "1", "a/b", (-1, 2)):
+        with pytest.raises(ValueError, match="shard must be K/N"):
+            run_eval(SWEEP, tmp_path / "bad", model=model, tokenizer=tok, progress=False, echo=None, shard=bad)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install ray)")
+def test_ray_workers_write_the_rows_of_one_run(reference_run, tiny, tmp_path, monkeypatch):
+    """``kvsieve eval --workers 2``: two Ray tasks on a local cluster, each loading the saved model."""
+    model, tok = tiny
+    model_dir = tmp_path / "tiny-llama"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({k: v for k, v in SWEEP.items() if k != "model"}))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = tmp_path / "run"
+    args = ["eval", "--config", str(config), "--model", str(model_dir), "--out", str(out), "--workers", "2"]
+    assert main(args) == 0
+    assert sorted(p.name for p in out.glob("rows*.jsonl")) == ["rows.shard-0-of-2.jsonl", "rows.shard-1-of-2.jsonl"]
+    rows = without_timings(run_rows(out))
+    reference = without_timings(read_rows(reference_run[0] / "rows.jsonl"))
+    by_key = {r["key"]: r for r in rows}
+    assert len(rows) == len(reference) and by_key.keys() == {r["key"] for r in reference}
+    for expected in reference:  # another process: perplexity and KL to float precision, the rest exactly
+        got = by_key[expected["key"]]
+        for field, value in expected.items():
+            if field in ("ppl", "nll", "kl"):
+                assert got[field] == pytest.approx(value, rel=1e-5, abs=1e-6), (expected["key"], field)
+            else:
+                assert got[field] == value, (expected["key"], field)
+    assert json.loads((out / "summary.json").read_text())["complete"]
 
 
 def test_killed_cli_run_resumes(reference_run, tiny, tmp_path):

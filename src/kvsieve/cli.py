@@ -98,6 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-share-prefill", action="store_true", help="every method runs its own prefill")
     ev.add_argument("--force", action="store_true", help="set aside the rows of a different configuration")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.add_argument(
+        "--shard",
+        default=None,
+        metavar="K/N",
+        help="run only shard K of N (units K, K+N, ...) into its own rows file; start N processes (any launcher) "
+        "on one --out to split a sweep",
+    )
+    ev.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="split the sweep into this many shards run as Ray tasks (one GPU each when there are GPUs); "
+        "RAY_ADDRESS picks a cluster, else a local one is started (pip install 'kvsieve[ray]')",
+    )
 
     bn = sub.add_parser(
         "bench",
@@ -301,8 +315,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kvsieve.eval.runner import run_eval
 
     config = EvalConfig.load(args.config, eval_overrides(args))
+    if args.workers is not None:
+        from kvsieve.eval.distributed import run_eval_ray
+
+        if args.shard is not None:
+            raise ValueError("give --workers or --shard, not both")
+        run_eval_ray(config, args.out, args.workers, force=args.force)
+        return 0
     try:
-        run_eval(config, args.out, force=args.force, progress=not args.no_progress)
+        run_eval(config, args.out, force=args.force, progress=not args.no_progress, shard=args.shard)
     except KeyboardInterrupt:
         print(f"\nkvsieve eval: interrupted; rerun the same command to resume from {args.out}", file=sys.stderr)
         return 130

@@ -3,7 +3,7 @@
 from .config import EvalConfig
 from .metrics import METRICS, score, score_sample
 from .report import write_report
-from .runner import format_summary, read_rows, run_eval, summarize
+from .runner import format_summary, read_rows, run_eval, run_rows, summarize
 from .tasks import (
     QA,
     TASKS,
@@ -40,6 +40,7 @@ __all__ = [
     "read_rows",
     "render",
     "run_eval",
+    "run_rows",
     "score",
     "score_sample",
     "summarize",

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from kvsieve.eval.config import FULL, LM_TASK
-from kvsieve.eval.runner import CONFIG, ENV, ROWS, SUMMARY, _budget_order, read_rows, summarize
+from kvsieve.eval.runner import CONFIG, ENV, SUMMARY, _budget_order, rows_files, run_rows, summarize
 
 __all__ = ["RunData", "build_report", "load_run", "write_report"]
 
@@ -46,8 +46,8 @@ class RunData:
 
 def load_run(path: str | Path) -> RunData:
     path = Path(path)
-    if not (path / ROWS).is_file():
-        raise FileNotFoundError(f"{str(path)!r} is not a kvsieve run directory (no {ROWS})")
+    if not rows_files(path):
+        raise FileNotFoundError(f"{str(path)!r} is not a kvsieve run directory (no rows.jsonl)")
 
     def read(name: str, parse: Callable[[str], Any]) -> Any:
         try:
@@ -61,7 +61,7 @@ def load_run(path: str | Path) -> RunData:
         read(CONFIG, yaml.safe_load),
         read(ENV, json.loads),
         read(SUMMARY, json.loads),
-        read_rows(path / ROWS),
+        run_rows(path),
     )
 
 
