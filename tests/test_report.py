@@ -120,11 +120,11 @@ def fixture_rows() -> list[dict]:
     return rows
 
 
-def write_run_dir(path: Path) -> Path:
+def write_run_dir(path: Path, rows: list[dict] | None = None, model: str = "smollm2-135m") -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    rows = fixture_rows()
+    rows = fixture_rows() if rows is None else rows
     config = {
-        "model": "smollm2-135m",
+        "model": model,
         "methods": list(METHODS),
         "budgets": [0.1, 0.5],
         "tasks": ["passkey", "lm"],
@@ -171,15 +171,36 @@ def test_report_is_self_contained_with_every_plot_and_table(report):
 
 
 def test_two_run_directories_and_the_command_line(tmp_path, capsys):
+    """Two models: nothing merges, every series names its run."""
     first = write_run_dir(tmp_path / "a")
-    second = write_run_dir(tmp_path / "b")
+    second = write_run_dir(tmp_path / "b", model="other-model")
     out = tmp_path / "both.html"
     assert main(["report", str(first), str(second), "--out", str(out), "--title", "two runs"]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     text = out.read_text(encoding="utf-8")
     assert "<title>two runs</title>" in text and "snapkv [a]" in text and "snapkv [b]" in text
+    assert "full [a]" in text and "full [b]" in text
     assert main(["report", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "not a kvsieve run directory" in capsys.readouterr().err
+
+
+def test_parts_of_one_sweep_merge(tmp_path):
+    """One model, methods split over two runs (each with the full reference): one full series, plain names; a
+    method run with other parameters in the second part keeps its run's name."""
+    rows = fixture_rows()
+    snap = [r for r in rows if r["method"] != "streamingllm"]
+    stream = [r for r in rows if r["method"] != "snapkv"]
+    other = [{**r, "params": {"window_size": 1}} for r in rows if r["method"] == "snapkv"]
+    runs = [
+        load_run(write_run_dir(tmp_path / "part1", snap)),
+        load_run(write_run_dir(tmp_path / "part2", stream + other)),
+    ]
+    text = build_report(runs).replace(' class="t"', "")
+    assert "full [" not in text and "streamingllm [" not in text
+    assert "snapkv [part1]" in text and "snapkv [part2]" in text
+    # the summary counts the full reference once: 6 passkey rows per mode and method (2 lengths x 3 depths)
+    assert "<td>passkey</td><td>query_aware</td><td>full</td><td>-</td><td>6</td><td>1.000</td>" in text
+    assert "<td>passkey</td><td>query_aware</td><td>streamingllm</td><td>0.1</td><td>6</td><td>0.333</td>" in text
 
 
 def test_report_of_a_run_in_progress(tmp_path):

@@ -137,8 +137,31 @@ def _colors(names: Sequence[str]) -> dict[str, Any]:
     return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
 
 
-def _series_name(row: dict[str, Any], several: bool) -> str:
-    return f"{row['method']} [{row['_run']}]" if several else row["method"]
+def _merge_runs(runs: Sequence[RunData]) -> list[dict[str, Any]]:
+    """Every run's rows, each with its ``series`` (the name plotted) and ``_run``.
+
+    Runs of one model and dtype are one sweep split in parts: a row whose key and parameters appeared in an earlier
+    run is the same computation (the full-cache reference of every part) and is kept once, and a method keeps its
+    plain name unless it ran with different parameters in different runs (then ``method [run]``). Runs of
+    different models are never merged: every series is ``method [run]``.
+    """
+    one_model = len({(run.config.get("model"), run.config.get("dtype")) for run in runs}) == 1
+    variants: dict[str, set[str]] = {}
+    for run in runs:
+        for row in run.rows:
+            variants.setdefault(row["method"], set()).add(json.dumps(row.get("params") or {}, sort_keys=True))
+    merged, seen = [], set()
+    for run in runs:
+        for row in run.rows:
+            params = json.dumps(row.get("params") or {}, sort_keys=True)
+            if one_model and (row["key"], params) in seen:
+                continue
+            seen.add((row["key"], params))
+            plain = len(runs) == 1 or (one_model and len(variants[row["method"]]) == 1)
+            merged.append(
+                {**row, "_run": run.name, "series": row["method"] if plain else f"{row['method']} [{run.name}]"}
+            )
+    return merged
 
 
 # ----------------------------------------------------------------------------------------------- sections
@@ -183,8 +206,8 @@ def _score_section(task: str, groups: list[dict[str, Any]], colors: dict[str, An
         if field in ("score", "retention") and not is_lm:
             ax.set_ylim(-0.05, max([1.05, *((g.get(field) or 0) + 0.05 for g in compressed)]))
     handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        axes[-1].legend(handles, labels, fontsize=7, loc="best")
+    if handles:  # beside the panels, never over the lines
+        fig.legend(handles, labels, fontsize=7, loc="outside right upper")
     fig.suptitle(f"{task}: black lines = full cache", fontsize=10)
     header = ["mode", "method", "budget", "n", "score", "retention", "skipped"]
     if is_lm:
@@ -198,15 +221,15 @@ def _score_section(task: str, groups: list[dict[str, Any]], colors: dict[str, An
     return _img(fig, f"{task} score vs budget") + _table(header, rows)
 
 
-def _heatmap_section(task: str, rows: list[dict[str, Any]], several: bool) -> str:
+def _heatmap_section(task: str, rows: list[dict[str, Any]]) -> str:
     """Mean score per (needle depth, prompt length), one heatmap per method, budget and mode."""
     ok = [r for r in rows if r.get("status") == "ok" and r.get("depth") is not None]
     if not ok:
         return ""
     depths = sorted({round(float(r["depth"]), 4) for r in ok})
     lengths = sorted({int(r["length"]) for r in ok})
-    cells = _by(ok, lambda r: (r["mode"], _series_name(r, several), r["budget"]))
-    order = list(dict.fromkeys(_series_name(r, several) for r in rows))  # the sweep's method order
+    cells = _by(ok, lambda r: (r["mode"], r["series"], r["budget"]))
+    order = list(dict.fromkeys(r["series"] for r in rows))  # the sweep's method order
     keys = sorted(cells, key=lambda k: (k[0], k[1].split(" [")[0] != FULL, order.index(k[1]), _budget_order(k[2])))
     n_cols = min(4, len(keys))
     n_rows = math.ceil(len(keys) / n_cols)
@@ -242,13 +265,13 @@ def _heatmap_section(task: str, rows: list[dict[str, Any]], several: bool) -> st
     return _img(fig, f"{task} needle heatmaps") + _table(header, table)
 
 
-def _cost_section(rows: list[dict[str, Any]], several: bool, colors: dict[str, Any]) -> str:
+def _cost_section(rows: list[dict[str, Any]], colors: dict[str, Any]) -> str:
     """KV bytes, prefill time and decode time per method and budget, one bar per prompt length."""
     ok = [r for r in rows if r.get("status") == "ok"]
     if not ok:
         return ""
     lengths = sorted({int(r["length"]) for r in ok})
-    per = _by(ok, lambda r: (_series_name(r, several), r["budget"], int(r["length"])))
+    per = _by(ok, lambda r: (r["series"], r["budget"], int(r["length"])))
     columns = sorted(
         {(s, b) for s, b, _ in per}, key=lambda k: (k[0] != FULL, list(colors).index(k[0]), _budget_order(k[1]))
     )
@@ -388,12 +411,8 @@ def _meta_section(runs: Sequence[RunData]) -> str:
 
 def build_report(runs: Sequence[RunData], title: str | None = None) -> str:
     """The HTML page for ``runs`` (one or more run directories)."""
-    several = len(runs) > 1
-    rows: list[dict[str, Any]] = []
-    for run in runs:
-        for row in run.rows:
-            rows.append({**row, "_run": run.name})
-    series_names = list(dict.fromkeys(_series_name(r, several) for r in rows))
+    rows = _merge_runs(runs)
+    series_names = list(dict.fromkeys(r["series"] for r in rows))
     series_names.sort(key=lambda s: s.split(" [")[0] != FULL)
     colors = _colors(series_names)
     title = title or "kvsieve evaluation: " + ", ".join(run.name for run in runs)
@@ -405,11 +424,11 @@ def build_report(runs: Sequence[RunData], title: str | None = None) -> str:
         "seconds until the first new token's logits (a shared prefill is apportioned: the common forward plus the "
         "method's own scoring and compression).</p>"
     )
-    groups = []
-    for run in runs:
-        for g in summarize(run.rows):
-            series = f"{g['method']} [{run.name}]" if several else g["method"]
-            groups.append({**g, "series": series, "method_key": g["method"]})
+    method_of = {r["series"]: r["method"] for r in rows}
+    groups = [
+        {**g, "series": g["method"], "method_key": method_of[g["method"]]}
+        for g in summarize([{**r, "method": r["series"]} for r in rows])
+    ]
     tasks = list(dict.fromkeys(g["task"] for g in groups))
     body.append("<h2>Summary</h2>")
     body.append(
@@ -442,13 +461,13 @@ def build_report(runs: Sequence[RunData], title: str | None = None) -> str:
     for task in tasks:
         if task == LM_TASK:
             continue
-        section = _heatmap_section(task, [r for r in rows if r["task"] == task], several)
+        section = _heatmap_section(task, [r for r in rows if r["task"] == task])
         if section:
             heatmaps.append(f"<h3>{html.escape(task)}</h3>" + section)
     if heatmaps:
         body.append("<h2>Needle in a haystack: depth x length</h2>")
         body.extend(heatmaps)
-    cost = _cost_section(rows, several, colors)
+    cost = _cost_section(rows, colors)
     if cost:
         body.append("<h2>KV memory and latency</h2>")
         body.append(cost)
