@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from kvsieve.cli import main
-from kvsieve.eval.report import build_report, load_run, write_report
+from kvsieve.eval.report import build_report, load_run, summary_markdown, write_report
 from kvsieve.eval.runner import summarize
 
 METHODS = {"full": ["-"], "snapkv": ["0.1", "0.5"], "streamingllm": ["0.1", "0.5"]}
@@ -263,3 +263,18 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     broken.write_text(re.sub(r"base64,[A-Za-z0-9+/=]{64}", "base64,AAAA", report.read_text(), count=1))
     result = _chromium(broken, tmp_path / "broken.png", tmp_path / "profile2")
     assert any("image failed" in line for line in _console_messages(result.stderr)), result.stderr[-2000:]
+
+
+def test_markdown_summary_has_scores_and_retention_by_budget(tmp_path):
+    run = write_run_dir(tmp_path / "sweep")
+    text = summary_markdown([load_run(run)])
+    assert text.startswith("**passkey**") and "**lm**" in text
+    header = "| length | mode | method | n | no budget (full) | 0.1 | 0.5 |"
+    assert header in text
+    # StreamingLLM keeps only the recent needle (depth 100%): 1 of 3 depths, retention 1/3 of the full cache's
+    assert "| 512 | query_aware | streamingllm | 3 |  | 0.33 (33%) | 0.33 (33%) |" in text
+    assert "| 1024 | query_aware | full | 3 | 1.00 (100%) |  |  |" in text
+    assert "| 1024 | lm | snapkv | 1 |  | 31.70 (KL 0.270) | 22.97 (KL 0.150) |" in text
+    out = tmp_path / "summary.md"
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html"), "--markdown", str(out)]) == 0
+    assert out.read_text() == text

@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dirs", nargs="+", metavar="DIR", help="run directories written by kvsieve eval")
     rep.add_argument("--out", default="report.html", help="the HTML file to write (default: report.html)")
     rep.add_argument("--title", default=None)
+    rep.add_argument(
+        "--markdown", default=None, metavar="FILE", help="also write per-task tables (score and retention by budget)"
+    )
     return parser
 
 
@@ -333,8 +336,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from kvsieve.eval.report import write_report
 
-    path = write_report(args.run_dirs, args.out, title=args.title)
-    print(f"kvsieve report: wrote {path}")
+    path = write_report(args.run_dirs, args.out, title=args.title, markdown=args.markdown)
+    print(f"kvsieve report: wrote {path}" + (f" and {args.markdown}" if args.markdown else ""))
     return 0
 
 

@@ -26,7 +26,7 @@ import yaml
 from kvsieve.eval.config import FULL, LM_TASK
 from kvsieve.eval.runner import CONFIG, ENV, SUMMARY, _budget_order, rows_files, run_rows, summarize
 
-__all__ = ["RunData", "build_report", "load_run", "write_report"]
+__all__ = ["RunData", "build_report", "load_run", "summary_markdown", "write_report"]
 
 MODE_STYLES = {"query_aware": "-", "query_agnostic": "--", "lm": "-"}
 MODE_MARKERS = {"query_aware": "o", "query_agnostic": "s", "lm": "o"}
@@ -409,6 +409,54 @@ def _meta_section(runs: Sequence[RunData]) -> str:
     return "\n".join(parts)
 
 
+def _groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`summarize` over merged rows, per series (``method`` is the series name, ``method_key`` the method)."""
+    method_of = {r["series"]: r["method"] for r in rows}
+    return [
+        {**g, "series": g["method"], "method_key": method_of[g["method"]]}
+        for g in summarize([{**r, "method": r["series"]} for r in rows])
+    ]
+
+
+def summary_markdown(runs: Sequence[RunData]) -> str:
+    """Per task, a Markdown table: one line per prompt length, mode and method, one column per budget; a cell is
+    the mean score and, in brackets, the retention against the full cache (lm: perplexity and KL instead)."""
+    rows = _merge_runs(runs)
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        task_rows = [r for r in rows if r["task"] == task]
+        lines: dict[tuple[int, str, str], dict[str, str]] = {}
+        samples: dict[tuple[int, str, str], int] = {}
+        budgets: set[str] = set()
+        for length in sorted({int(r["length"]) for r in task_rows}):
+            for g in _groups([r for r in task_rows if int(r["length"]) == length]):
+                if not g["n"]:
+                    continue
+                if task == LM_TASK:
+                    text = f"{_fmt(g.get('ppl'), 2)} (KL {_fmt(g.get('kl'), 3)})"
+                else:
+                    text = _fmt(g["score"], 2) + ("" if g["retention"] is None else f" ({g['retention']:.0%})")
+                key = (length, g["mode"], g["series"])
+                lines.setdefault(key, {})[g["budget"]] = text
+                samples[key] = max(samples.get(key, 0), g["n"])
+                budgets.add(g["budget"])
+        columns = sorted(budgets - {"-"}, key=_budget_order)
+        header = ["length", "mode", "method", "n", "no budget (full)", *columns]
+        table = [f"**{task}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for key, by_budget in lines.items():
+            cells = [
+                str(key[0]),
+                key[1],
+                key[2],
+                str(samples[key]),
+                by_budget.get("-", ""),
+                *(by_budget.get(b, "") for b in columns),
+            ]
+            table.append("| " + " | ".join(cells) + " |")
+        out.append("\n".join(table))
+    return "\n\n".join(out) + "\n"
+
+
 def build_report(runs: Sequence[RunData], title: str | None = None) -> str:
     """The HTML page for ``runs`` (one or more run directories)."""
     rows = _merge_runs(runs)
@@ -424,11 +472,7 @@ def build_report(runs: Sequence[RunData], title: str | None = None) -> str:
         "seconds until the first new token's logits (a shared prefill is apportioned: the common forward plus the "
         "method's own scoring and compression).</p>"
     )
-    method_of = {r["series"]: r["method"] for r in rows}
-    groups = [
-        {**g, "series": g["method"], "method_key": method_of[g["method"]]}
-        for g in summarize([{**r, "method": r["series"]} for r in rows])
-    ]
+    groups = _groups(rows)
     tasks = list(dict.fromkeys(g["task"] for g in groups))
     body.append("<h2>Summary</h2>")
     body.append(
@@ -481,12 +525,21 @@ def build_report(runs: Sequence[RunData], title: str | None = None) -> str:
     )
 
 
-def write_report(run_dirs: Sequence[str | Path], out: str | Path = "report.html", title: str | None = None) -> Path:
-    """Read ``run_dirs`` and write the HTML page to ``out``; returns its path."""
+def write_report(
+    run_dirs: Sequence[str | Path],
+    out: str | Path = "report.html",
+    title: str | None = None,
+    markdown: str | Path | None = None,
+) -> Path:
+    """Read ``run_dirs`` and write the HTML page to ``out`` (and `summary_markdown` to ``markdown``); returns
+    the page's path."""
     runs = [load_run(d) for d in run_dirs]
     if not any(run.rows for run in runs):
         raise ValueError(f"no rows in {', '.join(map(str, run_dirs))}: nothing to report")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(build_report(runs, title), encoding="utf-8")
+    if markdown is not None:
+        Path(markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(markdown).write_text(summary_markdown(runs), encoding="utf-8")
     return out
