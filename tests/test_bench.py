@@ -37,12 +37,12 @@ def test_rows_measure_every_method_and_compare_with_full(tiny):
     assert list(by) == [("full", "-"), ("snapkv", "0.25"), ("snapkv", "1.0"), ("streamingllm", "0.25"),
                         ("streamingllm", "1.0")]  # fmt: skip
     full = by["full", "-"]
-    assert full.prefill_vs_full == 1.0 and full.decode_vs_full == 1.0 and full.same_prefix_as_full == 4
+    assert full.prefill_ratio == 1.0 and full.decode_ratio == 1.0 and full.same_prefix_as_ref == 4
     for row in rows:
         assert row.status == "ok" and row.repeats == 2 and len(row.prefill_s_all) == 2 and len(row.decode_ms_all) == 2
         assert row.prefill_s > 0 and row.decode_ms_per_token > 0 and row.kv_bytes_full == full.kv_bytes
     # a budget of the whole prompt evicts nothing: same tokens and bytes as the full cache
-    assert by["snapkv", "1.0"].same_prefix_as_full == 4 and by["snapkv", "1.0"].kv_bytes == full.kv_bytes
+    assert by["snapkv", "1.0"].same_prefix_as_ref == 4 and by["snapkv", "1.0"].kv_bytes == full.kv_bytes
     # a quarter of the prompt: a quarter of the bytes (32 of 128 entries per layer and head), measured
     assert by["snapkv", "0.25"].kv_bytes * 4 == full.kv_bytes
     assert by["streamingllm", "0.25"].kv_bytes_end == by["streamingllm", "0.25"].kv_bytes  # rolling window
@@ -57,8 +57,16 @@ def test_methods_that_cannot_extrapolate_are_skipped_beyond_the_window(tiny):
     rows = bench(model, tok, ["infllm"], [WINDOW], budgets=[4 + 64 + 2 * 8], params=params, new_tokens=2, repeats=1)
     full, infllm = rows
     assert full.status == "skipped" and "window of 512" in full.reason and full.prefill_s is None
-    assert infllm.status == "ok" and infllm.host_bytes > 0 and infllm.prefill_vs_full is None
+    assert infllm.status == "ok" and infllm.host_bytes > 0 and infllm.prefill_ratio is None
     assert "skipped" in format_bench(rows)
+    # beyond the window the ratios compare with another method: its first budget
+    rows = bench(model, tok, ["infllm"], [WINDOW], budgets=[84, 92], params=params, new_tokens=2, repeats=2,
+                 reference="infllm")  # fmt: skip
+    _, two, three = rows
+    assert two.reference == three.reference == "infllm 84" and two.prefill_ratio == 1.0 and three.prefill_ratio > 0
+    assert two.same_prefix_as_ref == 2 and three.attended_per_step > two.attended_per_step  # 3 blocks against 2
+    with pytest.raises(ValueError, match="reference 'snapkv' is not among"):
+        bench(model, tok, ["infllm"], [64], budgets=[84], params=params, reference="snapkv")
 
 
 def test_bad_arguments_name_themselves():

@@ -3,7 +3,8 @@
 Every method prefills the same public-domain prompt (``kvsieve/data``: KJV Genesis/Exodus, then Paradise Lost,
 repeated if a length needs more) through `kvsieve.generate` and decodes ``new_tokens`` greedily without stopping
 at EOS. Methods run interleaved, repetition by repetition, so that drift on a shared machine hits them alike;
-ratios to the full cache are taken pair by pair within a repetition and their median is reported. Memory comes
+ratios to a reference (the full cache unless told otherwise) are taken pair by pair within a repetition, and
+their median is reported. Memory comes
 from the cache's tensors (`GenerationStats`) and, on CUDA, from the allocator's peak during each run.
 
 Timings are the clock around the model's forwards (`GenerationStats.prefill_s`, ``decode_s_per_token``), so
@@ -44,16 +45,17 @@ class BenchRow:
     status: str = "ok"  # or "skipped"
     reason: str | None = None
     prefill_s: float | None = None
-    prefill_vs_full: float | None = None  # median over repetitions of prefill_s / full's prefill_s
+    prefill_ratio: float | None = None  # median over repetitions of prefill_s / the reference's, same repetition
     decode_ms_per_token: float | None = None
-    decode_vs_full: float | None = None
+    decode_ratio: float | None = None
+    reference: str | None = None  # the run the ratios compare with (default: the full cache)
     kv_bytes: int | None = None  # K/V held right after prefill (and compression)
     kv_bytes_end: int | None = None  # at the end of decoding
     kv_bytes_full: int | None = None  # the same layers with the whole prompt
     host_bytes: int | None = None  # blocks kept off the device (InfLLM, ActQKV)
     device_peak_bytes: int | None = None  # CUDA allocator peak during the run (model weights included)
     attended_per_step: float | None = None
-    same_prefix_as_full: int | None = None  # leading generated tokens equal to the full cache's
+    same_prefix_as_ref: int | None = None  # leading generated tokens equal to the reference's
     prefill_s_all: list[float] = field(default_factory=list)
     decode_ms_all: list[float] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
@@ -146,15 +148,20 @@ def bench(
     chunk_size: int | None = None,
     warmup: bool = True,
     on_run: Callable[[str], None] | None = None,
+    reference: str = "full",
 ) -> list[BenchRow]:
     """Measure every method (at every budget; the full cache always, first) at every prompt length.
 
     ``methods``: registered names; ``budgets`` apply to each method that has a budget; ``params``:
     ``{method: {parameter: value}}``. A method that cannot extrapolate is skipped (status ``"skipped"``, with the
-    reason) where the prompt plus the new tokens exceed the model's trained window. ``on_run(label)`` is called
-    before each measured run.
+    reason) where the prompt plus the new tokens exceed the model's trained window. ``reference``: the method
+    (its first budget) that ratios and the same-prefix count compare with, e.g. ``infllm-2k`` beyond the window.
+    ``on_run(label)`` is called before each measured run.
     """
     runs = bench_runs(methods, lengths, budgets, params, new_tokens, repeats, chunk_size)
+    ref_run = next((r for r in runs if r.name == reference), None)
+    if ref_run is None:
+        raise ValueError(f"reference {reference!r} is not among the benchmarked methods {[r.name for r in runs]}")
     window = trained_window(model)
     if warmup:  # first-call costs (allocator, kernels) land here, not in the first measured method
         _measure(model, tokenizer, prompt_ids(tokenizer, min(256, min(lengths))), runs[0], 2, None)
@@ -177,14 +184,14 @@ def bench(
                 if on_run is not None:
                     on_run(f"{run.name} {run.label} L{n} ({rep + 1}/{repeats})")
                 measured[id(run)].append(_measure(model, tokenizer, ids, run, new_tokens, chunk_size))
-        full = next((measured[id(r)] for r in live if r.is_full), None)
+        ref = measured.get(id(ref_run))
         for run in live:
             ms = measured[id(run)]
             first = ms[0]
             same = None
-            if full is not None:
-                ref = full[0]["tokens"]
-                same = next((i for i, (a, b) in enumerate(zip(first["tokens"], ref)) if a != b), len(ref))
+            if ref is not None:
+                tokens = ref[0]["tokens"]
+                same = next((i for i, (a, b) in enumerate(zip(first["tokens"], tokens)) if a != b), len(tokens))
             prefill = [m["prefill_s"] for m in ms]
             decode = [m["decode_ms"] for m in ms]
             rows.append(
@@ -195,16 +202,17 @@ def bench(
                     new_tokens,
                     repeats,
                     prefill_s=_median(prefill),
-                    prefill_vs_full=_ratios(prefill, None if full is None else [m["prefill_s"] for m in full]),
+                    prefill_ratio=_ratios(prefill, None if ref is None else [m["prefill_s"] for m in ref]),
                     decode_ms_per_token=_median(decode),
-                    decode_vs_full=_ratios(decode, None if full is None else [m["decode_ms"] for m in full]),
+                    decode_ratio=_ratios(decode, None if ref is None else [m["decode_ms"] for m in ref]),
+                    reference=None if ref is None else f"{ref_run.name} {ref_run.label}",
                     kv_bytes=first["kv_bytes"],
                     kv_bytes_end=first["kv_bytes_end"],
                     kv_bytes_full=first["kv_bytes_full"],
                     host_bytes=first["host_bytes"],
                     device_peak_bytes=max((m["device_peak_bytes"] or 0) for m in ms) or None,
                     attended_per_step=first["attended_per_step"],
-                    same_prefix_as_full=same,
+                    same_prefix_as_ref=same,
                     prefill_s_all=prefill,
                     decode_ms_all=[d for d in decode if d is not None],
                     params=run.method.params(),
@@ -232,7 +240,7 @@ def format_bench(rows: Sequence[BenchRow]) -> str:
     def mib(value: int | None) -> str:
         return "-" if value is None else f"{value / 2**20:.1f}"
 
-    header = ["tokens", "method", "budget", "prefill s", "x full", "decode ms/tok", "x full", "KV MiB",
+    header = ["tokens", "method", "budget", "prefill s", "x ref", "decode ms/tok", "x ref", "KV MiB",
               "KV end MiB", "host MiB", "peak MiB", "attended", "same prefix"]  # fmt: skip
     lines = [header]
     for r in rows:
@@ -241,10 +249,10 @@ def format_bench(rows: Sequence[BenchRow]) -> str:
             continue
         lines.append(
             [
-                str(r.tokens), r.method, r.budget, num(r.prefill_s, ".2f"), num(r.prefill_vs_full, ".2f", "x"),
-                num(r.decode_ms_per_token, ".1f"), num(r.decode_vs_full, ".2f", "x"), mib(r.kv_bytes),
+                str(r.tokens), r.method, r.budget, num(r.prefill_s, ".2f"), num(r.prefill_ratio, ".2f", "x"),
+                num(r.decode_ms_per_token, ".1f"), num(r.decode_ratio, ".2f", "x"), mib(r.kv_bytes),
                 mib(r.kv_bytes_end), mib(r.host_bytes), mib(r.device_peak_bytes), num(r.attended_per_step, ".0f"),
-                "-" if r.same_prefix_as_full is None else str(r.same_prefix_as_full),
+                "-" if r.same_prefix_as_ref is None else str(r.same_prefix_as_ref),
             ]
         )  # fmt: skip
     widths = [max(len(line[i]) for line in lines if len(line) == len(header)) for i in range(len(header))]

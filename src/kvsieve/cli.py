@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="prefill time, decode time per token and KV memory of methods side by side",
         description="Time methods on the same public-domain prompt, interleaved repetition by repetition; ratios to "
-        "the full cache (always run) are taken pair by pair within a repetition. Prints a table; --json writes it.",
+        "the reference (the full cache, always run, unless --reference) are taken pair by pair within a repetition. "
+        "Prints a table; --json writes it.",
     )
     _add_model_args(bn)
     bn.add_argument("--methods", type=_names, default=["snapkv"], help="comma-separated method names")
@@ -129,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--chunk-size", type=int, default=None, help="prefill this many tokens at a time")
     bn.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     bn.add_argument("--json", default=None, metavar="FILE", help="also write the rows and the machine here")
+    bn.add_argument(
+        "--reference", default="full", help="the method the ratios compare with (default: full; e.g. infllm-2k)"
+    )
 
     rep = sub.add_parser("report", help="write one self-contained HTML page of plots and tables from run directories")
     rep.add_argument("run_dirs", nargs="+", metavar="DIR", help="run directories written by kvsieve eval")
@@ -353,14 +357,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     params = method_params(args.param, "bench")
-    bench_runs(args.methods, args.lengths, args.budgets, params, args.new_tokens, args.repeats, args.chunk_size)
+    runs = bench_runs(args.methods, args.lengths, args.budgets, params, args.new_tokens, args.repeats, args.chunk_size)
+    if args.reference not in {run.name for run in runs}:
+        raise ValueError(f"--reference {args.reference!r} is not among the benchmarked methods")
     model, tokenizer = kvsieve.load_model(args.model, dtype=args.dtype)
 
     def progress(label: str) -> None:
         print(f"kvsieve bench: {label}", file=sys.stderr, flush=True)
 
     rows = bench(model, tokenizer, args.methods, args.lengths, args.budgets, params, args.new_tokens, args.repeats,
-                 args.chunk_size, on_run=progress)  # fmt: skip
+                 args.chunk_size, on_run=progress, reference=args.reference)  # fmt: skip
     env = environment(model)
     print(f"kvsieve bench: {machine_line(env)}; {args.repeats} repetitions, medians")
     print(format_bench(rows))
