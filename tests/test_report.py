@@ -275,6 +275,7 @@ def test_markdown_summary_has_scores_and_retention_by_budget(tmp_path):
     assert "| 512 | query_aware | streamingllm | 3 |  | 0.33 (33%) | 0.33 (33%) |" in text
     assert "| 1024 | query_aware | full | 3 | 1.00 (100%) |  |  |" in text
     assert "| 1024 | lm | snapkv | 1 |  | 31.70 (KL 0.270) | 22.97 (KL 0.150) |" in text
+    assert "| 16384 | query_aware | snapkv | 0 |  | skipped | skipped |" in text
     out = tmp_path / "summary.md"
     assert main(["report", str(run), "--out", str(tmp_path / "r.html"), "--markdown", str(out)]) == 0
     assert out.read_text() == text

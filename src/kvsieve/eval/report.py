@@ -420,7 +420,8 @@ def _groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def summary_markdown(runs: Sequence[RunData]) -> str:
     """Per task, a Markdown table: one line per prompt length, mode and method, one column per budget; a cell is
-    the mean score and, in brackets, the retention against the full cache (lm: perplexity and KL instead)."""
+    the mean score and, in brackets, the retention against the full cache (lm: perplexity and KL instead); a
+    method that could not run there (beyond the model's window) shows ``skipped``."""
     rows = _merge_runs(runs)
     out = []
     for task in dict.fromkeys(r["task"] for r in rows):
@@ -430,9 +431,11 @@ def summary_markdown(runs: Sequence[RunData]) -> str:
         budgets: set[str] = set()
         for length in sorted({int(r["length"]) for r in task_rows}):
             for g in _groups([r for r in task_rows if int(r["length"]) == length]):
-                if not g["n"]:
+                if not g["n"] and not g["skipped"]:
                     continue
-                if task == LM_TASK:
+                if not g["n"]:
+                    text = "skipped"  # beyond the model's window, and the method cannot extrapolate
+                elif task == LM_TASK:
                     text = f"{_fmt(g.get('ppl'), 2)} (KL {_fmt(g.get('kl'), 3)})"
                 else:
                     text = _fmt(g["score"], 2) + ("" if g["retention"] is None else f" ({g['retention']:.0%})")
