@@ -16,6 +16,7 @@ import kvsieve
 from helpers import TINY_CONFIGS, IdTokenizer, greedy_with_logits, masked_reference, random_ids, tiny_model, traces_of
 from kvsieve.cache import SieveCache, SieveLayer
 from kvsieve.generate import cache_kwargs
+from kvsieve.methods.base import Phase
 
 N_PROMPT, N_NEW = 48, 10
 # Rolling methods (StreamingLLM, H2O) hold the cap during decode too: "nothing evicted" needs room for every token.
@@ -194,3 +195,44 @@ def test_batch_of_equal_length_prompts_equals_each_prompt_alone(name):
     together = run(prompts)
     for row in range(2):
         assert torch.equal(together[row], run(prompts[row : row + 1])[0])
+
+
+DROP_METHODS = {
+    "full": {},
+    "snapkv": dict(budget=16),
+    "h2o": dict(budget=16),
+    "nacl": dict(budget=16),
+    "refreshkv": dict(budget=16),
+    "infllm": dict(n_init=4, n_local=32, block_size=8, exc_block_size=16, topk=2),
+    "actqkv": dict(n_init=4, n_local=32, block_size=8, exc_block_size=16, topk=2, min_blocks=1),
+}
+
+
+@pytest.mark.parametrize("name", DROP_METHODS)
+def test_a_dropped_cache_is_freed_at_once(name):
+    """No reference cycle through a cache: its tensors go when the last reference does, not whenever Python's
+    cyclic collector runs (a sweep of 25 caches per sample grew by GBs before layers stopped pointing back)."""
+    import copy
+    import gc
+    import weakref
+
+    model = tiny_model("llama")
+    ids = torch.tensor([random_ids(100)])
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        cache = SieveCache(model, kvsieve.method(name, **DROP_METHODS[name]))
+        with torch.inference_mode():
+            model(input_ids=ids, **cache_kwargs(model, cache))
+            cache.phase = Phase.DECODE  # set through the cache, read by every layer
+            assert all(layer.phase is Phase.DECODE for layer in cache.sieve_layers)
+            model(input_ids=ids[:, :1], **cache_kwargs(model, cache))
+        copied = copy.deepcopy(cache)  # copies stay independent: their layers answer to the copy alone
+        copied.phase = None
+        assert cache.phase is Phase.DECODE and copied.phase is None
+        refs = [weakref.ref(cache), weakref.ref(copied)]
+        del cache, copied
+        assert all(ref() is None for ref in refs)
+    finally:
+        if enabled:
+            gc.enable()

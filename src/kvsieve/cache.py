@@ -34,10 +34,13 @@ class SieveLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, policy, cache: SieveCache) -> None:
+    def __init__(self, policy, trace: bool = False) -> None:
         super().__init__()
         self.policy = policy
-        self.cache = cache
+        # Set by the owning SieveCache (no reference back to it: a cycle would keep every dropped cache's tensors
+        # alive until Python's cyclic collector happens to run).
+        self.phase: Phase | None = None  # None: automatic (the first forward is the prompt)
+        self.question_span: tuple[int, int] | None = None
         self.seen = 0  # logical tokens seen (prompt + generated), whatever is stored
         self._phase = Phase.DECODE
         self._first_position = 0
@@ -47,7 +50,7 @@ class SieveLayer(CacheLayerMixin):
         self.stored_after_prefill: int | None = None
         self.bytes_after_prefill: int | None = None
         self.bytes_before_compress: int | None = None
-        self.trace: list[torch.Tensor] | None = [] if cache.trace else None
+        self.trace: list[torch.Tensor] | None = [] if trace else None
 
     # ------------------------------------------------------------------------------ CacheLayerMixin API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -58,7 +61,7 @@ class SieveLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
-        self._phase = self.cache.phase_for(self, q)
+        self._phase = self.phase if self.phase is not None else Phase.PREFILL_LAST if self.seen == 0 else Phase.DECODE
         self._first_position = self.seen
         keys, values = self.policy.update(key_states, value_states, self.seen, self._phase)
         self.seen += q
@@ -121,7 +124,7 @@ class SieveLayer(CacheLayerMixin):
             seen=self.seen,
             kwargs=kwargs,
             record=self._record,
-            question_span=self.cache.question_span,
+            question_span=self.question_span,
         )
         if self._phase is not Phase.DECODE:
             self.policy.observe(call)
@@ -160,8 +163,6 @@ class SieveCache(Cache):
         check_supported(text_config)
         self.method = method if method is not None else make_method("full")
         self.trace = trace
-        self.phase: Phase | None = None  # None: automatic (model.generate); else set by kvsieve.generate
-        self.question_span: tuple[int, int] | None = None  # logical [start, end) of a separately fed question
         self.shared: dict[str, Any] = {}  # per-cache state that a method shares across its layers (LayerInfo.shared)
         n_layers = text_config.num_hidden_layers
         n_heads = text_config.num_attention_heads
@@ -174,17 +175,35 @@ class SieveCache(Cache):
                 layers.append(DynamicSlidingWindowLayer(sliding_window=text_config.sliding_window))
             elif kind == "full_attention":
                 info = LayerInfo(idx, n_layers, n_heads, n_kv, head_dim, text_config, shared=self.shared)
-                layers.append(SieveLayer(self.method.make_policy(info, reserve), self))
+                layers.append(SieveLayer(self.method.make_policy(info, reserve), trace))
             else:
                 raise UnsupportedModelError(f"layer type {kind!r} (layer {idx}) is not supported by kvsieve")
         super().__init__(layers=layers)
         if isinstance(model_or_config, torch.nn.Module):
             use_sieve_attention(model_or_config)
 
-    def phase_for(self, layer: SieveLayer, n_new: int) -> Phase:
-        if self.phase is not None:
-            return self.phase
-        return Phase.PREFILL_LAST if layer.seen == 0 else Phase.DECODE
+    @property
+    def phase(self) -> Phase | None:
+        """The phase of the next forward for every layer; None: automatic (``model.generate``: the first forward
+        is the whole prompt). Set by `kvsieve.generate` for chunked prefill and question chunks."""
+        layers = self.sieve_layers
+        return layers[0].phase if layers else None
+
+    @phase.setter
+    def phase(self, phase: Phase | None) -> None:
+        for layer in self.sieve_layers:
+            layer.phase = phase
+
+    @property
+    def question_span(self) -> tuple[int, int] | None:
+        """Logical ``[start, end)`` of a question fed after the compressed context (None: none)."""
+        layers = self.sieve_layers
+        return layers[0].question_span if layers else None
+
+    @question_span.setter
+    def question_span(self, span: tuple[int, int] | None) -> None:
+        for layer in self.sieve_layers:
+            layer.question_span = span
 
     @property
     def sieve_layers(self) -> list[SieveLayer]:

@@ -77,8 +77,8 @@ class _FanOutLayer(SieveLayer):
     """The full cache's layer during a shared prefill: stores the prompt once, lets every participant observe and
     compress it. After the prompt it is a plain full-cache `SieveLayer`."""
 
-    def __init__(self, policy: LayerPolicy, cache: SieveCache, index: int, participants: list[_Participant]):
-        super().__init__(policy, cache)
+    def __init__(self, policy: LayerPolicy, trace: bool, index: int, participants: list[_Participant]):
+        super().__init__(policy, trace)
         self.index = index
         self.participants = participants
 
@@ -99,7 +99,7 @@ class _FanOutLayer(SieveLayer):
             seen=self.seen,
             kwargs=kwargs,
             record=target._record,
-            question_span=self.cache.question_span,
+            question_span=self.question_span,
         )
 
     def attend(self, module, query, keys, values, scaling, kwargs):
@@ -193,7 +193,7 @@ def shared_prefill(
     full = SieveCache(model, make_method("full"), reserve=reserve, trace=trace)
     for index, layer in enumerate(full.layers):
         if isinstance(layer, SieveLayer):
-            full.layers[index] = _FanOutLayer(layer.policy, full, index, participants)
+            full.layers[index] = _FanOutLayer(layer.policy, trace, index, participants)
 
     late = bool(question_ids) and bool(methods) and bool(methods[0].compress_after_question)
     _sync(device)
