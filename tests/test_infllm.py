@@ -308,6 +308,9 @@ def test_stats_and_generate():
     assert layer["retrieved_blocks_decode_mean"] == 3 and layer["host_blocks"] > 10
     assert out.stats.kv_bytes_end == sum(entry["device_bytes"] for entry in out.stats.layers)
     assert 0 < out.stats.kv_bytes < sum(entry["host_bytes"] for entry in out.stats.layers)
+    # the comparison is with a plain cache of the whole prompt, not with what the device holds
+    n_layers, n_kv = model.config.num_hidden_layers, model.config.num_key_value_heads
+    assert out.stats.kv_bytes_full == n_layers * 100 * 2 * n_kv * 16 * 4
     bs = SMALL["block_size"]
     budget = SMALL["n_init"] + SMALL["n_local"] + SMALL["topk"] * bs
     assert budget <= out.stats.attended_per_step <= budget + bs

@@ -42,6 +42,7 @@ class SieveLayer(CacheLayerMixin):
         self.phase: Phase | None = None  # None: automatic (the first forward is the prompt)
         self.question_span: tuple[int, int] | None = None
         self.seen = 0  # logical tokens seen (prompt + generated), whatever is stored
+        self.token_bytes = 0  # K + V bytes of one token in a plain cache (all batch rows and KV heads)
         self._phase = Phase.DECODE
         self._first_position = 0
         # measured, for statistics
@@ -55,7 +56,15 @@ class SieveLayer(CacheLayerMixin):
     # ------------------------------------------------------------------------------ CacheLayerMixin API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        rows = key_states.shape[0] * key_states.shape[1]  # batch x KV heads
+        k_bytes = key_states.shape[-1] * key_states.element_size()
+        self.token_bytes = rows * (k_bytes + value_states.shape[-1] * value_states.element_size())
         self.is_initialized = True
+
+    def uncompressed_bytes(self) -> int:
+        """Bytes a plain cache would hold for the tokens seen: the reference every method's memory is compared
+        with, including methods whose device cache never held the whole prompt (InfLLM's block memory)."""
+        return self.seen * self.token_bytes
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -130,7 +139,7 @@ class SieveLayer(CacheLayerMixin):
             self.policy.observe(call)
         out = self.policy.attend(call)
         if self._phase is Phase.PREFILL_LAST:
-            self.bytes_before_compress = self.policy.kv_bytes()
+            self.bytes_before_compress = self.uncompressed_bytes()
             self.policy.compress(call)
             self.stored_after_prefill = self.policy.stored_length()
             self.bytes_after_prefill = self.policy.kv_bytes()

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from kvsieve.cache import SieveCache, layer_kv_bytes, stored_entries
+from kvsieve.cache import SieveCache, SieveLayer, layer_kv_bytes, stored_entries
 from kvsieve.methods.base import Method, Phase, check_float, check_int
 from kvsieve.methods.base import method as make_method
 
@@ -310,10 +310,10 @@ def kv_snapshot(cache: SieveCache) -> dict[str, Any]:
             stored.append(layer.stored_after_prefill)
             held += layer.bytes_after_prefill
             full += layer.bytes_before_compress
-        else:  # built-in layers (sliding window) and layers never compressed
+        else:  # layers that do not compress once at the prompt's end, and built-in (sliding window) layers
             stored.append(stored_entries(layer))
             held += layer_kv_bytes(layer)
-            full += layer_kv_bytes(layer)
+            full += layer.uncompressed_bytes() if isinstance(layer, SieveLayer) else layer_kv_bytes(layer)
     return {"stored": stored, "bytes": held, "bytes_full": full}
 
 

@@ -129,7 +129,7 @@ class _FanOutLayer(SieveLayer):
         target.attended_total, target.attend_calls = self.attended_total, self.attend_calls
         if target.trace is not None and self.trace is not None:
             target.trace = [t.clone() for t in self.trace]
-        target.bytes_before_compress = target.policy.kv_bytes()
+        target.bytes_before_compress = target.uncompressed_bytes()
         target.policy.compress(self._call(target, module, query, scaling, kwargs))
         target.stored_after_prefill = target.policy.stored_length()
         target.bytes_after_prefill = target.policy.kv_bytes()
