@@ -187,10 +187,11 @@ def test_two_run_directories_and_the_command_line(tmp_path, capsys):
 def test_parts_of_one_sweep_merge(tmp_path):
     """One model, methods split over two runs (each with the full reference): one full series, plain names; a
     method run with other parameters in the second part keeps its run's name."""
-    rows = fixture_rows()
+    # as the runner writes them: a row's parameters include its budget
+    rows = [{**r, "params": {} if r["budget"] == "-" else {"budget": float(r["budget"])}} for r in fixture_rows()]
     snap = [r for r in rows if r["method"] != "streamingllm"]
     stream = [r for r in rows if r["method"] != "snapkv"]
-    other = [{**r, "params": {"window_size": 1}} for r in rows if r["method"] == "snapkv"]
+    other = [{**r, "params": {**r["params"], "window_size": 1}} for r in rows if r["method"] == "snapkv"]
     runs = [
         load_run(write_run_dir(tmp_path / "part1", snap)),
         load_run(write_run_dir(tmp_path / "part2", stream + other)),

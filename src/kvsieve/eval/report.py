@@ -146,10 +146,11 @@ def _merge_runs(runs: Sequence[RunData]) -> list[dict[str, Any]]:
     different models are never merged: every series is ``method [run]``.
     """
     one_model = len({(run.config.get("model"), run.config.get("dtype")) for run in runs}) == 1
-    variants: dict[str, set[str]] = {}
+    variants: dict[str, set[str]] = {}  # per method, its parameter sets apart from the budget (a sweep axis)
     for run in runs:
         for row in run.rows:
-            variants.setdefault(row["method"], set()).add(json.dumps(row.get("params") or {}, sort_keys=True))
+            params = {k: v for k, v in (row.get("params") or {}).items() if k != "budget"}
+            variants.setdefault(row["method"], set()).add(json.dumps(params, sort_keys=True))
     merged, seen = [], set()
     for run in runs:
         for row in run.rows:
