@@ -8,7 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import kvsieve
 from helpers import tiny_model
-from kvsieve.generate import encode_prompt
+from kvsieve.generate import cache_kwargs, encode_prompt
 
 
 def test_unknown_method_names_the_closest():
@@ -78,7 +78,7 @@ def test_padded_batches_are_refused_not_silently_wrong():
     mask[0, :4] = 0  # left padding
     cache = kvsieve.SieveCache(model, kvsieve.method("snapkv", budget=6, window_size=2))
     with pytest.raises(NotImplementedError, match="padded batches"):
-        model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3, do_sample=False)
+        model.generate(ids, attention_mask=mask, **cache_kwargs(model, cache), max_new_tokens=3, do_sample=False)
 
 
 def test_methods_lists_the_baselines_with_defaults():
