@@ -39,7 +39,7 @@ class GenerationStats:
     kv_stored_tokens: float  # mean over layers of the entries per KV head stored right after compression
     kv_stored_tokens_per_layer: list[int]
     kv_bytes: int  # bytes of K/V held right after compression (before a question chunk and decoding)
-    kv_bytes_full: int  # bytes the same layers held for the uncompressed prompt (measured before compressing)
+    kv_bytes_full: int  # bytes a plain cache holds for the same prompt in the same layers (tokens x bytes/token)
     kv_bytes_end: int  # bytes of K/V held at the end of generation
     attended_per_step: float | None  # mean entries per KV head attended by a decode step, over layers
     prefill_s: float
@@ -302,8 +302,9 @@ def _chunks(ids: list[int], size: int | None) -> list[list[int]]:
 
 
 def kv_snapshot(cache: SieveCache) -> dict[str, Any]:
-    """Stored entries per layer (``stored``), bytes held (``bytes``) and bytes the same layers held for the
-    uncompressed prompt (``bytes_full``), right after compression (before any question chunk or decoding)."""
+    """Stored entries per layer (``stored``), bytes held (``bytes``) and bytes a plain cache would hold for the
+    same tokens in the same layers (``bytes_full``), right after compression (before any question chunk or
+    decoding). For InfLLM/ActQKV ``bytes`` is what sits on the device, their host store apart."""
     stored, held, full = [], 0, 0
     for layer in cache.layers:
         if getattr(layer, "stored_after_prefill", None) is not None:
