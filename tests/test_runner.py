@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -195,8 +196,8 @@ def test_shards_split_the_units_and_together_equal_one_run(reference_run, tiny, 
     assert json.loads((out / "summary.json").read_text())["complete"]
     assert run_eval(SWEEP, out, model=model, tokenizer=tok, progress=False, echo=None, shard="1/3")  # nothing to do
     assert len(run_rows(out)) == len(reference)
-    for bad in ("3/3", "1", "a/b", (-1, 2)):
-        with pytest.raises(ValueError, match="shard must be K/N"):
+    for bad in ("3/3", "1", "a/b", (-1, 2), 3):
+        with pytest.raises(ValueError, match=rf"shard must be K/N .* got {re.escape(repr(bad))}$"):
             run_eval(SWEEP, tmp_path / "bad", model=model, tokenizer=tok, progress=False, echo=None, shard=bad)
 
 

@@ -174,17 +174,19 @@ def check_shard(shard: Any) -> tuple[int, int] | None:
     """None, or ``(k, n)`` with ``0 <= k < n``; a string ``"k/n"`` is parsed."""
     if shard is None:
         return None
+    given = shard
     if isinstance(shard, str):
         k, sep, n = shard.partition("/")
         try:
             shard = (int(k), int(n)) if sep else None
         except ValueError:
             shard = None
-        if shard is None:
-            raise ValueError(f"shard must be K/N with 0 <= K < N (e.g. 0/4), got {shard!r}")
-    k, n = shard
+    try:
+        k, n = shard
+    except (TypeError, ValueError):
+        k = n = None
     if isinstance(k, bool) or isinstance(n, bool) or not isinstance(k, int) or not isinstance(n, int) or not 0 <= k < n:
-        raise ValueError(f"shard must be K/N with 0 <= K < N (e.g. 0/4), got {k}/{n}")
+        raise ValueError(f"shard must be K/N with 0 <= K < N (e.g. 0/4), got {given!r}")
     return (k, n)
 
 
