@@ -78,6 +78,8 @@ def test_bad_arguments_name_themselves():
         bench_runs(["snapvk"], [128])
     with pytest.raises(ValueError, match="lengths"):
         bench_runs(["snapkv"], [8])
+    with pytest.raises(ValueError, match="reference 'h2o' is not among"):
+        bench_runs(["snapkv"], [128], reference="h2o")
 
 
 def test_command_line_writes_json(tiny, tmp_path, capsys):

@@ -122,6 +122,7 @@ def bench_runs(
     new_tokens: int = 32,
     repeats: int = 3,
     chunk_size: int | None = None,
+    reference: str = "full",
 ) -> list[MethodRun]:
     """Validate a benchmark's arguments without a model: the method runs, the full cache first."""
     config = EvalConfig(
@@ -133,6 +134,8 @@ def bench_runs(
     check_int("repeats", repeats, 1)
     if chunk_size is not None:
         check_int("chunk_size", chunk_size, 1)
+    if reference not in {run.name for run in runs}:
+        raise ValueError(f"reference {reference!r} is not among the benchmarked methods {[r.name for r in runs]}")
     return runs
 
 
@@ -158,10 +161,8 @@ def bench(
     (its first budget) that ratios and the same-prefix count compare with, e.g. ``infllm-2k`` beyond the window.
     ``on_run(label)`` is called before each measured run.
     """
-    runs = bench_runs(methods, lengths, budgets, params, new_tokens, repeats, chunk_size)
-    ref_run = next((r for r in runs if r.name == reference), None)
-    if ref_run is None:
-        raise ValueError(f"reference {reference!r} is not among the benchmarked methods {[r.name for r in runs]}")
+    runs = bench_runs(methods, lengths, budgets, params, new_tokens, repeats, chunk_size, reference)
+    ref_run = next(r for r in runs if r.name == reference)
     window = trained_window(model)
     if warmup:  # first-call costs (allocator, kernels) land here, not in the first measured method
         _measure(model, tokenizer, prompt_ids(tokenizer, min(256, min(lengths))), runs[0], 2, None)

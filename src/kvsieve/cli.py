@@ -357,9 +357,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     params = method_params(args.param, "bench")
-    runs = bench_runs(args.methods, args.lengths, args.budgets, params, args.new_tokens, args.repeats, args.chunk_size)
-    if args.reference not in {run.name for run in runs}:
-        raise ValueError(f"--reference {args.reference!r} is not among the benchmarked methods")
+    # every error before the model loads
+    bench_runs(args.methods, args.lengths, args.budgets, params, args.new_tokens, args.repeats, args.chunk_size,
+               args.reference)  # fmt: skip
     model, tokenizer = kvsieve.load_model(args.model, dtype=args.dtype)
 
     def progress(label: str) -> None:
