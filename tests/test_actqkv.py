@@ -21,6 +21,7 @@ from transformers import DynamicCache
 import kvsieve
 from helpers import TINY_CONFIGS, greedy_with_logits, random_ids, tiny_model
 from kvsieve.cache import SieveCache
+from kvsieve.generate import cache_kwargs
 from kvsieve.methods.actqkv import ActivationStats, BlockPool, find_span
 from kvsieve.methods.base import Phase
 from test_infllm import LOGIT_TOL, N_NEW, N_PROMPT, SMALL, _policy, passkey_prompt, run_against_reference
@@ -29,7 +30,7 @@ DYNAMIC = dict(SMALL, min_blocks=2, max_blocks=6, entropy_window=4)
 
 
 def _call(phase):
-    return type("Call", (), {"phase": phase})()
+    return type("Call", (), {"phase": phase, "question_span": None, "first_position": 0})()
 
 
 # ------------------------------------------------------------------------------------------ exactness
@@ -59,7 +60,7 @@ def test_warmup_retrieves_exactly_what_infllm_retrieves():
     ctx = random_ids(160)
     infllm = SieveCache(model, kvsieve.method("infllm", **SMALL), trace=True)
     ref_tokens, ref_logits = greedy_with_logits(model, infllm, ctx, N_NEW, chunk_size=40)
-    method = kvsieve.method("actqkv", **SMALL, similarity="dot", dynamic_topk=False)
+    method = kvsieve.method("actqkv", **SMALL, similarity="dot", dynamic_topk=False, warmup_calls=1000)
     act = SieveCache(model, method, trace=True)
     tokens, logits = greedy_with_logits(model, act, ctx, N_NEW, chunk_size=40)
     assert act.shared["actqkv"].activation.count <= method.warmup_calls  # still warming up
@@ -302,3 +303,130 @@ def test_default_model_passkey_beyond_its_window(default_model):
     )
     assert out.stats.prompt_tokens > 11_500
     assert "71432" in out.text
+
+
+# ------------------------------------------------------------------ fidelity to the released driver and code
+def _spy_windows(cache):
+    """Per layer, the (phase, window width) of every block lookup the layers make."""
+    seen = {i: [] for i in range(len(cache.sieve_layers))}
+    for i, layer in enumerate(cache.sieve_layers):
+        policy, original = layer.policy, layer.policy.select_blocks
+
+        def spy(call, q_mem, window, _original=original, _log=seen[i]):
+            _log.append((call.phase, q_mem.shape[2]))
+            return _original(call, q_mem, window)
+
+        policy.select_blocks = spy
+    return seen
+
+
+@pytest.mark.parametrize("name", ["infllm", "actqkv"])
+def test_the_last_prompt_token_gets_its_own_lookup_in_every_path(name):
+    """The released drivers prefill ``input_ids[:-1]`` and feed the last prompt token alone: its lookup reads its
+    own query. Chunked prefill, a question chunk fed after compression, and ``model.generate``."""
+    model = tiny_model("llama")
+    method = kvsieve.method(name, **(SMALL if name == "infllm" else DYNAMIC))
+    ctx, question = random_ids(61), random_ids(5, seed=3)
+    cache = SieveCache(model, method)
+    seen = _spy_windows(cache)
+    greedy_with_logits(model, cache, ctx, 3, chunk_size=20)  # chunks 20, 20, 20, 1 (the last: PREFILL_LAST)
+    widths = [w for _, w in seen[0]]
+    assert widths == [8, 8, 4] * 3 + [1, 1, 1], widths  # the 1-token last chunk, then two decode steps
+    cache = SieveCache(model, method)
+    seen = _spy_windows(cache)
+    greedy_with_logits(model, cache, ctx[:60], 2, question=question, chunk_size=30)
+    widths = [w for _, w in seen[0]]
+    assert widths == [8, 8, 8, 6] + [8, 8, 8, 5, 1] + [4, 1] + [1], widths  # context's last and question's last
+    cache = SieveCache(model, method)
+    seen = _spy_windows(cache)
+    model.generate(torch.tensor([ctx[:60]]), **cache_kwargs(model, cache), max_new_tokens=2, do_sample=False)
+    assert [w for _, w in seen[0]] == [8] * 7 + [3, 1] + [1]
+
+
+def test_the_last_tokens_own_query_finds_a_block_the_window_mean_misses():
+    """A memory of random blocks plus two planted ones: the mean of the last window's queries points at block A,
+    the last token's query at block B. Fed alone, the last token retrieves B; folded into the window it would not."""
+    policy, _ = _policy(kvsieve.method("infllm", n_init=0, n_local=8, block_size=4, topk=1, exc_block_size=8))
+    torch.manual_seed(0)
+    policy.update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16), 0, Phase.PREFILL)
+    window = torch.randn(1, 4, 9, 16) * 0.1
+    a, b = torch.randn(4, 16), torch.randn(4, 16)
+    window[:, :, :8] += a[None, :, None]  # eight queries near A
+    window[:, :, 8] += b[None] * 0.5  # the last one near B
+    for j in range(10):
+        rep = a.reshape(1, -1) if j == 2 else b.reshape(1, -1) if j == 6 else torch.randn(1, 64) * 0.1
+        policy.memory.add(torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16), rep, 8 + 4 * j)
+    call = _call(Phase.PREFILL_LAST)
+    assert policy.select_blocks(call, window, 0).tolist() == [[2]]  # the whole window's mean: A
+    assert policy.select_blocks(call, window[:, :, 8:], 1).tolist() == [[6]]  # the last token alone: B
+
+
+def test_the_question_term_acts_from_the_first_retrieving_window():
+    """Query-aware, the whole prompt in one chunk with the question at its end: the question vector is read ahead
+    from the chunk and steers the first window that retrieves (it used to be built after the last window)."""
+    model = tiny_model("llama")
+    ctx = random_ids(96)
+    span = (88, 96)
+    runs = {}
+    for weight in (0.0, 4.0):
+        method = kvsieve.method("actqkv", **SMALL, dynamic_topk=False, question_weight=weight, question_span=span)
+        cache = SieveCache(model, method, trace=True)
+        greedy_with_logits(model, cache, ctx, 1)
+        runs[weight] = cache
+    for layer in runs[4.0].sieve_layers:
+        assert layer.policy.question is not None
+    policy = runs[4.0].sieve_layers[0].policy
+    # windows of 8 queries: blocks exceed topk=3 from the window ending at 48 (n_init 4 + window 16 + 4 blocks x 4)
+    first_retrieving = 5
+    assert policy.blocks_prefill[first_retrieving] == 3 and policy.memory is not None
+    differs = [
+        not torch.equal(a.trace[first_retrieving], b.trace[first_retrieving])
+        for a, b in zip(runs[0.0].sieve_layers, runs[4.0].sieve_layers)
+    ]
+    assert any(differs), "the question term changed no layer's first retrieval"
+    early = [
+        not torch.equal(a.trace[w], b.trace[w])
+        for a, b in zip(runs[0.0].sieve_layers, runs[4.0].sieve_layers)
+        for w in range(first_retrieving)
+    ]
+    assert not any(early)  # before retrieval starts, nothing to steer
+
+
+def test_activation_weights_act_after_the_default_warmup_on_a_2k_prompt():
+    """Default warm-up: only the window that starts the statistics (layer 0's first) reads the plain mean; every
+    later window is weighted. With the released 1000 calls a 2K prompt of 3 layers never leaves the warm-up."""
+    model = tiny_model("llama")
+    method = kvsieve.method("actqkv", n_init=64, n_local=512, block_size=32, topk=8, exc_block_size=256)
+    cache = SieveCache(model, method)
+    greedy_with_logits(model, cache, random_ids(2048, seed=5), 2)
+    policies = [layer.policy for layer in cache.sieve_layers]
+    stats = cache.shared["actqkv"].activation
+    calls = 8 + 1 + 1  # 2047 tokens in windows of 256, the last prompt token alone, one decode step
+    assert stats.count == len(policies) * calls
+    assert [p.weighted_windows for p in policies] == [calls - 1] + [calls] * (len(policies) - 1)
+    weights = stats.bias_weights(torch.randn(1, 256, stats.mean.shape[-1]))
+    assert weights.std() > 0.1 / 256  # not uniform
+    released = SieveCache(model, kvsieve.method("actqkv", **{**method.params(), "warmup_calls": 1000}))
+    greedy_with_logits(model, released, random_ids(2048, seed=5), 2)
+    assert all(layer.policy.weighted_windows == 0 for layer in released.sieve_layers)
+
+
+def test_generate_question_reaches_actqkv():
+    """``kvsieve.generate(..., question=...)``: the question chunk is ActQKV's question span (query-agnostic: the
+    context is read without it; the question chunk's last token and its lookup use the term)."""
+    from helpers import IdTokenizer
+
+    model, tok = tiny_model("llama"), IdTokenizer()
+    ctx, question = random_ids(80), random_ids(6, seed=9)
+    method = kvsieve.method("actqkv", **DYNAMIC)
+    out = kvsieve.generate(model, tok, ctx, method=method, question=question, max_new_tokens=3)
+    assert all(layer["question_vector"] for layer in out.stats.layers)
+    off = kvsieve.generate(
+        model,
+        tok,
+        ctx,
+        method=kvsieve.method("actqkv", **DYNAMIC, question_weight=0.0),
+        question=question,
+        max_new_tokens=3,
+    )
+    assert not any(layer["question_vector"] for layer in off.stats.layers)

@@ -39,7 +39,8 @@ _names = itertools.count()
 
 @torch.inference_mode()
 def infllm_reference(model, traces, context, tokens, n_local, exc, chunk_size=None):
-    """Replay the run on a full cache: per window of ``exc`` queries (one trace entry each), query ``p`` attends the
+    """Replay the run on a full cache: per window of ``exc`` queries (one trace entry each; the last prompt token is
+    a window of its own), query ``p`` attends the
     traced entries ``j`` with ``0 <= p - j < n_local`` with the model's RoPE and those with ``p - j >= n_local``
     pre-RoPE against its query rotated at ``n_local - 1``, in one softmax. Teacher-forced; returns logits."""
     counters = dict.fromkeys(traces, 0)
@@ -59,8 +60,10 @@ def infllm_reference(model, traces, context, tokens, n_local, exc, chunk_size=No
         keys, keys_pre = repeat_kv(key, g), repeat_kv(rotary.unrotate(key, kpos), g)
         values = repeat_kv(value, g)
         outs = []
-        for start in range(0, c, exc):
-            stop = min(c, start + exc)
+        # the last prompt token is a window of its own (the chunk that completes the prompt)
+        head = c - 1 if c > 1 and total == len(context) else c
+        bounds = [(start, min(head, start + exc)) for start in range(0, head, exc)] + ([(head, c)] if head < c else [])
+        for start, stop in bounds:
             attended = traces[layer][counters[layer]].long()
             counters[layer] += 1
             allowed = torch.zeros(b, n_kv, total, dtype=torch.bool).scatter_(2, attended, True)

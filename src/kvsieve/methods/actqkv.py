@@ -9,10 +9,16 @@ What changes relative to InfLLM:
 * **Probe query.** A window's retrieval query is not the plain mean of its memory queries but a weighted mean:
   token ``t`` weighs ``b_t / sum b``, with the Activation Bias ``b_t = mean_j (q_tj - mu_j)^2 / (var_j +
   mean(var)/100)`` -- how far its query (all heads concatenated) sits from running statistics ``(mu, var)`` of the
-  queries seen so far. The statistics follow the code's update rule; while they warm up (the first
-  ``warmup_calls`` calls, 1000 in the code) the weights are uniform, i.e. the probe is InfLLM's mean.
-* **Cosine similarity** ranks the blocks, plus ``question_weight x cos(question, repr_B)`` during the prompt when a
-  question span is given (Q-LLM's question term).
+  queries seen so far. The statistics follow the code's update rule; while they warm up the weights are uniform,
+  i.e. the probe is InfLLM's mean. By default only the window that starts the statistics (the prompt's first
+  window in the first layer) is read with the plain mean; ``warmup_calls`` (calls after that one: the code's
+  1000) sets a longer warm-up.
+* **Cosine similarity** ranks the blocks, plus ``question_weight x cos(question, repr_B)`` while the prompt is read
+  (and for the last prompt token's own lookup) when the question's span is known (Q-LLM's question term). The span
+  comes from the cache's prompt layout (``kvsieve.generate(..., question=...)``, the eval runner) or from
+  ``question_span``. As in the code, the question vector is built from the span's queries read ahead from the whole
+  chunk, at the first window that moves tokens out of the local window, so the term acts from the first window
+  that retrieves.
 * **Dynamic cut-off.** Each step has a pool of ``topk x L`` blocks for the ``L`` layers. Layer ``l`` (in order)
   takes ``clamp(round(w_l x remaining), min(N, min_blocks), min(N, max_blocks))`` blocks, where during decoding
   ``w_l = e_l / sum_{i >= l} e_i`` and ``e_i`` is layer i's mean normalised entropy of its block scores over its
@@ -24,11 +30,16 @@ activation statistics with ``stats_scope="shared"`` (the default: the code pools
 set of statistics); ``stats_scope="layer"`` keeps one set per layer. Deviations from the released code (details
 and reasons in ``docs/methods/infllm_actqkv.md``):
 
-* statistics start fresh for every cache (the code's module globals persist across the samples of a process, so
-  later samples start warm); statistics are per batch row;
-* the question vector is built once the question span has been read (the code builds it at the first window that
-  fills the init tokens, reading queries of the whole first model-level chunk); the question term is on during
-  the prompt's phases and off for generated tokens (the code: off from the third model forward);
+* statistics start fresh for every cache and warm up on the prompt's first window only (the code's module globals
+  persist across the samples of a process and warm up for 1000 calls -- about 42 windows of 24 layers, 10K tokens
+  -- so in the code the first sample's prompt is read with InfLLM's mean probe and later samples start warm with
+  statistics of earlier prompts); statistics are per batch row;
+* the question vector is built at the first window that moves tokens out of the local window *and* has the whole
+  span's queries (the code: only at the window that fills the init tokens, from the first model-level chunk; with
+  the question in that chunk, as in the released setup, the two are the same window); among span tokens with equal
+  accumulated scores (not yet attended: zeros) the earliest are chosen; the question term is on while the prompt
+  (and a question chunk fed after it) is read and off for generated tokens (the code: off from the third model
+  forward);
 * the unused 2%-threshold mask is not computed; no analysis files are written;
 * with fewer than 2 blocks no entropy sample is taken (the code's log(1) edge case);
 * with batch > 1 the layer's block count uses the entropy averaged over rows.
@@ -182,19 +193,38 @@ class ActQKVPolicy(InfLLMPolicy):
             else ActivationStats(method.stats_horizon, method.warmup_calls)
         )
         self.question: torch.Tensor | None = None  # [B, H * D]
-        span = method.question_span
-        self.span = None if span is None or method.question_weight == 0 else (int(span[0]), int(span[1]))
+        self.span: tuple[int, int] | None = None  # the question's logical [start, end), once a call names it
         self.span_queries: torch.Tensor | None = None  # [B, H, span, D] memory queries of the question tokens
         self.span_scores: torch.Tensor | None = None  # [B, H, span] their local scores, captured as they leave
+        self.span_read = 0  # the span's queries are captured up to this position (exclusive)
         self.entropies: list[float] = []
+        self.weighted_windows = 0  # windows whose probe used Activation-Bias weights (not the plain mean)
 
     # ----------------------------------------------------------------------------------------- hooks
     def begin_call(self, call: AttentionCall, n_windows: int) -> None:
         if self.ordinal == 0:
             self.shared.pool.reset(n_windows)
 
+    def question_span_of(self, call: AttentionCall) -> tuple[int, int] | None:
+        """The question's span: the cache's prompt layout first, else the method's ``question_span``."""
+        if self.method.question_weight == 0:
+            return None
+        span = call.question_span if call.question_span is not None else self.method.question_span
+        return None if span is None else (int(span[0]), int(span[1]))
+
+    def reading_prompt(self, call: AttentionCall) -> bool:
+        """The prompt is being read (question term on, uniform block split): prompt chunks, and a question chunk fed
+        after the compressed context; generated tokens are not."""
+        span = call.question_span
+        return call.phase is not Phase.DECODE or (span is not None and call.first_position < span[1])
+
     def on_chunk(self, call: AttentionCall, q_mem: torch.Tensor) -> None:
-        if self.span is None or self.question is not None:
+        """Read the question's queries ahead, from the whole chunk (code: ``global_q[:, :, q0:q1]``)."""
+        if self.question is not None:
+            return
+        if self.span is None:
+            self.span = self.question_span_of(call)
+        if self.span is None:
             return
         q0, q1 = self.span
         first, c = call.first_position, q_mem.shape[2]
@@ -206,6 +236,7 @@ class ActQKVPolicy(InfLLMPolicy):
             self.span_queries = q_mem.new_zeros(b, h, q1 - q0, d, dtype=torch.float32)
             self.span_scores = torch.zeros(b, h, q1 - q0, dtype=torch.float32, device=q_mem.device)
         self.span_queries[:, :, lo - q0 : hi - q0] = q_mem[:, :, lo - first : hi - first].float()
+        self.span_read = max(self.span_read, hi)
 
     def on_leave(self, first_position: int, scores: torch.Tensor) -> None:
         if self.span_scores is None or self.question is not None:
@@ -216,19 +247,21 @@ class ActQKVPolicy(InfLLMPolicy):
             self.span_scores[:, :, lo - q0 : hi - q0] = scores[:, :, lo - first_position : hi - first_position]
 
     def after_window(self, call: AttentionCall, end: int) -> None:
-        """Build the question vector (code: ``append_global``) once the span has been read and the window has
-        passed ``n_local`` tokens: per head, the mean memory query of its ``repr_topk`` best-scored span tokens."""
+        """Build the question vector (code: ``append_global``) at the first window that moves tokens out of the
+        local window, once the span's queries are in: per head, the mean memory query of its ``repr_topk``
+        best-scored span tokens so far (ties, e.g. tokens no query has attended yet: the earliest)."""
         if self.span_queries is None or self.question is not None:
             return
         q0, q1 = self.span
-        if end < q1 or end <= self.method.n_local:
-            return
         rs = self.recent.first_position
+        leaving = self.init_len > 0 or self.init_closed or end - rs > self.method.n_local
+        if self.span_read < q1 or not leaving:
+            return
         lo, hi = max(q0, rs), min(q1, self.recent.end_position)
         if lo < hi:  # span tokens still in the recent buffer: their scores so far
             self.span_scores[:, :, lo - q0 : hi - q0] = self.recent.scores[:, :, lo - rs : hi - rs]
         r = min(self.method.repr_topk, q1 - q0)
-        chosen = self.span_scores.topk(r, dim=-1).indices  # [B, H, r]
+        chosen = self.span_scores.sort(dim=-1, descending=True, stable=True).indices[..., :r]  # [B, H, r]
         d = self.span_queries.shape[-1]
         picked = self.span_queries.gather(2, chosen[..., None].expand(-1, -1, -1, d)).mean(dim=2)  # [B, H, D]
         self.question = picked.reshape(picked.shape[0], -1)
@@ -242,6 +275,7 @@ class ActQKVPolicy(InfLLMPolicy):
         weights = self.activation.token_weights(flat)
         if weights is None:  # warm-up: exactly InfLLM's probe
             return q_mem.float().mean(dim=2).reshape(b, -1)
+        self.weighted_windows += 1
         return (weights[..., None] * flat).sum(dim=1)
 
     def similarity(self, probe: torch.Tensor) -> torch.Tensor:
@@ -255,7 +289,7 @@ class ActQKVPolicy(InfLLMPolicy):
         probe = self.probe(q_mem)  # every window updates the statistics, blocks or not (as the code does)
         n = 0 if self.memory is None else self.memory.n_blocks
         b = q_mem.shape[0]
-        decoding = call.phase is Phase.DECODE
+        decoding = not self.reading_prompt(call)
         if n == 0:
             if m.dynamic_topk:
                 self.shared.pool.take(self.ordinal, window, None, 0, decoding)
@@ -280,6 +314,7 @@ class ActQKVPolicy(InfLLMPolicy):
     def stats(self) -> dict[str, Any]:
         out = super().stats()
         out["activation_calls"] = self.activation.count
+        out["activation_weighted_windows"] = self.weighted_windows
         out["question_vector"] = self.question is not None
         if self.entropies:
             out["entropy_mean"] = sum(self.entropies) / len(self.entropies)
@@ -325,7 +360,7 @@ class ActQKV(InfLLM):
     entropy_window: int = 100
     stats_scope: str = "shared"
     stats_horizon: int = 1000
-    warmup_calls: int = 1000
+    warmup_calls: int = 0  # 0: only the window that starts the statistics; 1000: the released count
 
     def validate(self) -> None:
         check_int("min_blocks", self.min_blocks, 0)

@@ -5,8 +5,9 @@ NeurIPS 2024 (arXiv 2402.04617; code thunlp/InfLLM). Spec: ``spec/methods.md`` s
 
 Per layer, the tokens seen so far are split into the first ``n_init`` tokens (attention sinks), the last
 ``n_local`` tokens (the local window) and everything in between, cut into blocks of ``block_size`` tokens that
-live in host memory. Every window of ``exc_block_size`` prompt tokens (and every decode step) scores the blocks
-against the mean of its queries and attends, with one softmax, to::
+live in host memory. Every window of ``exc_block_size`` prompt tokens (and every decode step, and the last prompt
+token on its own, as the released drivers feed it) scores the blocks against the mean of its queries and attends,
+with one softmax, to::
 
     local window (true relative positions) ; init tokens ; top-k blocks ; the not-yet-blocked remainder
 
@@ -27,7 +28,6 @@ Deviations from the released code (details in ``docs/methods/infllm_actqkv.md``)
   ``exc_block_size - 1`` tokens of the window boundary twice (locally and in memory) when a model-level chunk
   holds several windows;
 * representative scores accumulate in float32 (the code: the model's dtype);
-* the whole prompt goes through the same windows (the code feeds the last prompt token as its own step);
 * one attention record per window (``call.record`` is called once per window, so a chunk of several windows
   records several times).
 """
@@ -35,7 +35,6 @@ Deviations from the released code (details in ``docs/methods/infllm_actqkv.md``)
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -120,6 +119,21 @@ def two_part_attention(
     return (out * inv).to(v_loc.dtype), p_loc_sum, p_mem_sum
 
 
+def ends_prompt(call: AttentionCall) -> bool:
+    """A multi-token call that completes the prompt as far as the cache knows: the chunk that completes the prompt
+    (``PREFILL_LAST``) or a question chunk fed after it. Its last token gets a retrieval of its own, as in the
+    released drivers, which prefill ``input_ids[:-1]`` and then feed the last prompt token alone."""
+    return call.n_new > 1 and call.phase is not Phase.PREFILL
+
+
+def window_bounds(n: int, size: int, split_last: bool = False) -> list[tuple[int, int]]:
+    """``[start, stop)`` of the windows of ``size`` queries that a call of ``n`` queries is cut into; with
+    ``split_last`` the last query is a window of its own (the rest is cut from the start as usual)."""
+    head = n - 1 if split_last and n > 1 else n
+    bounds = [(start, min(head, start + size)) for start in range(0, head, size)]
+    return [*bounds, (head, n)] if head < n else bounds
+
+
 def dot_scores(reprs: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
     """InfLLM's block relevance: ``<probe, repr_B>`` over the concatenated heads. ``[B, N, HD]``, ``[B, HD]`` ->
     ``[B, N]``."""
@@ -179,13 +193,11 @@ class InfLLMPolicy(LayerPolicy):
         pre = self.rotary.unrotate(query, positions)
         q_mem = self.rotary.rotate(pre, torch.tensor(self.method.n_local - 1, device=query.device))
         self.on_chunk(call, q_mem)
-        exc = self.method.exc_block_size
-        n_windows = math.ceil(c / exc)
-        self.begin_call(call, n_windows)
+        windows = window_bounds(c, self.method.exc_block_size, split_last=ends_prompt(call))
+        self.begin_call(call, len(windows))
         scaling = call.scaling if call.scaling is not None else query.shape[-1] ** -0.5
         outs = []
-        for w, start in enumerate(range(0, c, exc)):
-            stop = min(c, start + exc)
+        for w, (start, stop) in enumerate(windows):
             outs.append(
                 self.attend_window(
                     call, query[:, :, start:stop], q_mem[:, :, start:stop], call.first_position + start, scaling, w
