@@ -19,7 +19,8 @@ import yaml
 
 from kvsieve.cli import main
 from kvsieve.eval.report import build_report, load_run, summary_markdown, write_report
-from kvsieve.eval.runner import summarize
+from kvsieve.eval.runner import format_summary, summarize
+from kvsieve.eval.stats import wilson_interval
 
 METHODS = {"full": ["-"], "snapkv": ["0.1", "0.5"], "streamingllm": ["0.1", "0.5"]}
 DEPTHS = [0.0, 0.5, 1.0]
@@ -273,10 +274,106 @@ def test_markdown_summary_has_scores_and_retention_by_budget(tmp_path):
     header = "| length | mode | method | n | no budget (full) | 0.1 | 0.5 |"
     assert header in text
     # StreamingLLM keeps only the recent needle (depth 100%): 1 of 3 depths, retention 1/3 of the full cache's
-    assert "| 512 | query_aware | streamingllm | 3 |  | 0.33 (33%) | 0.33 (33%) |" in text
-    assert "| 1024 | query_aware | full | 3 | 1.00 (100%) |  |  |" in text
+    assert "| 512 | query_aware | streamingllm | 3 |  | 0.33 [0.06-0.79] (33%) | 0.33 [0.06-0.79] (33%) |" in text
+    assert "| 1024 | query_aware | full | 3 | 1.00 [0.44-1.00] (100%) |  |  |" in text
     assert "| 1024 | lm | snapkv | 1 |  | 31.70 (KL 0.270) | 22.97 (KL 0.150) |" in text
     assert "| 16384 | query_aware | snapkv | 0 |  | skipped | skipped |" in text
     out = tmp_path / "summary.md"
     assert main(["report", str(run), "--out", str(tmp_path / "r.html"), "--markdown", str(out)]) == 0
     assert out.read_text() == text
+
+
+def test_markdown_cells_give_the_interval_and_a_count_that_differs(tmp_path):
+    """Wilson intervals beside every score; a cell with fewer rows than its line's ``n`` says how many."""
+    rows = [
+        r
+        for r in fixture_rows()
+        if r["key"] != "passkey|L512|passkey/L512/d0.0000/s0/0|q0|query_aware|streamingllm|0.5"
+    ]
+    text = summary_markdown([load_run(write_run_dir(tmp_path / "sweep", rows))])
+    # 1 of 3 needles: [0.06-0.79]; 1 of the remaining 2 (depths 50% and 100%): [0.09-0.91], retention 1/2
+    assert "| 512 | query_aware | streamingllm | 3 |  | 0.33 [0.06-0.79] (33%) | 0.50 [0.09-0.91] (50%) n=2 |" in text
+    assert "| 512 | query_aware | full | 3 | 1.00 [0.44-1.00] (100%) |  |  |" in text
+
+
+def test_html_tables_give_the_interval_beside_every_score(tmp_path):
+    text = build_report([load_run(write_run_dir(tmp_path / "sweep"))]).replace(' class="t"', "")
+    assert text.count("<th>95% CI</th>") == 3 + 2  # summary, two score tables, the heatmap's two lengths
+    # summary: StreamingLLM @ 0.1 finds 2 of 6 needles
+    assert "<td>passkey</td><td>query_aware</td><td>streamingllm</td><td>0.1</td><td>6</td><td>0.333</td>" in text
+    assert "<td>0.333</td><td>[0.097-0.700]</td><td>0.333</td><td>3.375</td>" in text
+    # the score table under the plot (1 skip row), and lm's top-1 agreement over its one document
+    assert "<td>query_aware</td><td>streamingllm</td><td>0.1</td><td>6</td><td>0.333</td><td>[0.097-0.700]</td>" in text
+    assert (
+        "<td>snapkv</td><td>0.1</td><td>1</td><td>31.698</td><td>0.270</td><td>0.550</td><td>[0.065-0.955]</td>" in text
+    )
+    # heatmap cells: one sample each
+    assert "<th>L=512</th><th>n</th><th>95% CI</th><th>L=1024</th><th>n</th><th>95% CI</th>" in text
+    cell = "<td>1.000</td><td>1</td><td>[0.207-1.000]</td>"
+    assert f"<td>query_aware</td><td>streamingllm</td><td>0.1</td><td>100%</td>{cell}{cell}" in text
+
+
+def test_score_plots_draw_the_intervals(tmp_path, monkeypatch):
+    """Error bars span each score's interval; the full cache's line gets a band."""
+    from matplotlib.axes import Axes
+
+    bars, bands = [], []
+    errorbar, axhspan = Axes.errorbar, Axes.axhspan
+
+    def spy_errorbar(self, x, y, *args, **kwargs):
+        below, above = kwargs["yerr"]
+        bars.extend((round(v - b, 3), round(v + a, 3)) for v, b, a in zip(y, below, above))
+        return errorbar(self, x, y, *args, **kwargs)
+
+    def spy_axhspan(self, lo, hi, *args, **kwargs):
+        bands.append((round(lo, 3), round(hi, 3)))
+        return axhspan(self, lo, hi, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "errorbar", spy_errorbar)
+    monkeypatch.setattr(Axes, "axhspan", spy_axhspan)
+    build_report([load_run(write_run_dir(tmp_path / "sweep"))])
+    two_of_six, six_of_six, four_of_six = (tuple(round(v, 3) for v in wilson_interval(k, 6)) for k in (2, 6, 4))
+    # passkey: 2 modes x 2 methods x 2 budgets (StreamingLLM and query-agnostic SnapKV @ 0.1 find 2 of 6 needles);
+    # lm: 2 methods x 2 budgets
+    assert len(bars) == 8 + 4
+    assert bars.count(two_of_six) == 5 and bars.count(six_of_six) == 2 and bars.count(four_of_six) == 1
+    assert sorted(bands) == [(0.207, 1.0), six_of_six, six_of_six]  # lm's one document, passkey's two modes
+
+
+def test_summarize_counts_and_intervals():
+    """n, score_lo/hi and the full cache's over the pairs retention compares, for hand-made rows."""
+
+    def row(method: str, budget: str, pair: str, score: float | None, task: str = "niah") -> dict:
+        status = "skipped" if score is None else "ok"
+        base = {"task": task, "mode": "query_aware", "method": method, "budget": budget, "pair": pair}
+        return {**base, "status": status, **({} if score is None else {"score": score})}
+
+    method_scores = [1, 1, 1, 1, 1, 1, 0, 0, 1, 1]  # 8 of 10; the full cache ran on the first 8 pairs only
+    rows = [row("full", "-", f"p{i}", s) for i, s in enumerate([1, 1, 1, 1, 1, 1, 1, 0])]
+    rows += [row("snapkv", "0.1", f"p{i}", s) for i, s in enumerate(method_scores)]
+    rows += [row("snapkv", "0.1", "p10", None), row("snapkv", "0.5", "p0", None)]
+    rows += [row("snapkv", "0.1", f"q{i}", s, "part") for i, s in enumerate([0.5, 0.25, 1.0, 0.0])]
+    groups = {(g["task"], g["method"], g["budget"]): g for g in summarize(rows)}
+
+    snap = groups["niah", "snapkv", "0.1"]
+    assert (snap["n"], snap["skipped"], snap["score"]) == (10, 1, 0.8)
+    assert (snap["score_lo"], snap["score_hi"]) == pytest.approx((0.490, 0.943), abs=5e-4)
+    assert snap["retention"] == pytest.approx(6 / 7)
+    assert (snap["full_n"], snap["full_score"]) == (8, 7 / 8)
+    assert (snap["full_score_lo"], snap["full_score_hi"]) == wilson_interval(7, 8)
+    full = groups["niah", "full", "-"]
+    assert (full["n"], full["full_n"], full["score"], full["full_score"]) == (8, 8, 7 / 8, 7 / 8)
+    assert (full["score_lo"], full["score_hi"]) == (full["full_score_lo"], full["full_score_hi"])
+    # fractional scores (string_match_part): the summed score is the count of successes; no full cache here
+    part = groups["part", "snapkv", "0.1"]
+    assert (part["n"], part["score"]) == (4, 0.4375)
+    assert (part["score_lo"], part["score_hi"]) == wilson_interval(1.75, 4)
+    assert (part["full_n"], part["full_score"], part["full_score_lo"], part["full_score_hi"]) == (0, None, None, None)
+    # nothing ran: no interval, and the summary stays JSON without NaN
+    none = groups["niah", "snapkv", "0.5"]
+    assert (none["n"], none["score"], none["score_lo"], none["score_hi"]) == (0, None, None, None)
+    json.dumps(list(groups.values()), allow_nan=False)
+
+    table = format_summary(list(groups.values()))
+    assert "95% CI" in table.splitlines()[0]
+    assert re.search(r"0\.800\s+\[0\.490-0\.943\]\s+0\.857", table)

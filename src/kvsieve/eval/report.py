@@ -3,9 +3,11 @@
 The page holds, per task, score and retention (score / full-cache score) against the budget for every method and
 mode; needle-in-a-haystack heatmaps (needle depth x prompt length) per method and budget; KV memory and latency
 per method, budget and length; for the ``lm`` task perplexity, KL to the full cache and top-1 agreement; and under
-every plot the table of the numbers drawn. Plots are matplotlib PNGs inlined as base64: the file needs nothing
-else (no scripts or styles from the network), so it can be mailed or committed as is. A few lines of inline
-script only report an image that failed to decode on the browser console (the test looks for console errors).
+every plot the table of the numbers drawn. Every mean score has its count and 95% Wilson interval beside it (error
+bars in the plots, a band around the full cache's line), so that one sample in five is not read as a result.
+Plots are matplotlib PNGs inlined as base64: the file needs nothing else (no scripts or styles from the network),
+so it can be mailed or committed as is. A few lines of inline script only report an image that failed to decode
+on the browser console (the test looks for console errors).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import yaml
 
 from kvsieve.eval.config import FULL, LM_TASK
 from kvsieve.eval.runner import CONFIG, ENV, SUMMARY, _budget_order, rows_files, run_rows, summarize
+from kvsieve.eval.stats import format_interval, wilson_interval
 
 __all__ = ["RunData", "build_report", "load_run", "summary_markdown", "write_report"]
 
@@ -90,6 +93,11 @@ def _fmt(value: Any, digits: int = 3) -> str:
             return "-"
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def _interval(group: dict[str, Any], digits: int = 3) -> str:
+    """A summary group's 95% score interval, as table text."""
+    return format_interval(group.get("score_lo"), group.get("score_hi"), digits)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "") -> str:
@@ -167,7 +175,9 @@ def _merge_runs(runs: Sequence[RunData]) -> list[dict[str, Any]]:
 
 # ----------------------------------------------------------------------------------------------- sections
 def _score_section(task: str, groups: list[dict[str, Any]], colors: dict[str, Any]) -> str:
-    """Score and retention against the budget, per method (colour) and mode (line style)."""
+    """Score and retention against the budget, per method (colour) and mode (line style); scores with their 95%
+    intervals (error bars; a band around the full cache's line). Series are nudged apart along x by up to 2% of
+    the axis, so that equal intervals at one budget stay distinguishable."""
     compressed = [g for g in groups if g["budget"] != "-" and g["n"]]
     unbudgeted = [g for g in groups if g["budget"] == "-" and g["n"]]
     is_lm = task == LM_TASK
@@ -177,15 +187,22 @@ def _score_section(task: str, groups: list[dict[str, Any]], colors: dict[str, An
     fig = _figure(5.2 * len(panels), 3.6)
     axes = fig.subplots(1, len(panels))
     positions, ticks, tick_names, xlabel = _budget_axis(sorted({g["budget"] for g in compressed}, key=_budget_order))
+    lines = _by(compressed, lambda g: (g["series"], g["mode"]))
+    step = 0.04 * (ticks[-1] - ticks[0] if len(ticks) > 1 else 1.0) / max(1, len(lines) - 1)
     for ax, (field, label) in zip(axes, panels):
-        for (series, mode), members in _by(compressed, lambda g: (g["series"], g["mode"])).items():
+        for k, ((series, mode), members) in enumerate(lines.items()):
+            nudge = (k - (len(lines) - 1) / 2) * step
             points = sorted(
-                (positions[g["budget"]], g[field])
+                (positions[g["budget"]] + nudge, g[field], g["score_lo"], g["score_hi"])
                 for g in members
                 if g.get(field) is not None and g["budget"] in positions
             )
             if points:
-                xs, ys = zip(*points)
+                xs, ys, los, his = zip(*points)
+                if field == "score":
+                    below = [y - lo for y, lo in zip(ys, los)]
+                    above = [hi - y for y, hi in zip(ys, his)]
+                    ax.errorbar(xs, ys, yerr=[below, above], fmt="none", ecolor=colors[series], capsize=3, alpha=0.6)
                 ax.plot(
                     xs,
                     ys,
@@ -199,6 +216,8 @@ def _score_section(task: str, groups: list[dict[str, Any]], colors: dict[str, An
             if value is not None:
                 color = "black" if g["method_key"] == FULL else colors[g["series"]]
                 ax.axhline(value, color=color, linestyle=MODE_STYLES.get(g["mode"], "-"), linewidth=0.8, alpha=0.6)
+                if field == "score":
+                    ax.axhspan(g["score_lo"], g["score_hi"], color=color, alpha=0.08, linewidth=0)
         if ticks:
             ax.set_xticks(ticks, tick_names)
         ax.set_xlabel(xlabel)
@@ -210,20 +229,22 @@ def _score_section(task: str, groups: list[dict[str, Any]], colors: dict[str, An
     if handles:  # beside the panels, never over the lines
         fig.legend(handles, labels, fontsize=7, loc="outside right upper")
     fig.suptitle(f"{task}: black lines = full cache", fontsize=10)
-    header = ["mode", "method", "budget", "n", "score", "retention", "skipped"]
+    header = ["mode", "method", "budget", "n", "score", "95% CI", "retention", "skipped"]
     if is_lm:
-        header = ["method", "budget", "n", "perplexity", "KL", "top-1 agreement", "skipped"]
+        header = ["method", "budget", "n", "perplexity", "KL", "top-1 agreement", "95% CI", "skipped"]
     rows = []
     for g in groups:
+        score = [g["score"], _interval(g)]
         if is_lm:
-            rows.append([g["series"], g["budget"], g["n"], g.get("ppl"), g.get("kl"), g["score"], g["skipped"]])
+            rows.append([g["series"], g["budget"], g["n"], g.get("ppl"), g.get("kl"), *score, g["skipped"]])
         else:
-            rows.append([g["mode"], g["series"], g["budget"], g["n"], g["score"], g["retention"], g["skipped"]])
+            rows.append([g["mode"], g["series"], g["budget"], g["n"], *score, g["retention"], g["skipped"]])
     return _img(fig, f"{task} score vs budget") + _table(header, rows)
 
 
 def _heatmap_section(task: str, rows: list[dict[str, Any]]) -> str:
-    """Mean score per (needle depth, prompt length), one heatmap per method, budget and mode."""
+    """Mean score per (needle depth, prompt length), one heatmap per method, budget and mode; the table gives each
+    cell's count and 95% interval."""
     ok = [r for r in rows if r.get("status") == "ok" and r.get("depth") is not None]
     if not ok:
         return ""
@@ -240,10 +261,15 @@ def _heatmap_section(task: str, rows: list[dict[str, Any]]) -> str:
     image = None
     for ax, key in zip(axes.flat, keys):
         grid = [[math.nan] * len(lengths) for _ in depths]
+        counts = [[0] * len(lengths) for _ in depths]
+        intervals = [["-"] * len(lengths) for _ in depths]
         for (depth, length), members in _by(
             cells[key], lambda r: (round(float(r["depth"]), 4), int(r["length"]))
         ).items():
-            grid[depths.index(depth)][lengths.index(length)] = sum(r["score"] for r in members) / len(members)
+            i, j = depths.index(depth), lengths.index(length)
+            total = sum(r["score"] for r in members)
+            grid[i][j], counts[i][j] = total / len(members), len(members)
+            intervals[i][j] = format_interval(*wilson_interval(total, len(members)), 3)
         image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto", origin="upper")
         for i, row in enumerate(grid):
             for j, value in enumerate(row):
@@ -256,13 +282,14 @@ def _heatmap_section(task: str, rows: list[dict[str, Any]]) -> str:
         ax.set_xlabel("length (tokens)", fontsize=7)
         ax.set_ylabel("needle depth", fontsize=7)
         for i, depth in enumerate(depths):
-            table.append([mode, series, budget, f"{depth:.0%}", *(grid[i][j] for j in range(len(lengths)))])
+            by_length = (c for j in range(len(lengths)) for c in (grid[i][j], counts[i][j], intervals[i][j]))
+            table.append([mode, series, budget, f"{depth:.0%}", *by_length])
     for ax in list(axes.flat)[len(keys) :]:
         ax.set_visible(False)
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.6, label="score")
     fig.suptitle(f"{task}: needle in a haystack (depth x length)", fontsize=10)
-    header = ["mode", "method", "budget", "depth", *(f"L={n}" for n in lengths)]
+    header = ["mode", "method", "budget", "depth", *(h for n in lengths for h in (f"L={n}", "n", "95% CI"))]
     return _img(fig, f"{task} needle heatmaps") + _table(header, table)
 
 
@@ -419,43 +446,40 @@ def _groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def _markdown_cell(group: dict[str, Any] | None, n: int) -> str:
+    """One budget's cell of a `summary_markdown` line whose ``n`` column says ``n``."""
+    if group is None:
+        return ""
+    if not group["n"]:
+        return "skipped"  # beyond the model's window, and the method cannot extrapolate
+    if group["task"] == LM_TASK:
+        return f"{_fmt(group.get('ppl'), 2)} (KL {_fmt(group.get('kl'), 3)})"
+    text = f"{_fmt(group['score'], 2)} {_interval(group, 2)}"
+    if group["retention"] is not None:
+        text += f" ({group['retention']:.0%})"
+    return text if group["n"] == n else f"{text} n={group['n']}"
+
+
 def summary_markdown(runs: Sequence[RunData]) -> str:
     """Per task, a Markdown table: one line per prompt length, mode and method, one column per budget; a cell is
-    the mean score and, in brackets, the retention against the full cache (lm: perplexity and KL instead); a
-    method that could not run there (beyond the model's window) shows ``skipped``."""
+    the mean score, its 95% Wilson interval in square brackets and, in round brackets, the retention against the
+    full cache (lm: perplexity and KL instead), plus ``n=`` where its count differs from the line's ``n`` (the
+    largest); a method that could not run there (beyond the model's window) shows ``skipped``."""
     rows = _merge_runs(runs)
     out = []
     for task in dict.fromkeys(r["task"] for r in rows):
         task_rows = [r for r in rows if r["task"] == task]
-        lines: dict[tuple[int, str, str], dict[str, str]] = {}
-        samples: dict[tuple[int, str, str], int] = {}
-        budgets: set[str] = set()
+        lines: dict[tuple[int, str, str], dict[str, dict[str, Any]]] = {}
         for length in sorted({int(r["length"]) for r in task_rows}):
             for g in _groups([r for r in task_rows if int(r["length"]) == length]):
-                if not g["n"] and not g["skipped"]:
-                    continue
-                if not g["n"]:
-                    text = "skipped"  # beyond the model's window, and the method cannot extrapolate
-                elif task == LM_TASK:
-                    text = f"{_fmt(g.get('ppl'), 2)} (KL {_fmt(g.get('kl'), 3)})"
-                else:
-                    text = _fmt(g["score"], 2) + ("" if g["retention"] is None else f" ({g['retention']:.0%})")
-                key = (length, g["mode"], g["series"])
-                lines.setdefault(key, {})[g["budget"]] = text
-                samples[key] = max(samples.get(key, 0), g["n"])
-                budgets.add(g["budget"])
-        columns = sorted(budgets - {"-"}, key=_budget_order)
+                if g["n"] or g["skipped"]:
+                    lines.setdefault((length, g["mode"], g["series"]), {})[g["budget"]] = g
+        columns = sorted({b for by_budget in lines.values() for b in by_budget} - {"-"}, key=_budget_order)
         header = ["length", "mode", "method", "n", "no budget (full)", *columns]
         table = [f"**{task}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for key, by_budget in lines.items():
-            cells = [
-                str(key[0]),
-                key[1],
-                key[2],
-                str(samples[key]),
-                by_budget.get("-", ""),
-                *(by_budget.get(b, "") for b in columns),
-            ]
+        for (length, mode, series), by_budget in lines.items():
+            n = max(g["n"] for g in by_budget.values())
+            cells = [str(length), mode, series, str(n), *(_markdown_cell(by_budget.get(b), n) for b in ["-", *columns])]
             table.append("| " + " | ".join(cells) + " |")
         out.append("\n".join(table))
     return "\n\n".join(out) + "\n"
@@ -474,14 +498,27 @@ def build_report(runs: Sequence[RunData], title: str | None = None) -> str:
         "method's summed score over the samples and questions where the full cache also ran, divided by the full "
         "cache's. KV: bytes of keys and values held right after compression, measured from the tensors. Prefill: "
         "seconds until the first new token's logits (a shared prefill is apportioned: the common forward plus the "
-        "method's own scoring and compression).</p>"
+        "method's own scoring and compression). 95% CI: the Wilson score interval of the mean score over its n rows "
+        "(the summed scores as successes).</p>"
     )
     groups = _groups(rows)
     tasks = list(dict.fromkeys(g["task"] for g in groups))
     body.append("<h2>Summary</h2>")
     body.append(
         _table(
-            ["task", "mode", "method", "budget", "n", "score", "retention", "KV MiB", "prefill s", "decode ms/tok"],
+            [
+                "task",
+                "mode",
+                "method",
+                "budget",
+                "n",
+                "score",
+                "95% CI",
+                "retention",
+                "KV MiB",
+                "prefill s",
+                "decode ms/tok",
+            ],
             [
                 [
                     g["task"],
@@ -490,6 +527,7 @@ def build_report(runs: Sequence[RunData], title: str | None = None) -> str:
                     g["budget"],
                     g["n"],
                     g["score"],
+                    _interval(g),
                     g["retention"],
                     None if g["kv_bytes"] is None else g["kv_bytes"] / 2**20,
                     g["prefill_s"],

@@ -61,6 +61,7 @@ import yaml
 from kvsieve.cache import SieveCache
 from kvsieve.eval.config import FULL, LM_TASK, EvalConfig, MethodRun
 from kvsieve.eval.metrics import score_sample
+from kvsieve.eval.stats import format_interval, wilson_interval
 from kvsieve.eval.tasks import TASKS, LMDoc, Sample, lm_documents, load_benchmark_file, make_task, render
 from kvsieve.eval.tasks.base import make_sample_id
 from kvsieve.generate import cache_kwargs, decode, eos_ids, kv_snapshot, prefill
@@ -798,7 +799,15 @@ def _budget_order(label: str) -> tuple[int, float]:
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per task, mode, method and budget: rows, mean score, retention (method score / full-cache score over the
-    same samples and questions), mean KV bytes, prefill seconds and decode ms per token (LM: perplexity and KL)."""
+    same samples and questions), mean KV bytes, prefill seconds and decode ms per token (LM: perplexity and KL).
+
+    Every mean score comes with its count and 95% Wilson interval (`wilson_interval`, summed scores as successes):
+    ``n``, ``score_lo``, ``score_hi``, and ``full_n``, ``full_score``, ``full_score_lo``, ``full_score_hi`` for the
+    full cache over the pairs that retention compares. ``None`` where there is nothing to score."""
+
+    def interval(total: float, n: int) -> tuple[float | None, float | None]:
+        return wilson_interval(total, n) if n else (None, None)
+
     full_scores = {
         r["pair"]: r["score"] for r in rows if r["method"] == FULL and r.get("status") == "ok" and "pair" in r
     }
@@ -811,6 +820,9 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         ok = [r for r in members if r.get("status") == "ok"]
         paired = [r for r in ok if r.get("pair") in full_scores]
         full_sum = sum(full_scores[r["pair"]] for r in paired)
+        score_sum = sum(r["score"] for r in ok)
+        score_lo, score_hi = interval(score_sum, len(ok))
+        full_lo, full_hi = interval(full_sum, len(paired))
         entry = {
             "task": task,
             "mode": mode,
@@ -818,8 +830,14 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "budget": budget,
             "n": len(ok),
             "skipped": len(members) - len(ok),
-            "score": _mean(r["score"] for r in ok),
+            "score": score_sum / len(ok) if ok else None,
+            "score_lo": score_lo,
+            "score_hi": score_hi,
             "retention": sum(r["score"] for r in paired) / full_sum if paired and full_sum > 0 else None,
+            "full_n": len(paired),
+            "full_score": full_sum / len(paired) if paired else None,
+            "full_score_lo": full_lo,
+            "full_score_hi": full_hi,
             "kv_bytes": _mean(r.get("kv_bytes") for r in ok),
             "kv_bytes_full": _mean(r.get("kv_bytes_full") for r in ok),
             "kv_stored_tokens": _mean(r.get("kv_stored_tokens") for r in ok),
@@ -852,7 +870,19 @@ def _fmt(value: Any, spec: str) -> str:
 def format_summary(groups: Sequence[dict[str, Any]]) -> str:
     """The terminal table: one line per task, mode, method and budget."""
     has_lm = any(g["task"] == LM_TASK for g in groups)
-    header = ["task", "mode", "method", "budget", "n", "score", "retention", "KV MiB", "prefill s", "decode ms/tok"]
+    header = [
+        "task",
+        "mode",
+        "method",
+        "budget",
+        "n",
+        "score",
+        "95% CI",
+        "retention",
+        "KV MiB",
+        "prefill s",
+        "decode ms/tok",
+    ]
     if has_lm:
         header += ["ppl", "KL"]
     lines = [header]
@@ -864,6 +894,7 @@ def format_summary(groups: Sequence[dict[str, Any]]) -> str:
             g["budget"],
             str(g["n"]) + (f" (+{g['skipped']} skipped)" if g["skipped"] else ""),
             _fmt(g["score"], ".3f"),
+            format_interval(g["score_lo"], g["score_hi"], 3),
             _fmt(g["retention"], ".3f"),
             _fmt(None if g["kv_bytes"] is None else g["kv_bytes"] / 2**20, ".2f"),
             _fmt(g["prefill_s"], ".2f"),
