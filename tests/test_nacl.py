@@ -354,3 +354,17 @@ def test_default_model_question_as_proxies_equals_masked_reference(default_model
     assert stats["kept_recent"][0] == len(question) and stats["kept_random"][0] > 0  # the question is kept
     reference = masked_reference(model, traces_of(cache), ctx, tokens, question=question)
     assert (logits - reference).abs().max().item() < 1e-3  # fp32, 30 layers; measured ~1e-5
+
+
+def test_nacl_last_is_query_agnostic_with_a_separate_question():
+    """``nacl-last``: the context is compressed before the question arrives (proxies: the context's last 1%), so
+    the question is never a proxy and never evicted; ``nacl`` waits for the question and takes it as proxies."""
+    model, tok = tiny_model("llama"), IdTokenizer()
+    ctx, question = random_ids(200), random_ids(6, seed=4)
+    out = kvsieve.generate(model, tok, ctx, method=kvsieve.method("nacl-last", budget=40), question=question)
+    assert out.stats.kv_stored_tokens == 40  # compressed at the context's end: 20% of 200
+    last = out.stats.layers[0]
+    assert last["proxy_source"] == "last" and last["prompt_tokens"] == len(ctx) and last["proxy_tokens"] == 2
+    aware = kvsieve.generate(model, tok, ctx, method=kvsieve.method("nacl", budget=40), question=question)
+    assert aware.stats.layers[0]["proxy_source"] == "question"
+    assert aware.stats.layers[0]["prompt_tokens"] == len(ctx) + len(question)

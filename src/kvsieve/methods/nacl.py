@@ -349,6 +349,12 @@ register_preset(
     keep_proxies=False,
     min_eviction_seqlen=2048,
 )
+register_preset(
+    "nacl-last",
+    NACL,
+    "NACL with the prompt's last 1% as proxies (query-agnostic when the question comes after compression)",
+    proxy_source="last",
+)
 # The paper's Table 4 (LLaMA-2-7B, 4K inputs), fractions of the prompt: budget % -> (Protect Proxy, No-protect Proxy,
 # C_p, C_r). "Protect Proxy" is the protected recent part and Protect + No-protect the proxy span [ASSUMPTION, spec
 # §4.4]; the table has no separate sink.

@@ -319,3 +319,9 @@ register_preset(
     "RefreshKV with the fixed schedule: every layer takes a full step every `stride` (10) decode steps",
     schedule="fixed",
 )
+register_preset(
+    "refreshkv-norefresh",
+    RefreshKV,
+    "RefreshKV's rolling partial cache that is never refreshed (the paper's ablation baseline): refresh=False",
+    refresh=False,
+)

@@ -76,6 +76,8 @@ class SnapKV(BudgetedMethod):
 register_preset(
     "snapkv-w1",
     SnapKV,
-    "SnapKV with an observation window of 1 (the last prompt token) and kernel 7: RefreshKV's SnapKV baseline",
+    "SnapKV with an observation window of 1 (the last prompt token), kernel 7, max over the query group: "
+    "RefreshKV's SnapKV baseline",
     window_size=1,
+    gqa_reduce="max",
 )
