@@ -325,3 +325,9 @@ register_preset(
     "RefreshKV's rolling partial cache that is never refreshed (the paper's ablation baseline): refresh=False",
     refresh=False,
 )
+register_preset(
+    "refreshkv-qc5",
+    RefreshKV,
+    "RefreshKV checking query similarity every 5 decode steps (the paper's QC=5; the default checks every 10)",
+    stride=5,
+)
