@@ -161,47 +161,13 @@ def one_shot_streamingllm() -> type:
     return OneShotStreamingLLM
 
 
-def prefix_pooled_snapkv() -> type:
-    """kvsieve's SnapKV with the pooling convention of the original SnapKV code and of kvpress: the window
-    attention is average-pooled over the prefix alone (the window's own columns are not pooled into it) and the
-    zero padding counts in the average (``count_include_pad=True``). kvsieve pools over every stored entry,
-    window included, without counting padding. Defined here to test that this is the whole difference; not a
-    registered kvsieve method."""
-    import torch.nn.functional as F
-
-    from kvsieve.methods.eviction import PROTECTED
-    from kvsieve.methods.snapkv import SnapKV, SnapKVPolicy
-    from kvsieve.ops.scoring import attention_probs, reduce_gqa
-
-    class PrefixPooledPolicy(SnapKVPolicy):
-        def priority(self, call):
-            positions = self.store.positions
-            first = self.window_first
-            q_pos = torch.arange(first, first + self.window_queries.shape[2], device=positions.device)
-            probs = attention_probs(self.window_queries, self.store.keys, call.scaling, q_pos, positions)
-            kernel = self.method.kernel_size
-            prefix = probs.sum(dim=2)[..., :first]  # nothing has been evicted yet: index == position
-            pooled = F.avg_pool1d(prefix, kernel_size=kernel, stride=1, padding=kernel // 2)
-            pooled = reduce_gqa(pooled, self.info.n_kv_heads, self.method.gqa_reduce).double()
-            self.window_queries = None
-            return torch.cat([pooled, PROTECTED + positions[..., first:].double()], dim=-1)
-
-    @dataclass
-    class PrefixPooledSnapKV(SnapKV):
-        name = "snapkv-prefix-pooled"
-        policy = PrefixPooledPolicy
-
-    return PrefixPooledSnapKV
-
-
 def make_cells(budgets: Sequence[float]) -> list[Cell]:
     """The cells: the full cache; per budget SnapKV (each library's defaults, then kvsieve step by step moved to
-    kvpress's window, kernel, pooling kind, budget rounding and pooling convention, and both without pooling) and
+    kvpress's window, kernel, pooling kind and budget rounding, and both without pooling) and
     StreamingLLM (kvsieve's rolling cap, and a one-shot cap like kvpress's)."""
     import kvsieve
 
     oneshot = one_shot_streamingllm()
-    prefix_pooled = prefix_pooled_snapkv()
     w, k = KVPRESS_SNAPKV["window_size"], KVPRESS_SNAPKV["kernel_size"]
     snapkv_defaults = {
         f.name: f.default for f in dataclasses.fields(kvsieve.method("snapkv")) if f.name != "budget"
@@ -258,19 +224,6 @@ def make_cells(budgets: Sequence[float]) -> list[Cell]:
                 ),
                 press_snap,
                 timed=True,
-            ),
-            Cell(
-                f"snapkv: kvsieve w={w} k={k} avg pooled as kvpress pools, kvpress's budget",
-                b,
-                KvsieveRun(
-                    f"snapkv-w{w}k{k}-prefix-pooled@{b}",
-                    lambda n, e=exact: prefix_pooled(
-                        budget=e(n), window_size=w, kernel_size=k, pooling="avg", gqa_reduce="mean"
-                    ),
-                    w,
-                    k,
-                ),
-                press_snap,
             ),
             Cell(
                 f"snapkv: both w={w} k=1 (no pooling), kvpress's budget",

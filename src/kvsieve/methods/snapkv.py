@@ -33,18 +33,24 @@ class SnapKVPolicy(PriorityEvictionPolicy):
         self.window_first = end - self.window_queries.shape[2]
 
     def priority(self, call: AttentionCall) -> torch.Tensor:
-        """``[B, H_kv, S]``: pooled window attention for the prefix, protected (newest first) for the window."""
+        """``[B, H_kv, S]``: pooled window attention for the prefix, protected (newest first) for the window.
+
+        As the released SnapKV code scores (``attn_weights[..., -w:, :-w].sum(-2)``, then pooled): the softmax runs
+        over every key the window sees, but only the prefix columns are pooled, so the window's own (large, local)
+        attention never spills into the ``kernel // 2`` prefix entries just before it, and average pooling counts
+        the zero padding. kvpress pools the same way (``docs/results/kvpress_crosscheck.md``).
+        """
         store = self.store
         positions = store.positions  # prompt order: index == position while nothing has been evicted
-        q_pos = torch.arange(
-            self.window_first, self.window_first + self.window_queries.shape[2], device=positions.device
-        )
+        first = self.window_first
+        q_pos = torch.arange(first, first + self.window_queries.shape[2], device=positions.device)
         probs = attention_probs(self.window_queries, store.keys, call.scaling, q_pos, positions)  # [B, H, w, S]
-        scores = pool_scores(probs.sum(dim=2), self.method.kernel_size, self.method.pooling)
-        scores = reduce_gqa(scores, self.info.n_kv_heads, self.method.gqa_reduce)
-        in_window = positions >= self.window_first
+        n_prefix = positions.shape[-1] - q_pos.numel()  # the window is the newest entries of the stored prompt
+        prefix = pool_scores(probs.sum(dim=2)[..., :n_prefix], self.method.kernel_size, self.method.pooling)
+        prefix = reduce_gqa(prefix, self.info.n_kv_heads, self.method.gqa_reduce).double()
         self.window_queries = None  # one shot: free the queries
-        return torch.where(in_window, PROTECTED + positions.double(), scores)
+        window = PROTECTED + positions[..., n_prefix:].double()
+        return torch.cat([prefix, window], dim=-1)
 
 
 @register

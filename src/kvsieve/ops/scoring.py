@@ -98,15 +98,19 @@ def attention_column_sums(
 
 
 def pool_scores(scores: torch.Tensor, kernel: int, kind: Literal["max", "avg"] = "max") -> torch.Tensor:
-    """1-D pooling along the last axis with 'same' padding (SnapKV's clustering of neighbouring tokens)."""
-    if kernel <= 1:
+    """1-D pooling along the last axis with 'same' zero padding (SnapKV's clustering of neighbouring tokens).
+
+    Average pooling counts the padding (``F.avg_pool1d``'s default, as SnapKV's released code and kvpress use
+    it): the first and last ``kernel // 2`` entries are divided by the whole kernel.
+    """
+    if kernel <= 1 or scores.shape[-1] == 0:
         return scores
     shape = scores.shape
     flat = scores.reshape(-1, 1, shape[-1])
     if kind == "max":
         pooled = F.max_pool1d(flat, kernel_size=kernel, stride=1, padding=kernel // 2)
     else:
-        pooled = F.avg_pool1d(flat, kernel_size=kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+        pooled = F.avg_pool1d(flat, kernel_size=kernel, stride=1, padding=kernel // 2)
     return pooled[..., : shape[-1]].reshape(shape)
 
 
