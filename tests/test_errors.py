@@ -93,3 +93,117 @@ def test_methods_lists_the_baselines_with_defaults():
     }
     assert infos["pyramidkv"].params["window_size"] == 8
     assert all(info.summary and info.paper for info in infos.values())
+
+
+# ---------------------------------------------------------------------------------- issue 16: errors, not tracebacks
+def test_method_name_must_be_a_string():
+    with pytest.raises(TypeError, match=r"method name must be a string, one of: .*snapkv.*; got None"):
+        kvsieve.method(None)
+
+
+def test_full_takes_no_budget():
+    with pytest.raises(ValueError, match=r"method 'full' takes no parameters \(got 'budget'\).*no budget"):
+        kvsieve.method("full", budget=100)
+
+
+def test_sieve_cache_takes_a_method_name():
+    model = tiny_model("llama")
+    cache = kvsieve.SieveCache(model, "snapkv")
+    assert cache.method.name == "snapkv" and cache.method.budget == kvsieve.method("snapkv").budget
+    assert kvsieve.SieveCache(model).method.name == "full"
+    with pytest.raises(TypeError, match=r"method must be a kvsieve Method .*a method name or None.*got int"):
+        kvsieve.SieveCache(model, 5)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "error", "message"),
+    [
+        (None, TypeError, r"prompt must be a string, a list of token ids, a list of chat messages .*got None"),
+        (["first prompt", "second"], ValueError, r"list of strings \(a batch\?\).*batches are not supported yet"),
+        ([[5, 6], [7, 8]], ValueError, r"list of sequences \(a batch\?\).*one prompt per call"),
+        (torch.tensor([[5, 6], [7, 8]]), ValueError, r"tensor of shape \[2, 2\].*batches are not supported yet"),
+        ([5, 6.5], TypeError, r"token ids must be ints, got 6.5"),
+    ],
+)
+def test_generate_refuses_what_is_not_one_prompt(prompt, error, message):
+    from helpers import IdTokenizer
+
+    with pytest.raises(error, match=message):
+        kvsieve.generate(tiny_model("llama"), IdTokenizer(), prompt, max_new_tokens=2)
+
+
+def test_generate_needs_the_tokenizer():
+    with pytest.raises(TypeError, match=r"tokenizer must be the model's tokenizer .*got NoneType"):
+        kvsieve.generate(tiny_model("llama"), None, [5, 6, 7])
+    with pytest.raises(TypeError, match=r"model must be a transformers causal LM .*got str"):
+        kvsieve.generate("smollm2-135m", None, [5, 6, 7])
+
+
+def test_why_generation_stopped():
+    from helpers import IdTokenizer
+
+    model = tiny_model("llama")
+    out = kvsieve.generate(model, IdTokenizer(), [5, 6, 7, 8], max_new_tokens=4)
+    assert out.stop_reason == "max_new_tokens" and len(out.tokens) == 4
+    early = kvsieve.generate(model, IdTokenizer(eos=out.tokens[1]), [5, 6, 7, 8], max_new_tokens=4)
+    assert early.stop_reason == "eos" and early.tokens == out.tokens[:2]
+
+
+def test_a_conversation_is_one_prompt_through_the_chat_template(smollm2_tokenizer):
+    from helpers import IdTokenizer
+
+    tok = smollm2_tokenizer
+    messages = [{"role": "user", "content": "The pass key is 31415. Remember it."}]
+    ids, question = encode_prompt(tok, messages)
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert question == [] and ids == tok(text, add_special_tokens=False)["input_ids"]
+    # with a question, split like a string prompt: the same tokens as the one-string form
+    assert encode_prompt(tok, messages, "What is the pass key?") == encode_prompt(
+        tok, messages[0]["content"], "What is the pass key?"
+    )
+    with pytest.raises(ValueError, match="needs the tokenizer's chat template, and this tokenizer has none"):
+        encode_prompt(IdTokenizer(), messages)
+    with pytest.raises(ValueError, match=r"prompt message 0 must be \{'role': str, 'content': str\}"):
+        encode_prompt(tok, [{"role": "user", "text": "hi"}])
+
+
+@pytest.fixture
+def checkpoint(tmp_path, smollm2_tokenizer):
+    """A complete checkpoint directory: a tiny Llama's weights and config, and a tokenizer."""
+    tiny_model("llama").save_pretrained(tmp_path)
+    smollm2_tokenizer.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_device_map_cuda_without_cuda(checkpoint, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device_map in ("cuda", "cuda:0", {"": 0}):
+        with pytest.raises(ValueError, match=r"device_map=.* asks for a CUDA device, but CUDA is not available"):
+            kvsieve.load_model(checkpoint, device_map=device_map)
+
+
+def test_truncated_safetensors_is_named(checkpoint):
+    from kvsieve.models import ModelIntegrityError
+
+    weights = checkpoint / "model.safetensors"
+    with weights.open("r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+    with pytest.raises(
+        ModelIntegrityError, match=r"model\.safetensors' is not a readable safetensors file .*truncated"
+    ):
+        kvsieve.load_model(checkpoint)
+
+
+def test_every_method_says_what_its_budget_counts_and_what_its_parameters_mean():
+    for info in kvsieve.methods():
+        if info.name == "full":
+            assert info.budget_counts == "" and info.params == {}
+            continue
+        counts = info.budget_counts
+        assert "stored" in counts or "attends" in counts, info.name
+        missing = [name for name, text in info.param_help.items() if not text]
+        assert not missing and set(info.param_help) == set(info.params), (info.name, missing)
+    infos = {info.name: info for info in kvsieve.methods()}
+    assert "stored" in infos["snapkv"].budget_counts and "attends" in infos["refreshkv"].budget_counts
+    assert infos["pyramidkv"].param_help["window_size"] and infos["snapkv-w1"].preset_of == "snapkv"
+    assert infos["snapkv-w1"].preset_params == {"window_size": 1, "gqa_reduce": "max"}

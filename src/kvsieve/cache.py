@@ -160,17 +160,16 @@ class SieveCache(Cache):
     first multi-token forward is taken as the whole prompt and compressed layer by layer right after it.
     ``kvsieve.generate`` drives the phases explicitly instead (chunked prefill, a question fed after compression).
 
+    ``method``: a `Method`, a registered name (``"snapkv"``: its default parameters) or None (the full cache).
     ``trace=True`` records, per layer and attention call, the logical positions attended (``[B, H_kv, S]``), for
     tests and analysis.
     """
 
-    def __init__(self, model_or_config, method: Method | None = None, *, reserve: int = 64, trace: bool = False):
-        from kvsieve.methods import method as make_method
-
+    def __init__(self, model_or_config, method: Method | str | None = None, *, reserve: int = 64, trace: bool = False):
         config = getattr(model_or_config, "config", model_or_config)
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         check_supported(text_config)
-        self.method = method if method is not None else make_method("full")
+        self.method = as_method(method)
         self.trace = trace
         self.shared: dict[str, Any] = {}  # per-cache state that a method shares across its layers (LayerInfo.shared)
         n_layers = text_config.num_hidden_layers
@@ -226,6 +225,23 @@ class SieveCache(Cache):
     def kv_bytes(self) -> int:
         """Bytes of K/V entries held now by all layers, measured from the tensors."""
         return sum(layer_kv_bytes(layer) for layer in self.layers)
+
+
+def as_method(spec: Method | str | None) -> Method:
+    """A `Method` from a method spec: a `Method`, a registered name (its default parameters) or None (the full
+    cache)."""
+    from kvsieve.methods import method as make_method
+
+    if spec is None:
+        return make_method("full")
+    if isinstance(spec, str):
+        return make_method(spec)
+    if not isinstance(spec, Method):
+        raise TypeError(
+            f"method must be a kvsieve Method (kvsieve.method(name, ...)), a method name or None (the full cache), "
+            f"got {type(spec).__name__}"
+        )
+    return spec
 
 
 def stored_entries(layer: CacheLayerMixin) -> int:

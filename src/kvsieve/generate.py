@@ -18,13 +18,15 @@ from typing import Any
 
 import torch
 
-from kvsieve.cache import SieveCache, SieveLayer, layer_kv_bytes, stored_entries
+from kvsieve.cache import SieveCache, SieveLayer, as_method, layer_kv_bytes, stored_entries
 from kvsieve.methods.base import Method, Phase, check_float, check_int
-from kvsieve.methods.base import method as make_method
 
 SPLIT_MARK = "<<kvsieve-question-split>>"
 
 TokenInput = str | Sequence[int] | torch.Tensor
+# A conversation: ``[{"role": "user", "content": "..."}, ...]``, rendered by the tokenizer's chat template.
+Messages = Sequence[dict[str, str]]
+PromptInput = TokenInput | Messages
 
 
 @dataclass
@@ -55,20 +57,25 @@ class GenerationOutput:
     text: str
     tokens: list[int]
     stats: GenerationStats
+    stop_reason: str = "max_new_tokens"  # or "eos": the model emitted an end-of-sequence token
 
 
 # ----------------------------------------------------------------------------------------------- inputs
 def encode_prompt(
-    tokenizer, prompt: TokenInput, question: TokenInput | None = None, chat: bool | None = None
+    tokenizer, prompt: PromptInput, question: TokenInput | None = None, chat: bool | None = None
 ) -> tuple[list[int], list[int]]:
     """Token ids of the prompt and of the question (empty when there is none).
 
     Strings go through the tokenizer's chat template when it has one (``chat=None``) as one user turn
     ``prompt + "\\n\\n" + question``, split right after the prompt so the two parts can be fed separately.
-    Token ids are used as given.
+    A list of ``{"role", "content"}`` messages is a conversation, rendered by the chat template (the question, if
+    any, ends the last user turn). Token ids (a list of ints, or a tensor with one row) are used as given. One
+    prompt per call: a batch (a list of strings or of id lists, a tensor of several rows) is refused.
     """
     if isinstance(prompt, str) and not prompt.strip():
         raise ValueError("prompt is empty")
+    if _is_conversation(prompt):
+        return _encode_conversation(tokenizer, list(prompt), question, chat)
     if not isinstance(prompt, str):
         ids = _as_ids(prompt, "prompt")
         return ids, ([] if question is None else _question_ids(tokenizer, question))
@@ -90,6 +97,42 @@ def encode_prompt(
     return context, rest
 
 
+def _is_conversation(prompt: Any) -> bool:
+    return isinstance(prompt, list | tuple) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
+
+
+def _encode_conversation(
+    tokenizer, messages: list[dict[str, str]], question: TokenInput | None, chat: bool | None
+) -> tuple[list[int], list[int]]:
+    """A conversation through the chat template; with a question, the context ends where the question starts."""
+    for i, message in enumerate(messages):
+        if set(message) - {"role", "content"} or not all(isinstance(message.get(k), str) for k in ("role", "content")):
+            raise ValueError(
+                f"prompt message {i} must be {{'role': str, 'content': str}}, got {message!r} (a conversation is a "
+                "list of such messages)"
+            )
+    if chat is False or not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "a prompt of chat messages needs the tokenizer's chat template"
+            + (" (chat=False was given)" if chat is False else ", and this tokenizer has none")
+            + ": pass the conversation as one string instead"
+        )
+    if question is None:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"], []
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("with a conversation as the prompt, question must be a non-empty string")
+    if messages[-1]["role"] != "user":
+        raise ValueError("with a question, the conversation's last message must be the user's (the question ends it)")
+    last = {**messages[-1], "content": messages[-1]["content"] + SPLIT_MARK + "\n\n" + question}
+    text = tokenizer.apply_chat_template([*messages[:-1], last], tokenize=False, add_generation_prompt=True)
+    before, after = text.split(SPLIT_MARK)
+    return (
+        tokenizer(before, add_special_tokens=False)["input_ids"],
+        tokenizer(after, add_special_tokens=False)["input_ids"],
+    )
+
+
 def _question_ids(tokenizer, question: TokenInput) -> list[int]:
     if isinstance(question, str):
         if not question.strip():
@@ -98,8 +141,32 @@ def _question_ids(tokenizer, question: TokenInput) -> list[int]:
     return _as_ids(question, "question")
 
 
-def _as_ids(ids: Sequence[int] | torch.Tensor, name: str) -> list[int]:
-    out = ids.flatten().tolist() if isinstance(ids, torch.Tensor) else list(ids)
+_ONE_PROMPT = (
+    "kvsieve.generate takes one prompt per call: a string, a list of token ids, or a list of "
+    "{'role', 'content'} messages (one conversation); batches are not supported yet"
+)
+
+
+def _as_ids(ids: Any, name: str) -> list[int]:
+    """Token ids as a list of ints; anything else (None, a batch, strings) is an error saying what is expected."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() > 2 or (ids.dim() == 2 and ids.shape[0] != 1):
+            raise ValueError(f"{name} is a tensor of shape {list(ids.shape)}: {_ONE_PROMPT}")
+        if ids.is_floating_point() or ids.is_complex():
+            raise TypeError(f"{name} must hold integer token ids, got a {ids.dtype} tensor")
+        out = ids.flatten().tolist()
+    elif isinstance(ids, list | tuple):
+        out = list(ids)
+        batch_item = next((t for t in out if isinstance(t, str | list | tuple | torch.Tensor)), None)
+        if batch_item is not None:
+            kind = "strings" if isinstance(batch_item, str) else "sequences"
+            raise ValueError(f"{name} is a list of {kind} (a batch?): {_ONE_PROMPT}")
+        bad = next((t for t in out if isinstance(t, bool) or not isinstance(t, int)), None)
+        if bad is not None:
+            raise TypeError(f"{name} token ids must be ints, got {bad!r}")
+    else:
+        chat = ", a list of chat messages" if name == "prompt" else ""
+        raise TypeError(f"{name} must be a string, a list of token ids{chat} or a tensor of ids, got {ids!r:.40}")
     if not out:
         raise ValueError(f"{name} is empty")
     return out
@@ -138,7 +205,7 @@ def eos_ids(model, tokenizer) -> set[int]:
 def generate(
     model,
     tokenizer,
-    prompt: TokenInput,
+    prompt: PromptInput,
     method: Method | str | None = None,
     max_new_tokens: int = 64,
     question: TokenInput | None = None,
@@ -152,17 +219,25 @@ def generate(
 ) -> GenerationOutput:
     """Generate from ``prompt`` with ``method``'s cache and measure it.
 
-    ``method``: a `Method`, a registered name (default parameters) or None (the full cache). ``chunk_size``:
-    prefill the prompt that many tokens at a time. ``temperature=0`` is greedy; otherwise nucleus sampling with
-    ``top_p`` from a generator seeded with ``seed``. ``stream`` receives the text as it is produced.
+    ``prompt``: a string, token ids, or a conversation (a list of ``{"role", "content"}`` messages, rendered by
+    the tokenizer's chat template); one prompt per call. ``method``: a `Method`, a registered name (default
+    parameters) or None (the full cache). ``chunk_size``: prefill the prompt that many tokens at a time.
+    ``temperature=0`` is greedy; otherwise nucleus sampling with ``top_p`` from a generator seeded with ``seed``.
+    ``stream`` receives the text as it is produced. ``out.stop_reason`` says why generation stopped: ``"eos"`` or
+    ``"max_new_tokens"``.
     """
     check_int("max_new_tokens", max_new_tokens, 1)
     check_float("temperature", temperature, 0.0)
     check_float("top_p", top_p, 0.0, 1.0, low_open=True)
     if chunk_size is not None:
         check_int("chunk_size", chunk_size, 1)
-    if isinstance(method, str) or method is None:
-        method = make_method(method or "full")
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_input_embeddings"):
+        raise TypeError(f"model must be a transformers causal LM (kvsieve.load_model), got {type(model).__name__}")
+    if not callable(getattr(tokenizer, "decode", None)):
+        raise TypeError(
+            f"tokenizer must be the model's tokenizer (kvsieve.load_model returns both), got {type(tokenizer).__name__}"
+        )
+    method = as_method(method)
     context_ids, question_ids = encode_prompt(tokenizer, prompt, question, chat)
     method = method.for_prompt(len(context_ids) + len(question_ids))
     device = model.get_input_embeddings().weight.device
@@ -211,7 +286,10 @@ def generate(
         prefill_s,
         decode_s / decode_steps if decode_steps else None,
     )
-    return GenerationOutput(text=text, tokens=tokens, stats=stats)
+    stopped_at_eos = bool(tokens) and tokens[-1] in stops
+    return GenerationOutput(
+        text=text, tokens=tokens, stats=stats, stop_reason="eos" if stopped_at_eos else "max_new_tokens"
+    )
 
 
 def decode(

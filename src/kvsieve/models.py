@@ -172,6 +172,7 @@ def load_model(
     A tokenizer without a pad token gets ``pad_token = eos_token`` so that batched calls work.
     """
     torch_dtype = _resolve_dtype(dtype)
+    _check_device_map(device_map)
     if not isinstance(attn_implementation, str) or not attn_implementation:
         raise ValueError(f"attn_implementation must be a non-empty string, got {attn_implementation!r}")
     options = _LoadOptions(torch_dtype, device_map, trust_remote_code, attn_implementation)
@@ -240,6 +241,36 @@ def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     raise ValueError(f"dtype must be a floating-point torch dtype or one of {allowed}; got {dtype!r}")
 
 
+def _check_device_map(device_map: Any) -> None:
+    """A device map that names a CUDA device needs CUDA: say so at once instead of torch's bare AssertionError."""
+    if device_map is None or device_map == "auto":
+        return
+    values = list(device_map.values()) if isinstance(device_map, dict) else [device_map]
+    wanted = []
+    for value in values:
+        if isinstance(value, torch.device):
+            value = str(value)
+        if (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, str) and value.startswith("cuda")
+        ):
+            wanted.append(value)
+    if not wanted:
+        return
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ValueError(
+            f"device_map={device_map!r} asks for a CUDA device, but CUDA is not available (torch {torch.__version__}, "
+            f"{build}); use device_map=None (CPU) or 'auto' (whatever devices there are)"
+        )
+    count = torch.cuda.device_count()
+    for value in wanted:
+        index = value if isinstance(value, int) else torch.device(value).index
+        if index is not None and not 0 <= index < count:
+            raise ValueError(
+                f"device_map={device_map!r} names CUDA device {index}, but there are {count} (0-{count - 1})"
+            )
+
+
 def _looks_like_path(name: str) -> bool:
     """A hub id is ``name`` or ``namespace/name``; anything else that does not exist was meant as a path."""
     return (
@@ -282,9 +313,40 @@ def _load_checkpoint_dir(path: Path, options: _LoadOptions) -> tuple[PreTrainedM
                 " AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir) writes safetensors."
             )
         raise ModelNotFoundError(f"{str(path)!r} has a config.json but no *.safetensors weights")
+    _check_safetensors(path)
     tokenizer = AutoTokenizer.from_pretrained(path, **options.tokenizer_kwargs())
-    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **options.model_kwargs())
+    from safetensors import SafetensorError
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **options.model_kwargs())
+    except SafetensorError as error:
+        raise ModelIntegrityError(
+            f"{str(path)!r}: its safetensors weights cannot be read ({error}){_redo(path)}"
+        ) from None
     return model, tokenizer
+
+
+def _check_safetensors(path: Path) -> None:
+    """Read every weight file's header (cheap): a truncated or corrupted file is named, not a Rust traceback."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ModelIntegrityError(
+                f"{str(file)!r} is not a readable safetensors file ({error}): it is truncated or corrupted{_redo(path)}"
+            ) from None
+
+
+def _redo(path: Path) -> str:
+    """How to get a good copy of a checkpoint directory."""
+    try:
+        path.resolve().relative_to((default_cache_dir() / "models").resolve())
+    except ValueError:
+        return "; copy or save the checkpoint again"
+    return f"; delete {str(path)!r} and kvsieve converts the model again on the next load"
 
 
 def _load_gguf(path: Path, options: _LoadOptions) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

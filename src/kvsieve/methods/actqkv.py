@@ -62,6 +62,7 @@ from kvsieve.methods.base import (
     check_choice,
     check_float,
     check_int,
+    param,
     register,
     register_preset,
 )
@@ -344,6 +345,7 @@ class ActQKV(InfLLM):
     summary = "InfLLM + activation-aware probe query, cosine retrieval, entropy-driven blocks per layer"
     paper = "arXiv 2502.13542"
     policy = ActQKVPolicy
+    budget_counts = "entries a step attends, on average (blocks per layer vary); the block memory stays off the device"
     DEFAULT_TOPK: ClassVar[int] = 46
     MIN_TOPK: ClassVar[int] = 1
 
@@ -351,16 +353,18 @@ class ActQKV(InfLLM):
     n_local: int = 512
     block_size: int = 32
     exc_block_size: int = 256
-    question_weight: float = 4.0
-    question_span: tuple[int, int] | None = None
-    similarity: str = "cosine"
-    dynamic_topk: bool = True
-    min_blocks: int = 32
-    max_blocks: int | None = None  # None: 2 x topk
-    entropy_window: int = 100
-    stats_scope: str = "shared"
-    stats_horizon: int = 1000
-    warmup_calls: int = 0  # 0: only the window that starts the statistics; 1000: the released count
+    question_weight: float = param(4.0, "weight of the question term in block scores while the prompt is read")
+    question_span: tuple[int, int] | None = param(
+        None, "[start, end) of the question in the prompt (None: from the cache)"
+    )
+    similarity: str = param("cosine", "block scoring: cosine (ActQKV) or dot (InfLLM)")
+    dynamic_topk: bool = param(True, "blocks per layer follow the entropy of its scores (False: topk each)")
+    min_blocks: int = param(32, "fewest blocks a layer takes with dynamic_topk")
+    max_blocks: int | None = param(None, "most blocks a layer takes with dynamic_topk (None: 2 x topk)")
+    entropy_window: int = param(100, "retrievals whose score entropy a layer averages")
+    stats_scope: str = param("shared", "activation statistics shared by all layers, or one set per layer")
+    stats_horizon: int = param(1000, "cap on the update count of the running query statistics")
+    warmup_calls: int = param(0, "calls read with the plain mean before the bias weights (released: 1000)")
 
     def validate(self) -> None:
         check_int("min_blocks", self.min_blocks, 0)

@@ -149,6 +149,9 @@ class Method:
     # True when the method keeps working past the model's trained window (``max_position_embeddings``); the
     # evaluation harness skips longer prompts for the others.
     extrapolates: ClassVar[bool] = False
+    # What ``budget`` counts for this method: entries stored per layer and KV head, or entries a decode step
+    # attends (`kvsieve methods` prints it). Empty: the method has no budget.
+    budget_counts: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -161,6 +164,23 @@ class Method:
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def param_help(cls) -> dict[str, str]:
+        """One line per parameter saying what it means (`param`'s ``help``, looked up through the base classes
+        where a subclass only changes a default)."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            out[f.name] = next(
+                (
+                    k.__dataclass_fields__[f.name].metadata.get("help", "")
+                    for k in cls.__mro__
+                    if f.name in getattr(k, "__dataclass_fields__", {})
+                    and k.__dataclass_fields__[f.name].metadata.get("help")
+                ),
+                "",
+            )
+        return out
 
     def for_prompt(self, prompt_tokens: int) -> Method:
         """This method as it runs on a prompt of ``prompt_tokens`` tokens (context and question together).
@@ -178,6 +198,14 @@ class Method:
     def __str__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{self.name}({args})"
+
+
+def param(default: Any, help: str) -> Any:
+    """A method parameter: its default and one line saying what it means (shown by `kvsieve methods`)."""
+    return field(default=default, metadata={"help": help})
+
+
+BUDGET_HELP = "KV entries per layer and KV head: an int is tokens, a float in (0, 1] a fraction of the prompt"
 
 
 # --------------------------------------------------------------------------------------------- budgets
@@ -228,12 +256,18 @@ def _fmt(bound: float | None) -> str:
 # --------------------------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class MethodInfo:
-    """What `kvsieve.methods()` lists: a name, a one-line summary, the paper and the parameters with defaults."""
+    """What `kvsieve.methods()` lists: a name, a one-line summary, the paper and the parameters with defaults;
+    what each parameter means (``param_help``) and what the budget counts (``budget_counts``, empty: no budget);
+    for a preset, the method it configures (``preset_of``) and the values it sets (``preset_params``)."""
 
     name: str
     summary: str
     paper: str
     params: dict[str, Any] = field(default_factory=dict)
+    param_help: dict[str, str] = field(default_factory=dict)
+    budget_counts: str = ""
+    preset_of: str | None = None
+    preset_params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -264,6 +298,8 @@ def register_preset(name: str, cls: type[Method], summary: str, **defaults: Any)
 
 def method(name: str, **params: Any) -> Method:
     """Build a method by name: ``kvsieve.method("snapkv", budget=0.2, window_size=32)``."""
+    if not isinstance(name, str):
+        raise TypeError(f"method name must be a string, one of: {', '.join(sorted(_REGISTRY))}; got {name!r}")
     entry = _REGISTRY.get(name)
     if entry is None:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.4)
@@ -276,6 +312,11 @@ def method(name: str, **params: Any) -> Method:
         for p in unknown:
             close = difflib.get_close_matches(p, allowed, n=1)
             parts.append(f"{p!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        if not allowed:  # the full cache: nothing to configure, and no budget since it keeps every entry
+            raise ValueError(
+                f"method {name!r} takes no parameters (got {', '.join(map(repr, unknown))}): it keeps and attends "
+                "every token, so it has no budget"
+            )
         raise ValueError(
             f"method {name!r} has no parameter {', '.join(parts)}; its parameters are: {', '.join(allowed)}"
         )
@@ -296,5 +337,17 @@ def methods() -> list[MethodInfo]:
             elif f.default_factory is not dataclasses.MISSING:
                 defaults[f.name] = f.default_factory()
         defaults.update(entry.defaults)
-        infos.append(MethodInfo(name, entry.summary, entry.cls.paper, defaults))
+        preset_of = entry.cls.name if name != entry.cls.name else None
+        infos.append(
+            MethodInfo(
+                name,
+                entry.summary,
+                entry.cls.paper,
+                defaults,
+                entry.cls.param_help(),
+                entry.cls.budget_counts,
+                preset_of,
+                dict(entry.defaults),
+            )
+        )
     return infos

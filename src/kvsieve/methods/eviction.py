@@ -14,7 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsieve.methods.base import AttentionCall, LayerPolicy, Method, Phase, check_budget, resolve_budget
+from kvsieve.methods.base import (
+    BUDGET_HELP,
+    AttentionCall,
+    LayerPolicy,
+    Method,
+    Phase,
+    check_budget,
+    param,
+    resolve_budget,
+)
 from kvsieve.ops.attention import attend
 from kvsieve.ops.scoring import top_indices
 
@@ -27,7 +36,7 @@ PROTECTED = 2.0**50  # exact in float64 together with any position
 class BudgetedMethod(Method):
     """A method whose cache holds ``budget`` entries per layer and KV head (int: tokens; float: prompt fraction)."""
 
-    budget: int | float = 0.2
+    budget: int | float = param(0.2, BUDGET_HELP)
 
     def validate(self) -> None:
         check_budget(self.budget)

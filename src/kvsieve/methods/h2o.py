@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsieve.methods.base import AttentionCall, check_choice, check_float, check_int, register
+from kvsieve.methods.base import AttentionCall, check_choice, check_float, check_int, param, register
 from kvsieve.methods.eviction import PROTECTED, BudgetedMethod, PriorityEvictionPolicy
 from kvsieve.ops.scoring import attention_column_sums, attention_probs, reduce_gqa
 
@@ -62,11 +62,12 @@ class H2O(BudgetedMethod):
     summary = "Heavy hitters by accumulated attention + recent tokens, updated every decode step"
     paper = "arXiv 2306.14048 (NeurIPS 2023)"
     policy = H2OPolicy
+    budget_counts = "entries stored per layer and KV head (heavy hitters + recent), held at every decode step"
     shares_prefill = True
 
-    recent_ratio: float = 0.5
-    gqa_reduce: str = "mean"
-    score_block: int = 512
+    recent_ratio: float = param(0.5, "share of the budget kept for the most recent tokens; the rest: heavy hitters")
+    gqa_reduce: str = param("mean", "how a KV head combines its query heads' scores: mean, max or sum")
+    score_block: int = param(512, "prefill queries scored at a time (memory, not results)")
 
     def validate(self) -> None:
         super().validate()

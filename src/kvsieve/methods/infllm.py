@@ -50,6 +50,7 @@ from kvsieve.methods.base import (
     check_choice,
     check_float,
     check_int,
+    param,
     register,
     register_preset,
     resolve_budget,
@@ -398,20 +399,23 @@ class InfLLM(Method):
     summary = "Sliding window + init tokens + top-k retrieved blocks of a host-resident context memory"
     paper = "arXiv 2402.04617 (NeurIPS 2024)"
     policy = InfLLMPolicy
+    budget_counts = "entries a step attends on the device (init + window + blocks); the block memory is kept off it"
     extrapolates: ClassVar[bool] = True  # memory at a fixed distance: prompts beyond the trained window work
     DEFAULT_TOPK: ClassVar[int] = 16
     MIN_TOPK: ClassVar[int] = 0
 
-    n_init: int = 128
-    n_local: int = 4096
-    block_size: int = 128
-    topk: int | None = None  # blocks retrieved per step; None: from budget, else DEFAULT_TOPK
-    budget: int | None = None  # n_init + n_local + topk * block_size
-    repr_topk: int = 4
-    exc_block_size: int = 512
-    max_cached_block: int | None = None  # device cache, in blocks; None: twice the blocks one step retrieves
-    cache_strategy: str = "lru"
-    score_decay: float = 0.1  # lru-s only
+    n_init: int = param(128, "first tokens always attended (attention sinks)")
+    n_local: int = param(4096, "sliding window of recent tokens, attended at their true distance")
+    block_size: int = param(128, "tokens per memory block")
+    topk: int | None = param(None, "blocks retrieved per step (None: from budget, else the default)")
+    budget: int | float | None = param(
+        None, "entries a step attends, n_init + n_local + topk x block_size (a float: a fraction of the prompt)"
+    )
+    repr_topk: int = param(4, "most-attended tokens whose keys represent a block")
+    exc_block_size: int = param(512, "prompt queries per retrieval window")
+    max_cached_block: int | None = param(None, "blocks cached on the device (None: twice what one step retrieves)")
+    cache_strategy: str = param("lru", "device cache eviction: lru, or lru-s (lowest decayed score)")
+    score_decay: float = param(0.1, "lru-s only: per-step decay of a cached block's score")
 
     def validate(self) -> None:
         check_int("n_init", self.n_init, 0)

@@ -39,12 +39,14 @@ from typing import Any
 import torch
 
 from kvsieve.methods.base import (
+    BUDGET_HELP,
     AttentionCall,
     LayerInfo,
     LayerPolicy,
     check_choice,
     check_float,
     check_int,
+    param,
     register,
     register_preset,
     resolve_budget,
@@ -251,20 +253,23 @@ class NACL(BudgetedMethod):
     summary = "Proxy-token attention top-k + softmax-sampled random tokens, per KV head, once after prefill"
     paper = "arXiv 2408.03675 (ACL 2024)"
     policy = NACLPolicy
+    budget_counts = "entries stored per layer and KV head after the prompt; later tokens are added"
     shares_prefill = True
 
-    budget: int | float = 0.2
-    n_sink: int = 4
-    protect: int | float | None = None
-    proxy_keep: int | float | None = None
-    random_keep: int | float | None = None
-    proxy_ratio: float = 0.01
-    proxy_source: str = "question"
-    keep_proxies: bool = True
-    gqa: str = "sum"
-    seed: int = 0
-    min_eviction_seqlen: int = 0
-    score_block: int = 512
+    budget: int | float = param(0.2, BUDGET_HELP + " (sink + recent + C_p + C_r)")
+    n_sink: int = param(4, "first tokens kept, taken from protect (at most half of it)")
+    protect: int | float | None = param(None, "sink + recent tokens kept (int tokens, float fraction; None: 5% share)")
+    proxy_keep: int | float | None = param(None, "C_p: top proxy-score tokens kept (None: 60% share of the budget)")
+    random_keep: int | float | None = param(
+        None, "C_r: tokens sampled with probability softmax(scores) (None: the rest)"
+    )
+    proxy_ratio: float = param(0.01, "proxy_source=last: the prompt's last fraction whose queries score the rest")
+    proxy_source: str = param("question", "proxy queries: the question's tokens (paper) or the prompt's last ones")
+    keep_proxies: bool = param(True, "grow the recent window to keep the proxy tokens themselves")
+    gqa: str = param("sum", "sum: a KV head sums its query heads' scores; code: the released indexing")
+    seed: int = param(0, "seed of the random sample (per layer)")
+    min_eviction_seqlen: int = param(0, "prompts this short or shorter are not compressed")
+    score_block: int = param(512, "keys scored at a time (memory, not results)")
 
     @property
     def compress_after_question(self) -> bool:  # type: ignore[override]

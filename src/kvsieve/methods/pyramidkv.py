@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvsieve.methods.base import check_int, register, resolve_budget
+from kvsieve.methods.base import check_int, param, register, resolve_budget
 from kvsieve.methods.snapkv import SnapKV, SnapKVPolicy
 
 
@@ -48,9 +48,10 @@ class PyramidKV(SnapKV):
     summary = "SnapKV selection with per-layer budgets shrinking towards the top layers"
     paper = "arXiv 2406.02069"
     policy = PyramidKVPolicy
+    budget_counts = "entries stored after the prompt, averaged over layers (the bottom layers keep more)"
 
-    window_size: int = 8
-    beta: int = 20
+    window_size: int = param(8, "last prompt queries whose attention scores the prefix; kept in every layer")
+    beta: int = param(20, "pyramid steepness: the top layer keeps (budget - window) / beta selected entries")
 
     def validate(self) -> None:
         super().validate()

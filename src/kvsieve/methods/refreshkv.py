@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from kvsieve.methods.base import (
+    BUDGET_HELP,
     AttentionCall,
     LayerPolicy,
     Phase,
@@ -56,6 +57,7 @@ from kvsieve.methods.base import (
     check_choice,
     check_float,
     check_int,
+    param,
     register,
     register_preset,
     resolve_budget,
@@ -288,15 +290,16 @@ class RefreshKV(BudgetedMethod):
     summary = "Full cache + small partial cache; full-attention steps refresh it when the query drifts"
     paper = "arXiv 2411.05787 (ACL 2025)"
     policy = RefreshKVPolicy
+    budget_counts = "entries a partial decode step attends (K); the full cache is stored as well"
     shares_prefill = True
 
-    budget: int | float = 0.125
-    schedule: str = "query_similarity"
-    stride: int = 10
-    threshold: float | None = None
-    kernel_size: int = 7
-    gqa_reduce: str = "max"
-    refresh: bool = True
+    budget: int | float = param(0.125, BUDGET_HELP + " (K, the partial cache)")
+    schedule: str = param("query_similarity", "when a layer goes full: query_similarity (per layer) or fixed")
+    stride: int = param(10, "decode steps between checks (query_similarity) or full steps (fixed)")
+    threshold: float | None = param(None, "cosine below which a layer refreshes (None: 0.85 Llama, 0.95 Qwen)")
+    kernel_size: int = param(7, "max-pooling kernel along positions when the partial cache is rebuilt (odd)")
+    gqa_reduce: str = param("max", "how a KV head combines its query heads' scores: max, mean or sum")
+    refresh: bool = param(True, "False: never a full step after the prompt (the ablation baseline)")
 
     def validate(self) -> None:
         check_budget(self.budget)

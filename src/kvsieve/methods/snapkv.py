@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsieve.methods.base import AttentionCall, check_choice, check_int, register, register_preset
+from kvsieve.methods.base import AttentionCall, check_choice, check_int, param, register, register_preset
 from kvsieve.methods.eviction import PROTECTED, BudgetedMethod, PriorityEvictionPolicy
 from kvsieve.ops.scoring import attention_probs, pool_scores, reduce_gqa
 
@@ -62,12 +62,13 @@ class SnapKV(BudgetedMethod):
     summary = "Observation-window attention, max-pooled, top-k per KV head after prefill"
     paper = "arXiv 2404.14469 (NeurIPS 2024)"
     policy = SnapKVPolicy
+    budget_counts = "entries stored per layer and KV head after the prompt (window + top-k); later tokens are added"
     shares_prefill = True
 
-    window_size: int = 32
-    kernel_size: int = 7
-    pooling: str = "max"
-    gqa_reduce: str = "mean"
+    window_size: int = param(32, "last prompt queries whose attention scores the prefix; they are kept too")
+    kernel_size: int = param(7, "pooling kernel along positions (odd): neighbours of a chosen entry come along")
+    pooling: str = param("max", "max or avg pooling of the window's attention")
+    gqa_reduce: str = param("mean", "how a KV head combines its query heads' scores: mean, max or sum")
 
     def validate(self) -> None:
         super().validate()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsieve.methods.base import AttentionCall, check_int, register
+from kvsieve.methods.base import AttentionCall, check_int, param, register
 from kvsieve.methods.eviction import PROTECTED, BudgetedMethod, PriorityEvictionPolicy
 
 
@@ -34,9 +34,10 @@ class StreamingLLM(BudgetedMethod):
     summary = "Attention sinks + recent window, rolling during decode"
     paper = "arXiv 2309.17453 (ICLR 2024)"
     policy = StreamingLLMPolicy
+    budget_counts = "entries stored per layer and KV head (sink + recent), held at every decode step"
     shares_prefill = True
 
-    n_sink: int = 4
+    n_sink: int = param(4, "first tokens always kept (attention sinks); the rest of the budget is the recent window")
 
     def validate(self) -> None:
         super().validate()
