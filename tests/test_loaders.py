@@ -173,3 +173,14 @@ def test_malformed_infinitebench_and_ruler_lines(tmp_path):
     with pytest.raises(DataFormatError, match="no rows"):
         load_benchmark_file(empty, benchmark="ruler")
     assert issubclass(DataFormatError, ValueError)
+
+
+def test_unterminated_string_and_non_utf8_lines_read_cleanly(tmp_path):
+    path = tmp_path / "qasper.jsonl"
+    path.write_text('{"input": "q", "context": "an unterminated string')
+    with pytest.raises(DataFormatError, match=r"qasper.jsonl:1: invalid JSON") as caught:
+        load_benchmark_file(path)
+    assert str(caught.value).endswith("invalid JSON (Unterminated string starting at column 27)")  # not "at at"
+    path.write_bytes(b'{"input": "caf\xe9"}\n')
+    with pytest.raises(DataFormatError, match=r"qasper.jsonl:1: not UTF-8 text \(byte 0xe9 at offset 14 of the line\)"):
+        load_benchmark_file(path)

@@ -7,6 +7,7 @@ The Chromium check has a negative control: a page with a corrupt image must log 
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -377,3 +378,31 @@ def test_summarize_counts_and_intervals():
     table = format_summary(list(groups.values()))
     assert "95% CI" in table.splitlines()[0]
     assert re.search(r"0\.800\s+\[0\.490-0\.943\]\s+0\.857", table)
+
+
+def test_a_budget_axis_of_fractions_and_token_counts_gets_one_panel_per_unit(tmp_path):
+    """Fractions of the prompt and token counts are different units: never ranks on one axis."""
+    rows = [r for r in fixture_rows() if r["task"] == "passkey" and r["status"] == "ok"]
+    tokens = [
+        {**r, "key": r["key"].replace("|0.5", "|256"), "budget": "256"}
+        for r in rows
+        if r["method"] == "snapkv" and r["budget"] == "0.5"
+    ]
+    text = build_report([load_run(write_run_dir(tmp_path / "mixed", rows + tokens))])
+    alts = re.findall(r'<img class="plot" alt="([^"]+)"', text)
+    assert alts[:2] == ["passkey score vs budget (fraction of the prompt)", "passkey score vs budget (tokens)"]
+    plain = build_report([load_run(write_run_dir(tmp_path / "plain", rows))])
+    assert re.findall(r'<img class="plot" alt="([^"]+)"', plain)[0] == "passkey score vs budget"
+
+
+def test_skip_reasons_in_the_summary_and_on_the_page(tmp_path):
+    reason = "16384 positions exceed the model's window of 8192 tokens"
+    rows = fixture_rows()
+    assert f"note: 5 rows skipped (passkey; full, snapkv, streamingllm): {reason}" in format_summary(summarize(rows))
+    text = html.unescape(build_report([load_run(write_run_dir(tmp_path / "sweep", rows))]))
+    assert f"5 rows skipped (passkey; full, snapkv, streamingllm): {reason}" in text
+    # a task none of whose rows ran: its section says so and why, instead of being empty
+    skipped = [{**r, "task": "niah_single_2", "key": "n" + r["key"]} for r in rows if r["status"] == "skipped"]
+    text = html.unescape(build_report([load_run(write_run_dir(tmp_path / "beyond", [*rows, *skipped]))]))
+    section = text.split("<h3>niah_single_2</h3>")[1].split("<h")[0]
+    assert "No row of this task ran." in section and reason in section

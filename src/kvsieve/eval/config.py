@@ -61,6 +61,7 @@ class EvalConfig:
     ``params[name]["budget"]`` says otherwise. ``params``: ``{method: {parameter: value}}``. ``tasks``: generated
     task names or ``lm``; ``data``: benchmark files (``{path, benchmark, task, group_by_context}`` or a path).
     ``samples`` per (task, length, depth); ``depths`` None: each task's default (random RULER depths).
+    Given ``data`` without ``tasks``, only the files run (``tasks`` defaults to ``[passkey]`` otherwise).
     ``metrics``: ``{task: metric}`` overrides; ``task_options``: ``{task: {option: value}}`` for the generators
     (e.g. ``{kv_retrieval: {n_questions: 2}}``, ``{niah_single_2: {haystack_source: kjv}}``). ``lm_continuation``:
     tokens scored after an ``lm`` context of ``length`` tokens. ``max_new_tokens`` None: each task's own. ``chat``
@@ -99,7 +100,10 @@ class EvalConfig:
         if unknown:
             hints = "; ".join(f"{k!r} (closest: {_close(str(k), names)})" for k in unknown)
             raise ValueError(f"{source}: unknown setting(s) {hints}; settings: {', '.join(names)}")
-        config = cls(**dict(data))
+        data = dict(data)
+        if data.get("data") and "tasks" not in data:  # benchmark files alone: run only them, not the default task
+            data["tasks"] = []
+        config = cls(**data)
         config.normalize()
         return config
 

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from kvsieve.eval.config import FULL, LM_TASK
-from kvsieve.eval.runner import CONFIG, ENV, SUMMARY, _budget_order, rows_files, run_rows, summarize
+from kvsieve.eval.runner import CONFIG, ENV, SUMMARY, _budget_order, rows_files, run_rows, skip_notes, summarize
 from kvsieve.eval.stats import format_interval, wilson_interval
 
 __all__ = ["RunData", "build_report", "load_run", "summary_markdown", "write_report"]
@@ -122,12 +122,17 @@ def _budget_value(label: str) -> float | None:
         return None
 
 
+def _is_fraction(label: str) -> bool:
+    """A budget label written as a float (``0.2``, ``1e-05``) is a fraction of the prompt; an int counts tokens."""
+    return any(c in label for c in ".eE")
+
+
 def _budget_axis(labels: Sequence[str]) -> tuple[dict[str, float], list[float], list[str], str]:
     """x positions for budget labels: their values when all are fractions (or all token counts), else ranks."""
     values = {b: _budget_value(b) for b in labels}
     numeric = [b for b in labels if values[b] is not None]
-    fractions = all("." in b for b in numeric)
-    tokens = all("." not in b for b in numeric)
+    fractions = all(_is_fraction(b) for b in numeric)
+    tokens = not any(_is_fraction(b) for b in numeric)
     if numeric and (fractions or tokens):
         positions = {b: values[b] for b in numeric}
         ticks = sorted(positions.values())
@@ -175,11 +180,34 @@ def _merge_runs(runs: Sequence[RunData]) -> list[dict[str, Any]]:
 
 # ----------------------------------------------------------------------------------------------- sections
 def _score_section(task: str, groups: list[dict[str, Any]], colors: dict[str, Any]) -> str:
-    """Score and retention against the budget, per method (colour) and mode (line style); scores with their 95%
-    intervals (error bars; a band around the full cache's line). Series are nudged apart along x by up to 2% of
-    the axis, so that equal intervals at one budget stay distinguishable."""
+    """Score and retention against the budget, one figure per budget unit (fractions of the prompt, token counts:
+    a sweep that mixes them gets one of each, never one axis of two units), then the table of every group."""
     compressed = [g for g in groups if g["budget"] != "-" and g["n"]]
     unbudgeted = [g for g in groups if g["budget"] == "-" and g["n"]]
+    fractions = [g for g in compressed if _is_fraction(g["budget"])]
+    tokens = [g for g in compressed if not _is_fraction(g["budget"])]
+    parts = [fractions, tokens] if fractions and tokens else [compressed]
+    images = [_score_figure(task, part, unbudgeted, colors, len(parts) > 1) for part in parts]
+    is_lm = task == LM_TASK
+    header = ["mode", "method", "budget", "n", "score", "95% CI", "retention", "skipped"]
+    if is_lm:
+        header = ["method", "budget", "n", "perplexity", "KL", "top-1 agreement", "95% CI", "skipped"]
+    rows = []
+    for g in groups:
+        score = [g["score"], _interval(g)]
+        if is_lm:
+            rows.append([g["series"], g["budget"], g["n"], g.get("ppl"), g.get("kl"), *score, g["skipped"]])
+        else:
+            rows.append([g["mode"], g["series"], g["budget"], g["n"], *score, g["retention"], g["skipped"]])
+    return "".join(images) + _table(header, rows)
+
+
+def _score_figure(
+    task: str, compressed: list[dict[str, Any]], unbudgeted: list[dict[str, Any]], colors: dict[str, Any], split: bool
+) -> str:
+    """One figure of score and retention against one unit of budget, per method (colour) and mode (line style);
+    scores with their 95% intervals (error bars; a band around the full cache's line). Series are nudged apart
+    along x by up to 2% of the axis, so that equal intervals at one budget stay distinguishable."""
     is_lm = task == LM_TASK
     panels = [("score", "top-1 agreement with the full cache" if is_lm else "score"), ("retention", "retention")]
     if is_lm:
@@ -228,18 +256,9 @@ def _score_section(task: str, groups: list[dict[str, Any]], colors: dict[str, An
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:  # beside the panels, never over the lines
         fig.legend(handles, labels, fontsize=7, loc="outside right upper")
-    fig.suptitle(f"{task}: black lines = full cache", fontsize=10)
-    header = ["mode", "method", "budget", "n", "score", "95% CI", "retention", "skipped"]
-    if is_lm:
-        header = ["method", "budget", "n", "perplexity", "KL", "top-1 agreement", "95% CI", "skipped"]
-    rows = []
-    for g in groups:
-        score = [g["score"], _interval(g)]
-        if is_lm:
-            rows.append([g["series"], g["budget"], g["n"], g.get("ppl"), g.get("kl"), *score, g["skipped"]])
-        else:
-            rows.append([g["mode"], g["series"], g["budget"], g["n"], *score, g["retention"], g["skipped"]])
-    return _img(fig, f"{task} score vs budget") + _table(header, rows)
+    unit = f" ({xlabel.removeprefix('budget (').removesuffix(')')})" if split else ""
+    fig.suptitle(f"{task}{unit}: black lines = full cache", fontsize=10)
+    return _img(fig, f"{task} score vs budget{unit}")
 
 
 def _heatmap_section(task: str, rows: list[dict[str, Any]]) -> str:
@@ -446,6 +465,11 @@ def _groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def _skip_notes(groups: list[dict[str, Any]]) -> list[str]:
+    """The skipped rows of ``groups``, one paragraph per reason."""
+    return [f'<p class="note skipped">{html.escape(line)}</p>' for line in skip_notes(groups)]
+
+
 def _markdown_cell(group: dict[str, Any] | None, n: int) -> str:
     """One budget's cell of a `summary_markdown` line whose ``n`` column says ``n``."""
     if group is None:
@@ -537,12 +561,16 @@ def build_report(runs: Sequence[RunData], title: str | None = None) -> str:
             ],
         )
     )
+    body.extend(_skip_notes(groups))
     body.append("<h2>Score and retention vs budget</h2>")
     for task in tasks:
         task_groups = [g for g in groups if g["task"] == task]
+        body.append(f"<h3>{html.escape(task)}</h3>")
         if any(g["n"] for g in task_groups):
-            body.append(f"<h3>{html.escape(task)}</h3>")
             body.append(_score_section(task, task_groups, colors))
+        else:  # say why, instead of an empty section
+            body.append('<p class="note">No row of this task ran.</p>')
+        body.extend(_skip_notes(task_groups))
     heatmaps = []
     for task in tasks:
         if task == LM_TASK:
@@ -575,6 +603,11 @@ def write_report(
 ) -> Path:
     """Read ``run_dirs`` and write the HTML page to ``out`` (and `summary_markdown` to ``markdown``); returns
     the page's path."""
+    for name, path, example in (("out", out, "report.html"), ("markdown", markdown, "report.md")):
+        if path is not None and Path(path).is_dir():
+            raise ValueError(
+                f"{name} {str(path)!r} is a directory: give the file to write, e.g. {str(Path(path) / example)!r}"
+            )
     runs = [load_run(d) for d in run_dirs]
     if not any(run.rows for run in runs):
         raise ValueError(f"no rows in {', '.join(map(str, run_dirs))}: nothing to report")

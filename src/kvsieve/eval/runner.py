@@ -68,6 +68,7 @@ from kvsieve.generate import cache_kwargs, decode, eos_ids, kv_snapshot, prefill
 from kvsieve.methods.base import Phase
 from kvsieve.models import trained_window
 from kvsieve.prefill_sharing import copy_cache, shared_prefill, shares_prefill
+from kvsieve.progress import progress_bar
 
 __all__ = [
     "ROWS",
@@ -78,6 +79,7 @@ __all__ = [
     "rows_files",
     "run_eval",
     "run_rows",
+    "skip_notes",
     "summarize",
 ]
 
@@ -230,9 +232,12 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _open_run_dir(out: Path, config: EvalConfig, force: bool, echo: Callable[[str], None]) -> bool:
-    """Create or check ``out``; returns True when it holds this configuration's finished run."""
-    out.mkdir(parents=True, exist_ok=True)
+def _open_run_dir(out: Path, config: EvalConfig, force: bool, echo: Callable[[str], None], create: bool = True) -> bool:
+    """Check ``out`` and (``create``) create it, setting aside rows of another configuration with ``force``;
+    returns True when it holds this configuration's finished run. ``create=False`` only checks: nothing is
+    written, so a sweep that fails later (its plan, the model) leaves no half-made directory."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"run directory {str(out)!r} is an existing file: give --out a directory (new or a run's)")
     config_path = out / CONFIG
     if config_path.exists():
         try:
@@ -246,14 +251,21 @@ def _open_run_dir(out: Path, config: EvalConfig, force: bool, echo: Callable[[st
                 "or --force to set its rows aside and start again"
             )
         if differences:
-            _set_aside(out, echo)
+            if create:
+                _set_aside(out, echo)
         elif _finished(out):
             return True
     elif any(p.stat().st_size for p in rows_files(out)):
         if not force:
             raise RunDirError(f"{out} holds rows but no {CONFIG}: use another --out, or --force to set them aside")
-        _set_aside(out, echo)
-    _write_atomic(config_path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+        if create:
+            _set_aside(out, echo)
+    if create:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise RunDirError(f"cannot create run directory {str(out)!r}: {error.strerror}") from None
+        _write_atomic(config_path, yaml.safe_dump(config.to_dict(), sort_keys=False))
     return False
 
 
@@ -830,6 +842,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "budget": budget,
             "n": len(ok),
             "skipped": len(members) - len(ok),
+            "skip_reasons": _reasons(members),
             "score": score_sum / len(ok) if ok else None,
             "score_lo": score_lo,
             "score_hi": score_hi,
@@ -859,6 +872,31 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         )
     )
     return out
+
+
+def _reasons(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """Why rows were skipped: each distinct reason with its count."""
+    reasons: dict[str, int] = {}
+    for row in rows:
+        if row.get("status") == "skipped":
+            reason = row.get("reason") or "no reason recorded"
+            reasons[reason] = reasons.get(reason, 0) + 1
+    return reasons
+
+
+def skip_notes(groups: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per distinct skip reason: how many rows, of which tasks and methods."""
+    where: dict[str, tuple[int, dict[str, None], dict[str, None]]] = {}
+    for g in groups:
+        for reason, count in (g.get("skip_reasons") or {}).items():
+            total, tasks, methods = where.get(reason, (0, {}, {}))
+            tasks[g["task"]] = None
+            methods[g["method"]] = None
+            where[reason] = (total + count, tasks, methods)
+    return [
+        f"{total} rows skipped ({', '.join(tasks)}; {', '.join(methods)}): {reason}"
+        for reason, (total, tasks, methods) in where.items()
+    ]
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -910,6 +948,7 @@ def format_summary(groups: Sequence[dict[str, Any]]) -> str:
         text.append("  ".join(cells).rstrip())
         if n == 0:
             text.append("  ".join("-" * w for w in widths))
+    text += [f"note: {line}" for line in skip_notes(groups)]
     return "\n".join(text)
 
 
@@ -988,7 +1027,7 @@ def run_eval(
 
         config.model = DEFAULT_MODEL  # the resolved configuration names the model it ran
     out = Path(out)
-    if _open_run_dir(out, config, force, say):
+    if _open_run_dir(out, config, force, say, create=False):
         rows = run_rows(out)
         groups = summarize(rows)
         say(f"kvsieve eval: {out} already holds this finished run ({len(rows)} rows); nothing to do")
@@ -1000,6 +1039,9 @@ def run_eval(
         model, tokenizer = kvsieve.load_model(config.model, dtype=config.dtype)
     elif tokenizer is None:
         raise ValueError("run_eval: a model was given without its tokenizer")
+    # the plan builds every sample: a length too short for a task's template fails here, before any file exists
+    planned = _plan(config, runs, tokenizer, trained_window(model))
+    _open_run_dir(out, config, force, say)
 
     env_path = out / ENV
     env = environment(model)
@@ -1020,7 +1062,6 @@ def run_eval(
     done = {r["key"] for r in run_rows(out)}
     start = time.perf_counter()
     previous = _previous_elapsed(out, writer)
-    planned = _plan(config, runs, tokenizer, trained_window(model))
     units = planned if shard is None else planned[shard[0] :: shard[1]]
 
     def unit_done(unit: _Unit, keys: set[str]) -> bool:
@@ -1028,7 +1069,7 @@ def run_eval(
 
     log = _RowLog(_rows_path(out, shard))
     evaluator = _Evaluator(config, runs, model, tokenizer, log, done, on_row)
-    bar = _progress(len(units), sum(unit_done(unit, done) for unit in units), progress)
+    bar = progress_bar(len(units), sum(unit_done(unit, done) for unit in units), progress, "kvsieve eval", "sample")
     complete = False
     try:
         with torch.inference_mode():
@@ -1053,22 +1094,3 @@ def run_eval(
         groups = _write_summary(out, rows, complete and all(unit_done(unit, keys) for unit in planned))
     say(format_summary(groups))
     return groups
-
-
-class _NoBar:
-    def set_postfix_str(self, *args, **kwargs) -> None:
-        pass
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="sample", desc="kvsieve eval", file=sys.stderr, dynamic_ncols=True)

@@ -60,6 +60,12 @@ class TaskSpec:
         fixed = {"task", "tokenizer", "length", "depth", "seed", "index", "chat", "config", "dataset"}
         return tuple(p for p in parameters if p not in fixed)
 
+    @property
+    def option_defaults(self) -> dict[str, object]:
+        """Each option with its default (``kvsieve tasks`` lists them; ``task_options`` in a sweep overrides)."""
+        parameters = inspect.signature(self.build).parameters
+        return {name: parameters[name].default for name in self.options}
+
 
 def _ruler(builder: Callable[..., Sample], task: str, **bound) -> Callable[..., Sample]:
     return functools.partial(builder, task, **bound)

@@ -57,14 +57,22 @@ def _fail(path: Path, line: int | None, message: str) -> DataFormatError:
 
 
 def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                problem = f"not UTF-8 text (byte {raw[error.start]:#04x} at offset {error.start} of the line)"
+                raise _fail(path, number, problem) from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise _fail(path, number, f"invalid JSON ({error.msg} at column {error.colno})") from None
+                # json's messages can end in "at" ("Unterminated string starting at"): no doubled word
+                raise _fail(
+                    path, number, f"invalid JSON ({error.msg.removesuffix(' at')} at column {error.colno})"
+                ) from None
             if not isinstance(row, dict):
                 raise _fail(path, number, f"expected a JSON object, got {type(row).__name__}")
             yield number, row
