@@ -7,7 +7,7 @@ the proxy attention (``p`` proxy queries over all keys, per layer), the selectio
 tensors; the model's own prefill is the same. The plain transformers prefill (``DynamicCache``, sdpa) is timed too,
 to show what kvsieve's seam itself costs.
 
-    python benchmarks/bench_nacl_prefill.py --lengths 4096 8192 --repeats 5 --json nacl_prefill.json
+    python benchmarks/bench_nacl_prefill.py --lengths 4096 8192 --repeats 5 --out nacl_prefill.json
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--json", help="write the measurements to this file")
+    parser.add_argument("--out", default=None, metavar="FILE", help="write the measurements to this file (JSON)")
+    parser.add_argument("--json", dest="out", help=argparse.SUPPRESS)  # the old name of --out
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,8 +82,8 @@ def main() -> None:
             f"{r['tokens']:>6}  {r['config']:<28} {r['min_s']:>7.3f} {r['median_s']:>8.3f} "
             f"{r['ratio_min']:>8.3f} {r['ratio_median']:>12.3f}"
         )
-    if args.json:
-        with open(args.json, "w") as f:
+    if args.out:
+        with open(args.out, "w") as f:
             json.dump({"machine": machine, "repeats": args.repeats, "results": results}, f, indent=1)
 
 

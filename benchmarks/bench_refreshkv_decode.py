@@ -5,7 +5,7 @@ RefreshKV keeps the full cache and attends a partial cache of K entries on most 
 (teacher-free, ``stop_at_eos=False``) and is timed by ``kvsieve.generate``'s clock around each decode forward.
 Methods run interleaved ``--repeats`` times; the table shows the median decode time per token.
 
-    python benchmarks/bench_refreshkv_decode.py --context 4096 --new-tokens 64 --json runs/refreshkv_decode.json
+    python benchmarks/bench_refreshkv_decode.py --context 4096 --new-tokens 64 --out runs/refreshkv_decode.json
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model directory (default: kvsieve's default model)")
     parser.add_argument("--text", default=None, help="text file for the prompt (default: Paradise Lost)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--out", default=None, metavar="FILE", help="write the results here (JSON)")
+    parser.add_argument("--json", dest="out", help=argparse.SUPPRESS)  # the old name of --out
     args = parser.parse_args()
     if args.budget > 1:
         args.budget = int(args.budget)
@@ -140,7 +141,7 @@ def main() -> None:
             f"{r['method']:<20} {r['decode_ms_per_token']:>13.1f} {ratio:>8} {frac:>10} "
             f"{r['attended_per_step']:>9.0f} {r['kv_mib']:>7.1f} {agree:>11}"
         )
-    if args.json:
+    if args.out:
         result = {
             "args": vars(args),
             "source": source,
@@ -150,8 +151,8 @@ def main() -> None:
             "torch": torch.__version__,
             "rows": rows,
         }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ of torch threads. ``--timing`` adds prefill s, decode ms/token and K/V bytes for
 matched SnapKV, StreamingLLM), alternating the two libraries on the same ids, and the ratios kvsieve/kvpress.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kvpress_crosscheck.py --threads 1 \\
-        --json docs/results/kvpress_crosscheck.json
+        --out docs/results/kvpress_crosscheck.json
 """
 
 from __future__ import annotations
@@ -581,7 +581,8 @@ def main() -> None:
     parser.add_argument(
         "--work-dir", default="/tmp/kvpress_crosscheck", help="the token-id file (prompts.json) and the worker log"
     )
-    parser.add_argument("--json", default=None, help="write the summary (and timings) here")
+    parser.add_argument("--out", default=None, metavar="FILE", help="write the summary (and timings) here (JSON)")
+    parser.add_argument("--json", dest="out", help=argparse.SUPPRESS)  # the old name of --out
     parser.add_argument("--timing", action="store_true", help="also time the timed cells, alternating libraries")
     parser.add_argument("--repeats", type=int, default=1, help="timing repeats per prompt and cell")
     parser.add_argument("--skip-crosscheck", action="store_true", help="only the timings (with --timing)")
@@ -636,8 +637,8 @@ def main() -> None:
             print(timing_table(report["timing"]))
     finally:
         worker.close()
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":

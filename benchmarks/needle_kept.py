@@ -58,7 +58,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.5)
     parser.add_argument("--methods", nargs="+", default=["snapkv", "pyramidkv", "h2o", "nacl", "refreshkv"])
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--out", default=None, metavar="FILE", help="write the kept counts here (JSON)")
+    parser.add_argument("--json", dest="out", help=argparse.SUPPRESS)  # the old name of --out
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,8 +82,8 @@ def main() -> None:
         results[name] = result
         cells = " ".join(f"{f:>6.2f}" for f in result["per_token"])
         print(f"{name:<12} {cells}  {result['layers_with_all_in_every_head']} / {result['layers']}")
-    if args.json:
-        with open(args.json, "w") as f:
+    if args.out:
+        with open(args.out, "w") as f:
             json.dump({"args": vars(args), "answer": answer, "positions": positions, "results": results}, f, indent=1)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import tiny_llama_for
-from kvsieve.bench import bench, bench_runs, format_bench, prompt_ids
+from kvsieve.bench import BenchRow, bench, bench_runs, format_bench, prompt_ids
 from kvsieve.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
@@ -88,10 +88,43 @@ def test_command_line_writes_json(tiny, tmp_path, capsys):
     tok.save_pretrained(tmp_path / "m")
     out = tmp_path / "bench.json"
     args = ["bench", "--model", str(tmp_path / "m"), "--methods", "h2o", "--budgets", "16", "--lengths", "64",
-            "--new-tokens", "3", "--repeats", "1", "--threads", "1", "--json", str(out)]  # fmt: skip
+            "--new-tokens", "3", "--repeats", "1", "--threads", "1", "--no-progress", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     record = json.loads(out.read_text())
     assert [r["method"] for r in record["rows"]] == ["full", "h2o"] and record["env"]["torch"] == torch.__version__
     assert record["rows"][1]["kv_bytes"] * 4 == record["rows"][0]["kv_bytes"]
-    assert "h2o" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "h2o" in captured.out and "1 repetition: no spread is measured" in captured.err
     assert main(["bench", "--methods", "h2o", "--new-tokens", "0"]) == 2  # fails before loading any model
+    # --json is a flag, as for generate and methods: the record on standard output instead of the table
+    assert main([*args[:-2], "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in printed["rows"]] == ["full", "h2o"] and printed["warnings"]
+    # the old `--json FILE` says where the file goes now, before loading any model
+    assert main(["bench", "--methods", "h2o", "--json", str(out)]) == 2
+    assert f"--json is a flag (JSON on standard output); write a file with --out {out}" in capsys.readouterr().err
+
+
+def test_progress_bar_with_time_left(tiny, capsys):
+    model, tok = tiny
+    bench(model, tok, ["snapkv"], [64], budgets=[16], new_tokens=2, repeats=2, warmup=False, progress=True)
+    err = capsys.readouterr().err
+    assert "kvsieve bench" in err and "4/4" in err and "<" in err  # 2 methods x 2 repeats; tqdm's elapsed<left
+
+
+def _row(method: str, budget: str, decode: list[float], prefill: list[float]) -> BenchRow:
+    return BenchRow(method, budget, 4096, 32, len(decode), prefill_s_all=prefill, decode_ms_all=decode,
+                    reference="full -")  # fmt: skip
+
+
+def test_repetitions_that_disagree_more_than_the_difference_are_flagged():
+    from kvsieve.bench import noise_warnings
+
+    stable = [_row("full", "-", [2285.0, 2290.0, 2280.0], [1.0, 1.0, 1.0]),
+              _row("snapkv", "0.2", [342.0, 345.0, 340.0], [1.1, 1.1, 1.1])]  # fmt: skip
+    assert noise_warnings(stable) == []
+    noisy_ref = [_row("full", "-", [300.0, 2285.0, 2400.0], [1.0, 1.0, 1.0]),
+                 _row("snapkv", "0.2", [342.0, 345.0, 340.0], [1.0, 1.0, 1.0])]  # fmt: skip
+    (warning,) = noise_warnings(noisy_ref)
+    assert warning.startswith("snapkv 0.2 at 4096 tokens: decode differs from full by 1.94e+03 ms/token")
+    assert "less than the 2.1e+03 ms/token spread of full's repetitions" in warning

@@ -27,8 +27,9 @@ from kvsieve.eval.tasks.text import public_domain_text
 from kvsieve.generate import generate
 from kvsieve.methods.base import check_int
 from kvsieve.models import trained_window
+from kvsieve.progress import progress_bar
 
-__all__ = ["BenchRow", "bench", "bench_runs", "format_bench", "machine_line", "prompt_ids"]
+__all__ = ["BenchRow", "bench", "bench_runs", "format_bench", "machine_line", "noise_warnings", "prompt_ids"]
 
 PROMPT_SOURCES = ("kjv", "paradise_lost")
 
@@ -152,6 +153,7 @@ def bench(
     warmup: bool = True,
     on_run: Callable[[str], None] | None = None,
     reference: str = "full",
+    progress: bool = False,
 ) -> list[BenchRow]:
     """Measure every method (at every budget; the full cache always, first) at every prompt length.
 
@@ -159,11 +161,16 @@ def bench(
     ``{method: {parameter: value}}``. A method that cannot extrapolate is skipped (status ``"skipped"``, with the
     reason) where the prompt plus the new tokens exceed the model's trained window. ``reference``: the method
     (its first budget) that ratios and the same-prefix count compare with, e.g. ``infllm-2k`` beyond the window.
-    ``on_run(label)`` is called before each measured run.
+    ``on_run(label)`` is called before each measured run; ``progress`` shows a bar with the time left on stderr.
     """
     runs = bench_runs(methods, lengths, budgets, params, new_tokens, repeats, chunk_size, reference)
     ref_run = next(r for r in runs if r.name == reference)
     window = trained_window(model)
+
+    def fits(run: MethodRun, n: int) -> bool:
+        return window is None or n + new_tokens <= window or run.method.extrapolates
+
+    bar = progress_bar(sum(fits(r, n) for r in runs for n in lengths) * repeats, 0, progress, "kvsieve bench", "run")
     if warmup:  # first-call costs (allocator, kernels) land here, not in the first measured method
         _measure(model, tokenizer, prompt_ids(tokenizer, min(256, min(lengths))), runs[0], 2, None)
     rows: list[BenchRow] = []
@@ -171,7 +178,7 @@ def bench(
         ids = prompt_ids(tokenizer, n)
         live: list[MethodRun] = []
         for run in runs:
-            if window is not None and n + new_tokens > window and not run.method.extrapolates:
+            if not fits(run, n):
                 reason = beyond_window_reason(n + new_tokens, window)
                 rows.append(
                     BenchRow(run.name, run.label, n, new_tokens, 0, status="skipped", reason=reason,
@@ -182,9 +189,12 @@ def bench(
         measured: dict[int, list[dict]] = {id(run): [] for run in live}
         for rep in range(repeats):
             for run in live:
+                label = f"{run.name} {run.label} L{n} ({rep + 1}/{repeats})"
                 if on_run is not None:
-                    on_run(f"{run.name} {run.label} L{n} ({rep + 1}/{repeats})")
+                    on_run(label)
+                bar.set_postfix_str(label, refresh=False)
                 measured[id(run)].append(_measure(model, tokenizer, ids, run, new_tokens, chunk_size))
+                bar.update(1)
         ref = measured.get(id(ref_run))
         for run in live:
             ms = measured[id(run)]
@@ -219,7 +229,37 @@ def bench(
                     params=run.method.params(),
                 )
             )
+    bar.close()
     return rows
+
+
+def noise_warnings(rows: Sequence[BenchRow]) -> list[str]:
+    """Rows whose difference to the reference is within the noise of the repetitions: the spread (max - min over
+    repetitions) of the row or of its reference exceeds the gap between their medians. One line each."""
+    warnings = []
+    by_key = {(r.tokens, f"{r.method} {r.budget}"): r for r in rows if r.status == "ok"}
+    for row in rows:
+        ref = by_key.get((row.tokens, row.reference)) if row.reference else None
+        if row.status != "ok" or ref is None or ref is row:
+            continue
+        for name, unit, values, ref_values in (
+            ("prefill", "s", row.prefill_s_all, ref.prefill_s_all),
+            ("decode", "ms/token", row.decode_ms_all, ref.decode_ms_all),
+        ):
+            if len(values) < 2 or len(ref_values) < 2:
+                continue
+            gap = abs(statistics.median(values) - statistics.median(ref_values))
+            own, theirs = max(values) - min(values), max(ref_values) - min(ref_values)
+            spread, whose = (own, f"{row.method} {row.budget}") if own >= theirs else (theirs, row.reference)
+            whose = whose.removesuffix(" -")
+            if spread > gap:
+                warnings.append(
+                    f"{row.method} {row.budget} at {row.tokens} tokens: {name} differs from "
+                    f"{row.reference.removesuffix(' -')} by "
+                    f"{gap:.3g} {unit}, less than the {spread:.3g} {unit} spread of {whose}'s repetitions: "
+                    "the difference is noise (use more --repeats, on a quieter machine)"
+                )
+    return warnings
 
 
 def machine_line(env: dict[str, Any]) -> str:
