@@ -8,6 +8,27 @@ from typing import Any
 import yaml
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``(default: X)`` after every option whose default means something (not None, False or an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        unset = default is None or default is False or default is argparse.SUPPRESS or default == []
+        if "default" in text or not action.option_strings or unset:
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, list) else "%(default)s"
+        return f"{text} (default: {shown})".lstrip()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Every (sub)command's ``--help`` shows the defaults."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def parse_budget(text: str) -> int | float:
     """``"256"`` -> 256 tokens; ``"0.2"`` -> a fifth of the prompt."""
     try:
@@ -70,7 +91,7 @@ def add_method_args(
         "--budget",
         type=parse_budget,
         default=default_budget,
-        help="KV entries per layer and head: int tokens or a fraction of the prompt",
+        help="KV entries per layer and head: int tokens or a fraction of the prompt (default: the method's own)",
     )
     parser.add_argument(
         "--param", type=parse_param, action="append", default=[], metavar="K=V", help="a method parameter, repeatable"

@@ -16,22 +16,35 @@ def add_parsers(sub) -> None:
         description="Run (or resume) an evaluation sweep. A YAML --config gives any setting; the options below "
         "override it. The full cache always runs as the reference. Rerun the same command to resume.",
     )
+    d = _config_defaults()
     ev.add_argument("--out", required=True, help="run directory (created; resumed if it holds the same config)")
     ev.add_argument("--config", help="YAML file of settings (keys as in kvsieve.eval.config.EvalConfig)")
     ev.add_argument("--model", default=None, help="local HF directory, .gguf file or known alias (default: SmolLM2)")
-    ev.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
-    ev.add_argument("--methods", type=names, help="comma-separated method names (full is always run)")
-    ev.add_argument("--budgets", type=budgets, help="comma-separated budgets: ints (tokens) or fractions")
-    ev.add_argument("--tasks", type=names, help="comma-separated tasks, e.g. passkey,niah_single_2,lm")
-    ev.add_argument("--data", action="append", default=None, metavar="FILE", help="a benchmark JSONL file (repeatable)")
-    ev.add_argument("--lengths", type=ints, help="comma-separated prompt lengths in tokens")
-    ev.add_argument("--samples", type=int, help="samples per task, length and depth")
-    ev.add_argument("--depths", type=floats, help="comma-separated needle depths in [0, 1]")
-    ev.add_argument("--modes", type=names, help="query_aware,query_agnostic")
-    ev.add_argument("--seed", type=int)
-    ev.add_argument("--chunk-size", type=int, help="prefill prompts this many tokens at a time")
-    ev.add_argument("--max-new-tokens", type=int, help="override every task's own")
-    ev.add_argument("--lm-continuation", type=int, help="tokens scored after each lm context")
+    ev.add_argument("--dtype", default=None, help=f"float32 | bfloat16 | float16 {d['dtype']}")
+    ev.add_argument("--methods", type=names, help=f"comma-separated method names (full is always run) {d['methods']}")
+    ev.add_argument(
+        "--budgets", type=budgets, help=f"comma-separated budgets: ints (tokens) or fractions {d['budgets']}"
+    )
+    ev.add_argument(
+        "--tasks", type=names, help=f"comma-separated tasks from `kvsieve tasks` {d['tasks'][:-1]}; none with --data)"
+    )
+    ev.add_argument(
+        "--data",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="a benchmark JSONL file (repeatable); without --tasks only the files run",
+    )
+    ev.add_argument("--lengths", type=ints, help=f"comma-separated prompt lengths in tokens {d['lengths']}")
+    ev.add_argument("--samples", type=int, help=f"samples per task, length and depth {d['samples']}")
+    ev.add_argument(
+        "--depths", type=floats, help="comma-separated needle depths in [0, 1] (default: random per sample)"
+    )
+    ev.add_argument("--modes", type=names, help=f"query_aware,query_agnostic {d['modes']}")
+    ev.add_argument("--seed", type=int, help=f"seed of the generated samples {d['seed']}")
+    ev.add_argument("--chunk-size", type=int, help="prefill prompts this many tokens at a time (default: all at once)")
+    ev.add_argument("--max-new-tokens", type=int, help="override every task's own (default: the task's)")
+    ev.add_argument("--lm-continuation", type=int, help=f"tokens scored after each lm context {d['lm_continuation']}")
     ev.add_argument(
         "--metric", type=parse_param, action="append", default=[], metavar="TASK=METRIC", help="override a metric"
     )
@@ -66,11 +79,23 @@ def add_parsers(sub) -> None:
     rep = sub.add_parser("report", help="write one self-contained HTML page of plots and tables from run directories")
     rep.add_argument("run_dirs", nargs="+", metavar="DIR", help="run directories written by kvsieve eval")
     rep.add_argument("--out", default="report.html", help="the HTML file to write (default: report.html)")
-    rep.add_argument("--title", default=None)
+    rep.add_argument("--title", default=None, help="the page's title (default: the run directories' names)")
     rep.add_argument(
         "--markdown", default=None, metavar="FILE", help="also write per-task tables (score and retention by budget)"
     )
     rep.set_defaults(handler=cmd_report)
+
+
+def _config_defaults() -> dict[str, str]:
+    """``(default: X)`` for each `EvalConfig` setting: the options default to None so that a --config file can
+    set them, and the help says what applies when neither does."""
+    from kvsieve.eval.config import EvalConfig
+
+    shown = {}
+    for key, value in vars(EvalConfig()).items():
+        text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        shown[key] = f"(default: {text})"
+    return shown
 
 
 def eval_overrides(args: argparse.Namespace) -> dict[str, Any]:
