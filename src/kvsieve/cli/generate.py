@@ -118,6 +118,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     s = out.stats
     notes = budget_notes(method, s.prompt_tokens)
+    if not args.json:
+        print(flush=True)  # end the streamed text's line before anything goes to standard error
     for note in notes:
         print(f"kvsieve: note: {note}", file=sys.stderr)
     if args.json:
@@ -147,7 +149,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(json.dumps(record))
     else:
         stopped = "end of sequence" if out.stop_reason == "eos" else f"--max-new-tokens {args.max_new_tokens}"
-        print()
         print(
             f"[{s.method}: {s.prompt_tokens} prompt tokens, {s.kv_stored_tokens:.0f} KV entries/layer/head, "
             f"KV {mib(s.kv_bytes)} of {mib(s.kv_bytes_full)}, prefill {s.prefill_s:.2f} s, "
