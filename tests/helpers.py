@@ -177,3 +177,17 @@ class IdTokenizer:
 
     def decode(self, tokens, skip_special_tokens=True):
         return " ".join(map(str, tokens))
+
+
+def spy_observed_calls(cache: SieveCache) -> dict[int, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Wrap every layer policy's ``observe``: the dict fills with each layer's last ``(query, keys, scaling)``."""
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    for i, layer in enumerate(cache.sieve_layers):
+        original = layer.policy.observe
+
+        def spy(call, i=i, original=original):
+            seen[i] = (call.query.clone(), call.keys.clone(), call.scaling)
+            original(call)
+
+        layer.policy.observe = spy
+    return seen

@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 import kvsieve
-from helpers import TINY_CONFIGS, IdTokenizer, masked_reference, random_ids, tiny_model, traces_of
+from helpers import TINY_CONFIGS, IdTokenizer, masked_reference, random_ids, spy_observed_calls, tiny_model, traces_of
 from kvsieve.cache import SieveCache
 from kvsieve.generate import cache_kwargs, prefill
 from kvsieve.methods.nacl import layer_generator, select_kept
@@ -158,15 +158,7 @@ def test_topk_only_is_sink_recent_and_top_proxy_scores(gqa):
     method = kvsieve.method("nacl", budget=protect + c_p, n_sink=sink, protect=protect, proxy_keep=c_p,
                             random_keep=0, proxy_ratio=ratio, keep_proxies=False, gqa=gqa, score_block=5)  # fmt: skip
     cache = SieveCache(model, method)
-    seen = {}
-    for i, layer in enumerate(cache.sieve_layers):
-        original = layer.policy.observe
-
-        def spy(call, i=i, original=original):
-            seen[i] = (call.query.clone(), call.keys.clone(), call.scaling)
-            original(call)
-
-        layer.policy.observe = spy
+    seen = spy_observed_calls(cache)
     with torch.inference_mode():
         prefill(model, cache, random_ids(n), [], None, CPU)
     start = n - int(ratio * n)

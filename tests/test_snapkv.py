@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import kvsieve
-from helpers import random_ids, tiny_model
+from helpers import random_ids, spy_observed_calls, tiny_model
 from kvsieve.cache import SieveCache
 from kvsieve.generate import prefill
 from kvsieve.ops.scoring import pool_scores
@@ -43,19 +43,6 @@ def _released_priority(query, keys, scaling, window, kernel, kind, pool_window_c
     return pooled[:, : n - window].view(n_kv, h // n_kv, -1).mean(dim=1)
 
 
-def _spy_queries(cache: SieveCache) -> dict[int, tuple]:
-    seen: dict[int, tuple] = {}
-    for i, layer in enumerate(cache.sieve_layers):
-        original = layer.policy.observe
-
-        def spy(call, i=i, original=original):
-            seen[i] = (call.query.clone(), call.keys.clone(), call.scaling)
-            original(call)
-
-        layer.policy.observe = spy
-    return seen
-
-
 def test_pooling_counts_the_padding_in_the_average():
     scores = torch.tensor([[[3.0, 0.0, 0.0, 0.0, 6.0]]])
     assert pool_scores(scores, 3, "avg").tolist() == [[[1.0, 1.0, 0.0, 2.0, 2.0]]]  # 3 / 3 at the edge, not 3 / 2
@@ -67,7 +54,7 @@ def test_kept_set_is_the_released_formula(kind):
     n, window, kernel, budget = 64, 8, 5, 24
     cache = SieveCache(model, kvsieve.method("snapkv", budget=budget, window_size=window, kernel_size=kernel,
                                              pooling=kind))  # fmt: skip
-    seen = _spy_queries(cache)
+    seen = spy_observed_calls(cache)
     with torch.inference_mode():
         prefill(model, cache, random_ids(n), [], None, CPU)
     sharp = False
