@@ -13,13 +13,16 @@ Gemma-3's sliding-window layers keep transformers' own ``DynamicSlidingWindowLay
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from kvsieve.attention import LAYER_TAG, use_sieve_attention
-from kvsieve.methods.base import AttentionCall, LayerInfo, Method, Phase
+from kvsieve.methods.base import AttentionCall, LayerInfo, Method, Phase, PromptLayout
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
@@ -28,8 +31,42 @@ class UnsupportedModelError(ValueError):
     """The model's architecture is not one kvsieve has been validated on."""
 
 
+@dataclass
+class LayerMeter:
+    """What one layer measured (the layer itself only stores and dispatches): entries attended, the stored size
+    and bytes around compression, and optionally every call's attended positions (``trace``)."""
+
+    trace: list[torch.Tensor] | None = None  # per attention call: the logical positions attended, [B, H_kv, S]
+    attended_total: int = 0  # sum over attention calls of the entries attended per KV head
+    attend_calls: int = 0
+    stored_after_prefill: int | None = None
+    bytes_after_prefill: int | None = None
+    bytes_before_compress: int | None = None
+
+    def record(self, positions: torch.Tensor) -> None:
+        self.attended_total += positions.shape[-1]
+        self.attend_calls += 1
+        if self.trace is not None:
+            self.trace.append(positions.detach().clone())
+
+    def mark(self) -> tuple[int, int]:
+        """A point to measure from (`attended_since`)."""
+        return self.attended_total, self.attend_calls
+
+    def attended_since(self, mark: tuple[int, int]) -> float | None:
+        """Mean entries per KV head attended by the calls made since ``mark`` (None: no call)."""
+        calls = self.attend_calls - mark[1]
+        return (self.attended_total - mark[0]) / calls if calls else None
+
+    def take_counts(self, other: LayerMeter) -> None:
+        """Adopt ``other``'s counts and trace (a shared prefill: the full cache's attention is this layer's)."""
+        self.attended_total, self.attend_calls = other.attended_total, other.attend_calls
+        if self.trace is not None and other.trace is not None:
+            self.trace = [t.clone() for t in other.trace]
+
+
 class SieveLayer(CacheLayerMixin):
-    """A cache layer that delegates storage and attention to its method's `LayerPolicy`."""
+    """A cache layer that delegates storage and attention to its method's `LayerPolicy`; its `LayerMeter` measures."""
 
     is_compileable = False
     is_sliding = False
@@ -37,21 +74,15 @@ class SieveLayer(CacheLayerMixin):
     def __init__(self, policy, trace: bool = False) -> None:
         super().__init__()
         self.policy = policy
+        self.meter = LayerMeter(trace=[] if trace else None)
         # Set by the owning SieveCache (no reference back to it: a cycle would keep every dropped cache's tensors
         # alive until Python's cyclic collector happens to run).
-        self.phase: Phase | None = None  # None: automatic (the first forward is the prompt)
-        self.question_span: tuple[int, int] | None = None
+        self.next_phase: Phase | None = None  # the phase of the forward under way (None: automatic)
+        self.layout = PromptLayout()
         self.seen = 0  # logical tokens seen (prompt + generated), whatever is stored
         self.token_bytes = 0  # K + V bytes of one token in a plain cache (all batch rows and KV heads)
         self._phase = Phase.DECODE
         self._first_position = 0
-        # measured, for statistics
-        self.attended_total = 0  # sum over attention calls of the entries attended per KV head
-        self.attend_calls = 0
-        self.stored_after_prefill: int | None = None
-        self.bytes_after_prefill: int | None = None
-        self.bytes_before_compress: int | None = None
-        self.trace: list[torch.Tensor] | None = [] if trace else None
 
     # ------------------------------------------------------------------------------ CacheLayerMixin API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -70,7 +101,17 @@ class SieveLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
-        self._phase = self.phase if self.phase is not None else Phase.PREFILL_LAST if self.seen == 0 else Phase.DECODE
+        if self.next_phase is not None:
+            self._phase = self.next_phase
+        elif self.seen == 0:
+            self._phase = Phase.PREFILL_LAST
+        elif q > 1:  # model.generate with a cache that already holds a prompt: its tail would be read as new tokens
+            raise RuntimeError(
+                f"this SieveCache already holds a prompt ({self.seen} tokens) and a {q}-token input arrived: "
+                "a cache serves one generation; create a new SieveCache for a new prompt"
+            )
+        else:
+            self._phase = Phase.DECODE
         self._first_position = self.seen
         keys, values = self.policy.update(key_states, value_states, self.seen, self._phase)
         self.seen += q
@@ -121,8 +162,14 @@ class SieveLayer(CacheLayerMixin):
         pass
 
     # --------------------------------------------------------------------------------------- attention
-    def attend(self, module, query, keys, values, scaling, kwargs: dict[str, Any]) -> torch.Tensor:
-        call = AttentionCall(
+    def follow(self, phase: Phase, first_position: int, seen: int) -> None:
+        """Take another layer's place in the forward under way (a shared prefill: this layer's policy observes the
+        chunk the full cache stores)."""
+        self._phase, self._first_position, self.seen = phase, first_position, seen
+
+    def call(self, module, query, keys, values, scaling, kwargs: dict[str, Any]) -> AttentionCall:
+        """The `AttentionCall` of the forward under way, over ``keys``/``values``."""
+        return AttentionCall(
             module=module,
             query=query,
             keys=keys,
@@ -132,24 +179,25 @@ class SieveLayer(CacheLayerMixin):
             first_position=self._first_position,
             seen=self.seen,
             kwargs=kwargs,
-            record=self._record,
-            question_span=self.question_span,
+            record=self.meter.record,
+            layout=self.layout,
         )
+
+    def attend(self, module, query, keys, values, scaling, kwargs: dict[str, Any]) -> torch.Tensor:
+        call = self.call(module, query, keys, values, scaling, kwargs)
         if self._phase is not Phase.DECODE:
             self.policy.observe(call)
         out = self.policy.attend(call)
         if self._phase is Phase.PREFILL_LAST:
-            self.bytes_before_compress = self.uncompressed_bytes()
-            self.policy.compress(call)
-            self.stored_after_prefill = self.policy.stored_length()
-            self.bytes_after_prefill = self.policy.kv_bytes()
+            self.complete_prompt(call)
         return out
 
-    def _record(self, positions: torch.Tensor) -> None:
-        self.attended_total += positions.shape[-1]
-        self.attend_calls += 1
-        if self.trace is not None:
-            self.trace.append(positions.detach().clone())
+    def complete_prompt(self, call: AttentionCall) -> None:
+        """The prompt is complete: the policy compresses, the meter notes the sizes before and after."""
+        self.meter.bytes_before_compress = self.uncompressed_bytes()
+        self.policy.compress(call)
+        self.meter.stored_after_prefill = self.policy.stored_length()
+        self.meter.bytes_after_prefill = self.policy.kv_bytes()
 
 
 class SieveCache(Cache):
@@ -190,28 +238,58 @@ class SieveCache(Cache):
         if isinstance(model_or_config, torch.nn.Module):
             use_sieve_attention(model_or_config)
 
-    @property
-    def phase(self) -> Phase | None:
-        """The phase of the next forward for every layer; None: automatic (``model.generate``: the first forward
-        is the whole prompt). Set by `kvsieve.generate` for chunked prefill and question chunks."""
+    @contextmanager
+    def forward_as(self, phase: Phase) -> Iterator[None]:
+        """Every layer takes the next forward as ``phase`` (`kvsieve.driver.Driver` feeds chunked prompts and
+        question chunks this way); outside the block the phase is automatic again (``model.generate``: the first
+        forward is the whole prompt)."""
         layers = self.sieve_layers
-        return layers[0].phase if layers else None
+        for layer in layers:
+            layer.next_phase = phase
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.next_phase = None
 
-    @phase.setter
-    def phase(self, phase: Phase | None) -> None:
+    @property
+    def layout(self) -> PromptLayout:
+        """The prompt's parts (the question's span), read by every policy through `AttentionCall.layout`."""
+        layers = self.sieve_layers
+        return layers[0].layout if layers else PromptLayout()
+
+    @layout.setter
+    def layout(self, layout: PromptLayout) -> None:
+        if not isinstance(layout, PromptLayout):
+            raise TypeError(f"layout must be a kvsieve PromptLayout, got {type(layout).__name__}")
         for layer in self.sieve_layers:
-            layer.phase = phase
+            layer.layout = layout
 
     @property
     def question_span(self) -> tuple[int, int] | None:
-        """Logical ``[start, end)`` of a question fed after the compressed context (None: none)."""
-        layers = self.sieve_layers
-        return layers[0].question_span if layers else None
+        """The layout's question ``[start, end)`` (None: none)."""
+        return self.layout.question
 
-    @question_span.setter
-    def question_span(self, span: tuple[int, int] | None) -> None:
-        for layer in self.sieve_layers:
-            layer.question_span = span
+    # ``model.generate`` marks the cache it is handed at the start of every call (transformers 5.x): the one moment
+    # a spent cache can be told from a cache being continued, so a second prompt fails here instead of being read
+    # as the continuation of the first (a one-token difference would otherwise pass silently).
+    @property
+    def _is_user_defined(self) -> bool:
+        return self.__dict__.get("_user_defined", False)
+
+    @_is_user_defined.setter
+    def _is_user_defined(self, value: bool) -> None:
+        if value and self.tokens_seen():
+            raise RuntimeError(
+                f"this SieveCache already holds a prompt ({self.tokens_seen()} tokens): a cache serves one "
+                "generation; create a new SieveCache for each model.generate call"
+            )
+        self.__dict__["_user_defined"] = value
+
+    def tokens_seen(self) -> int:
+        """Logical tokens the cache has read (prompt, question and generated), whatever it stores."""
+        layers = self.sieve_layers
+        return layers[0].seen if layers else 0
 
     @property
     def sieve_layers(self) -> list[SieveLayer]:

@@ -59,6 +59,25 @@ class LayerInfo:
         return self.n_heads // self.n_kv_heads
 
 
+@dataclass(frozen=True)
+class PromptLayout:
+    """What the cache knows about the prompt's parts, the one channel through which a policy learns of the
+    question: ``question`` is its logical ``[start, end)``, inside the compressed prompt (query-aware use) or fed as
+    its own chunk after it (query-agnostic use); None when there is no separate question."""
+
+    question: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        span = self.question
+        if span is not None and not (
+            isinstance(span, tuple)
+            and len(span) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in span)
+            and 0 <= span[0] < span[1]
+        ):
+            raise ValueError(f"question must be a (start, end) pair of token positions, 0 <= start < end; got {span!r}")
+
+
 @dataclass
 class AttentionCall:
     """One attention computation of one layer: what the registered attention function received.
@@ -78,12 +97,16 @@ class AttentionCall:
     seen: int
     kwargs: dict[str, Any]
     record: Callable[[torch.Tensor], None]  # call with the positions ``[B, H_kv, S]`` this call attended
-    # logical [start, end) of a question fed as its own chunk (``SieveCache.question_span``), else None
-    question_span: tuple[int, int] | None = None
+    layout: PromptLayout = PromptLayout()  # the prompt's parts (``SieveCache.layout``)
 
     @property
     def n_new(self) -> int:
         return self.query.shape[2]
+
+    @property
+    def question_span(self) -> tuple[int, int] | None:
+        """The question's logical ``[start, end)`` (from the cache's layout), or None."""
+        return self.layout.question
 
 
 class LayerPolicy:
