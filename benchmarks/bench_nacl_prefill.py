@@ -23,7 +23,7 @@ from transformers import DynamicCache
 
 import kvsieve
 from kvsieve.cache import SieveCache
-from kvsieve.generate import cache_kwargs
+from kvsieve.driver import cache_kwargs
 
 CONFIGS = {
     "nacl (proxies 1%)": dict(name="nacl", budget=0.2),

@@ -297,53 +297,45 @@ def run_kvsieve(
 ) -> dict[str, dict]:
     """Compress the context with every run (one shared prefill, or each its own), record the kept positions per
     layer and KV head, then feed the question and decode greedily; timings as ``kvsieve eval`` measures them."""
-    from kvsieve.cache import SieveCache
-    from kvsieve.generate import cache_kwargs, decode, eos_ids, kv_snapshot, prefill
-    from kvsieve.methods.base import Phase
+    from kvsieve.driver import Driver
+    from kvsieve.generate import decode, eos_ids
     from kvsieve.prefill_sharing import shared_prefill
 
     context, question = prompt["context_ids"], prompt["question_ids"]
     n = len(context)
-    device = model.get_input_embeddings().weight.device
     reserve = len(question) + max_new_tokens + 1
     methods = {run.name: run.build(n) for run in runs}
-    caches: dict[str, tuple[Any, float]] = {}
+    drivers: dict[str, tuple[Driver, float]] = {}
     if shared:
         compressing = [name for name, m in methods.items() if m.name != "full"]
         result = shared_prefill(model, [methods[name] for name in compressing], context, None, reserve=reserve)
         for name, m in methods.items():
             if m.name == "full":
-                caches[name] = (result.full, result.shared_s)
+                drivers[name] = (Driver(model, result.full), result.shared_s)
         for name, cache, seconds in zip(compressing, result.caches, result.method_s):
-            caches[name] = (cache, result.shared_s + seconds)
+            drivers[name] = (Driver(model, cache), result.shared_s + seconds)
     else:
         for name, m in methods.items():
-            cache = SieveCache(model, m.for_prompt(n), reserve=reserve)
-            start = time.perf_counter()
-            prefill(model, cache, context, [], None, device)
-            caches[name] = (cache, time.perf_counter() - start)
+            driver = Driver.new(model, m, n, reserve=reserve)
+            driver.prefill(context)
+            drivers[name] = (driver, driver.timings.prefill_s)
     stops = eos_ids(model, tokenizer)
     out = {}
-    for name, (cache, context_s) in caches.items():
-        snapshot = kv_snapshot(cache)
-        kept = [layer.policy.store.positions[0].sort(dim=-1).values.tolist() for layer in cache.sieve_layers]
-        cache.question_span = (n, n + len(question))
-        cache.phase = Phase.DECODE
-        ids = torch.tensor([question], dtype=torch.long, device=device)
-        start = time.perf_counter()
-        logits = model(input_ids=ids, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1]
-        question_s = time.perf_counter() - start
+    for name, (driver, context_s) in drivers.items():
+        snapshot = driver.snapshot()
+        kept = [layer.policy.store.positions[0].sort(dim=-1).values.tolist() for layer in driver.cache.sieve_layers]
+        logits = driver.question(question)
         top5 = _top5(logits)
-        tokens, decode_s, steps = decode(model, cache, logits, max_new_tokens, stop_ids=stops)
+        tokens = decode(driver, logits, max_new_tokens, stop_ids=stops)
         out[name] = {
             "tokens": tokens,
             "text": tokenizer.decode(tokens, skip_special_tokens=True),
             "top5": top5,
             "n_kept": [len(layer[0]) for layer in kept],
             "kept": kept,
-            "kv_bytes": snapshot["bytes"],
-            "prefill_s": context_s + question_s,
-            "decode_s_per_token": decode_s / steps if steps else None,
+            "kv_bytes": snapshot.bytes,
+            "prefill_s": context_s + driver.timings.question_s,
+            "decode_s_per_token": driver.timings.decode_s_per_token,
         }
     return out
 

@@ -18,9 +18,8 @@ import statistics
 import torch
 
 import kvsieve
-from kvsieve.cache import SieveCache
+from kvsieve.driver import Driver
 from kvsieve.eval.tasks import make_task, render
-from kvsieve.generate import prefill
 
 
 def answer_positions(ids: list[int], answer_ids: list[int]) -> list[int]:
@@ -33,10 +32,10 @@ def answer_positions(ids: list[int], answer_ids: list[int]) -> list[int]:
 
 @torch.inference_mode()
 def kept_fractions(model, ids: list[int], method: kvsieve.Method, positions: list[int]) -> dict:
-    cache = SieveCache(model, method.for_prompt(len(ids)))
-    prefill(model, cache, ids, [], None, model.get_input_embeddings().weight.device)
+    driver = Driver.new(model, method, len(ids))
+    driver.prefill(ids)
     per_layer = []
-    for layer in cache.sieve_layers:
+    for layer in driver.cache.sieve_layers:
         store = getattr(layer.policy, "partial", None) or getattr(layer.policy, "store", None)
         if store is None:
             continue

@@ -3,6 +3,7 @@ returns logits, and the masked full-cache reference that eviction methods must r
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import torch
@@ -21,7 +22,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import sdpa_mask
 
 from kvsieve.cache import SieveCache
-from kvsieve.generate import cache_kwargs
+from kvsieve.driver import cache_kwargs
 from kvsieve.methods.base import Phase
 
 VOCAB = 256
@@ -90,12 +91,9 @@ def greedy_with_logits(
         phases.append(Phase.DECODE)
     logits = None
     for piece, phase in zip(pieces, phases):
-        if isinstance(cache, SieveCache):
-            cache.phase = phase
         ids = torch.tensor([piece])
-        logits = model(input_ids=ids, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1].float()
-    if isinstance(cache, SieveCache):
-        cache.phase = Phase.DECODE
+        with cache.forward_as(phase) if isinstance(cache, SieveCache) else contextlib.nullcontext():
+            logits = model(input_ids=ids, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1].float()
     tokens, all_logits = [], []
     for step in range(n_new):
         all_logits.append(logits[0])
@@ -161,7 +159,8 @@ def masked_reference(model, traces: dict[int, list[torch.Tensor]], context, toke
 
 
 def traces_of(cache: SieveCache) -> dict[int, list[torch.Tensor]]:
-    return {i: layer.trace for i, layer in enumerate(cache.layers) if getattr(layer, "trace", None) is not None}
+    traced = {i: getattr(layer, "meter", None) for i, layer in enumerate(cache.layers)}
+    return {i: meter.trace for i, meter in traced.items() if meter is not None and meter.trace is not None}
 
 
 class IdTokenizer:

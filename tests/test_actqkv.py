@@ -21,7 +21,7 @@ from transformers import DynamicCache
 import kvsieve
 from helpers import TINY_CONFIGS, greedy_with_logits, random_ids, tiny_model
 from kvsieve.cache import SieveCache
-from kvsieve.generate import cache_kwargs
+from kvsieve.driver import cache_kwargs
 from kvsieve.methods.actqkv import ActivationStats, BlockPool, find_span
 from kvsieve.methods.base import Phase
 from test_infllm import LOGIT_TOL, N_NEW, N_PROMPT, SMALL, _policy, passkey_prompt, run_against_reference
@@ -66,7 +66,8 @@ def test_warmup_retrieves_exactly_what_infllm_retrieves():
     assert act.shared["actqkv"].activation.count <= method.warmup_calls  # still warming up
     assert tokens == ref_tokens and torch.equal(logits, ref_logits)
     for a, b in zip(infllm.sieve_layers, act.sieve_layers):
-        assert len(a.trace) == len(b.trace) and all(torch.equal(x, y) for x, y in zip(a.trace, b.trace))
+        ta, tb = a.meter.trace, b.meter.trace
+        assert len(ta) == len(tb) and all(torch.equal(x, y) for x, y in zip(ta, tb))
     # the default (cosine) policy's probe is InfLLM's mean too while warming up
     policy, _ = _policy(kvsieve.method("actqkv", **SMALL))
     q_mem = torch.randn(1, 4, 8, 16)
@@ -282,7 +283,7 @@ def test_presets_and_errors():
 @pytest.mark.slow
 def test_default_model_window_covers_the_prompt_equals_full(default_model):
     model, tok = default_model
-    from kvsieve.generate import encode_prompt
+    from kvsieve.prompts import encode_prompt
 
     ids, _ = encode_prompt(tok, passkey_prompt(tok, 1000, 0.3, "52719"))
     ref_tokens, ref_logits = greedy_with_logits(model, DynamicCache(config=model.config), ids, 8)
@@ -380,12 +381,12 @@ def test_the_question_term_acts_from_the_first_retrieving_window():
     first_retrieving = 5
     assert policy.blocks_prefill[first_retrieving] == 3 and policy.memory is not None
     differs = [
-        not torch.equal(a.trace[first_retrieving], b.trace[first_retrieving])
+        not torch.equal(a.meter.trace[first_retrieving], b.meter.trace[first_retrieving])
         for a, b in zip(runs[0.0].sieve_layers, runs[4.0].sieve_layers)
     ]
     assert any(differs), "the question term changed no layer's first retrieval"
     early = [
-        not torch.equal(a.trace[w], b.trace[w])
+        not torch.equal(a.meter.trace[w], b.meter.trace[w])
         for a, b in zip(runs[0.0].sieve_layers, runs[4.0].sieve_layers)
         for w in range(first_retrieving)
     ]

@@ -14,7 +14,8 @@ from transformers import DynamicCache
 import kvsieve
 from helpers import greedy_with_logits, masked_reference, traces_of
 from kvsieve.cli import main
-from kvsieve.generate import cache_kwargs, encode_prompt
+from kvsieve.driver import cache_kwargs
+from kvsieve.prompts import encode_prompt
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +78,7 @@ def test_compressed_equals_masked_reference(default_model, prompt_ids, name):
     ctx = context + question
     cache = kvsieve.SieveCache(model, kvsieve.method(name, budget=0.25), trace=True)
     tokens, logits = greedy_with_logits(model, cache, ctx, N_NEW)
-    assert all(layer.stored_after_prefill == round(0.25 * len(ctx)) for layer in cache.sieve_layers)
+    assert all(layer.meter.stored_after_prefill == round(0.25 * len(ctx)) for layer in cache.sieve_layers)
     reference = masked_reference(model, traces_of(cache), ctx, tokens)
     assert (logits - reference).abs().max().item() < LOGIT_TOL
 

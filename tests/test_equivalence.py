@@ -15,7 +15,7 @@ from transformers import DynamicCache
 import kvsieve
 from helpers import TINY_CONFIGS, IdTokenizer, greedy_with_logits, masked_reference, random_ids, tiny_model, traces_of
 from kvsieve.cache import SieveCache, SieveLayer
-from kvsieve.generate import cache_kwargs
+from kvsieve.driver import cache_kwargs
 from kvsieve.methods.base import Phase
 
 N_PROMPT, N_NEW = 48, 10
@@ -81,7 +81,7 @@ def test_compressed_equals_masked_reference(arch, name, mode):
         params["window_size"] = 4
     cache = SieveCache(model, kvsieve.method(name, **params), trace=True)
     tokens, logits = greedy_with_logits(model, cache, ctx, N_NEW, question=question, chunk_size=chunk)
-    assert all(layer.stored_after_prefill < N_PROMPT for layer in cache.sieve_layers)  # something was evicted
+    assert all(layer.meter.stored_after_prefill < N_PROMPT for layer in cache.sieve_layers)  # something was evicted
     reference = masked_reference(model, traces_of(cache), ctx, tokens, question=question, chunk_size=chunk)
     diff = (logits - reference).abs().max().item()
     assert diff < LOGIT_TOL, f"{arch}/{name}/{mode}: max |dlogit| = {diff:.2e}"
@@ -224,12 +224,12 @@ def test_a_dropped_cache_is_freed_at_once(name):
         cache = SieveCache(model, kvsieve.method(name, **DROP_METHODS[name]))
         with torch.inference_mode():
             model(input_ids=ids, **cache_kwargs(model, cache))
-            cache.phase = Phase.DECODE  # set through the cache, read by every layer
-            assert all(layer.phase is Phase.DECODE for layer in cache.sieve_layers)
-            model(input_ids=ids[:, :1], **cache_kwargs(model, cache))
-        copied = copy.deepcopy(cache)  # copies stay independent: their layers answer to the copy alone
-        copied.phase = None
-        assert cache.phase is Phase.DECODE and copied.phase is None
+            copied = copy.deepcopy(cache)  # copies stay independent: their layers answer to the copy alone
+            with cache.forward_as(Phase.DECODE):  # set through the cache, read by every layer
+                assert all(layer.next_phase is Phase.DECODE for layer in cache.sieve_layers)
+                assert all(layer.next_phase is None for layer in copied.sieve_layers)
+                model(input_ids=ids[:, :2], **cache_kwargs(model, cache))
+            assert all(layer.next_phase is None for layer in cache.sieve_layers)  # for that forward only
         refs = [weakref.ref(cache), weakref.ref(copied)]
         del cache, copied
         assert all(ref() is None for ref in refs)

@@ -8,7 +8,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import kvsieve
 from helpers import tiny_model
-from kvsieve.generate import cache_kwargs, encode_prompt
+from kvsieve.driver import cache_kwargs
+from kvsieve.prompts import encode_prompt
 
 
 def test_unknown_method_names_the_closest():

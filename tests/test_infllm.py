@@ -23,7 +23,7 @@ from transformers.masking_utils import sdpa_mask
 import kvsieve
 from helpers import TINY_CONFIGS, greedy_with_logits, random_ids, tiny_model, traces_of
 from kvsieve.cache import SieveCache
-from kvsieve.generate import cache_kwargs
+from kvsieve.driver import cache_kwargs
 from kvsieve.methods.base import LayerInfo, Phase
 from kvsieve.ops.blocks import DeviceBlockCache, HostBlockStore
 from kvsieve.ops.rope import Rotary
@@ -169,7 +169,7 @@ def test_attended_entries_and_positions():
     greedy_with_logits(model, cache, random_ids(120), N_NEW, chunk_size=40)
     bs, n_local = SMALL["block_size"], SMALL["n_local"]
     for layer in cache.sieve_layers:
-        last = layer.trace[-1][0, 0]
+        last = layer.meter.trace[-1][0, 0]
         seen = layer.seen
         assert last[: SMALL["n_init"]].tolist() == list(range(SMALL["n_init"]))
         blocks = last[SMALL["n_init"] : SMALL["n_init"] + SMALL["topk"] * bs].view(-1, bs)
@@ -193,10 +193,9 @@ def test_batch_rows_are_independent(name):
         out = []
         with torch.inference_mode():
             for i, chunk in enumerate(range(0, 120, 40)):
-                cache.phase = Phase.PREFILL_LAST if i == 2 else Phase.PREFILL
                 ids = torch.tensor([prompts[r][chunk : chunk + 40] for r in rows])
-                out.append(model(input_ids=ids, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1])
-            cache.phase = Phase.DECODE
+                with cache.forward_as(Phase.PREFILL_LAST if i == 2 else Phase.PREFILL):
+                    out.append(model(input_ids=ids, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1])
             for step in range(4):
                 ids = torch.tensor([[follow[r][step]] for r in rows])
                 out.append(model(input_ids=ids, **cache_kwargs(model, cache)).logits[:, -1])
@@ -286,15 +285,14 @@ def test_device_bytes_stay_bounded_while_the_host_store_grows():
     host_seen = []
     with torch.inference_mode():
         for i in range(0, 600, 50):
-            cache.phase = Phase.PREFILL if i + 50 < 600 else Phase.PREFILL_LAST
-            model(input_ids=torch.tensor([ids[i : i + 50]]), **cache_kwargs(model, cache))
+            with cache.forward_as(Phase.PREFILL if i + 50 < 600 else Phase.PREFILL_LAST):
+                model(input_ids=torch.tensor([ids[i : i + 50]]), **cache_kwargs(model, cache))
             for layer in cache.sieve_layers:
                 p = layer.policy
                 assert p.kv_bytes() <= bound
                 assert p.host_bytes() == p.memory.n_blocks * method.block_size * per_token
                 assert max(p.memory.cache.occupied()) <= 5 and p.memory.cache.allocated_slots <= 5
             host_seen.append(cache.sieve_layers[0].policy.host_bytes())
-        cache.phase = Phase.DECODE
         for _ in range(20):
             model(input_ids=torch.tensor([[5]]), **cache_kwargs(model, cache))
             assert all(layer.policy.kv_bytes() <= bound for layer in cache.sieve_layers)
@@ -404,7 +402,7 @@ def passkey_prompt(tokenizer, n_tokens: int, depth: float, key: str) -> str:
 def window_prompt(default_model):
     """~1K tokens of real text (chat template applied) and the full cache's greedy tokens and logits."""
     model, tok = default_model
-    from kvsieve.generate import encode_prompt
+    from kvsieve.prompts import encode_prompt
 
     ids, _ = encode_prompt(tok, passkey_prompt(tok, 1000, 0.3, "52719"))
     tokens, logits = greedy_with_logits(model, DynamicCache(config=model.config), ids, 8)

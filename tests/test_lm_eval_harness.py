@@ -26,9 +26,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 
 import kvsieve
 from kvsieve.cache import SieveCache
-from kvsieve.generate import cache_kwargs, prefill
+from kvsieve.driver import Driver, cache_kwargs
 from kvsieve.lm_eval_harness import KVSieveLM, KVSieveLMError
 from kvsieve.lm_eval_harness.__main__ import main
+from kvsieve.methods.base import Phase
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -112,10 +113,11 @@ def test_no_eviction_equals_lm_eval_hf(model_dir, hf_lm, model_args):
 def direct_loglikelihood(model, method, context: list[int], continuation: list[int]) -> float:
     """kvsieve's API by hand: compress the context alone, then feed the continuation as one chunk after it."""
     cache = SieveCache(model, method.for_prompt(len(context)))
-    logits = prefill(model, cache, context, [], None, torch.device("cpu"))
+    logits = Driver(model, cache).prompt(context)
     with torch.inference_mode():
         if len(continuation) > 1:
-            rest = model(input_ids=torch.tensor([continuation[:-1]]), **cache_kwargs(model, cache)).logits[0]
+            with cache.forward_as(Phase.DECODE):  # one chunk over the compressed context
+                rest = model(input_ids=torch.tensor([continuation[:-1]]), **cache_kwargs(model, cache)).logits[0]
             logits = torch.cat([logits, rest])
         logp = torch.log_softmax(logits.float(), dim=-1)
     return float(logp[torch.arange(len(continuation)), continuation].sum())
@@ -173,7 +175,7 @@ def test_unsupported_generation_kwargs_are_refused(model_dir):
 def direct_rolling(model, method, tokens: list[int], bos: int) -> float:
     """One window (the document fits max_length): a one-token prompt, then every token fed as a decode step."""
     cache = SieveCache(model, method)
-    logits = prefill(model, cache, [bos], [], None, torch.device("cpu"))
+    logits = Driver(model, cache).prompt([bos])
     total = 0.0
     with torch.inference_mode():
         for token in tokens:

@@ -21,7 +21,7 @@ from transformers import DynamicCache
 import kvsieve
 from helpers import TINY_CONFIGS, IdTokenizer, masked_reference, random_ids, spy_observed_calls, tiny_model, traces_of
 from kvsieve.cache import SieveCache
-from kvsieve.generate import cache_kwargs, prefill
+from kvsieve.driver import Driver, cache_kwargs
 from kvsieve.methods.nacl import layer_generator, select_kept
 
 N_PROMPT, N_NEW = 48, 8
@@ -33,7 +33,7 @@ CPU = torch.device("cpu")
 def run(model, method, context, n_new=N_NEW, question=None, chunk_size=None):
     """kvsieve's own prefill (question as proxies when the method wants it), then greedy decoding with logits."""
     cache = SieveCache(model, method, trace=True)
-    logits = prefill(model, cache, context, question or [], chunk_size, CPU).float()
+    logits = Driver(model, cache).prompt(context, question or [], chunk_size=chunk_size).float()
     tokens, all_logits = [], []
     for step in range(n_new):
         all_logits.append(logits[0])
@@ -48,7 +48,7 @@ def kept_after_prefill(model, method, context, question=None, chunk_size=None) -
     """Logical positions ``[H_kv, k]`` each layer keeps right after compression (batch row 0)."""
     cache = SieveCache(model, method)
     with torch.inference_mode():
-        prefill(model, cache, context, question or [], chunk_size, CPU)
+        Driver(model, cache).prompt(context, question or [], chunk_size=chunk_size)
     return [layer.policy.store.positions[0].long().sort(dim=-1).values for layer in cache.sieve_layers]
 
 
@@ -80,7 +80,7 @@ def test_logits_equal_masked_reference(arch, mode):
     assert stats["evicted"] and stats["kept_random"][0] > 0 and stats["kept_proxy_top"][0] > 0
     assert stats["proxy_source"] == ("question" if mode == "question" else "last")
     n = N_PROMPT + (6 if mode == "question" else 0)  # the question is part of the compressed prompt
-    assert stats["prompt_tokens"] == n and all(layer.stored_after_prefill == 24 for layer in cache.sieve_layers)
+    assert stats["prompt_tokens"] == n and all(layer.meter.stored_after_prefill == 24 for layer in cache.sieve_layers)
     reference = masked_reference(model, traces_of(cache), ctx, tokens, question=question, chunk_size=chunk)
     diff = (logits - reference).abs().max().item()
     assert diff < LOGIT_TOL, f"{arch}/{mode}: max |dlogit| = {diff:.2e}"
@@ -93,7 +93,7 @@ def test_kept_counts_parts_and_protected_positions():
     method = kvsieve.method("nacl", budget=k, n_sink=4, protect=12, proxy_keep=10, proxy_ratio=0.25, keep_proxies=False)
     cache = SieveCache(model, method)
     with torch.inference_mode():
-        prefill(model, cache, random_ids(n), [], None, CPU)
+        Driver(model, cache).prompt(random_ids(n))
     for layer in cache.sieve_layers:
         positions = layer.policy.store.positions[0].long()  # [H_kv, k]
         assert positions.shape == (2, k)
@@ -160,7 +160,7 @@ def test_topk_only_is_sink_recent_and_top_proxy_scores(gqa):
     cache = SieveCache(model, method)
     seen = spy_observed_calls(cache)
     with torch.inference_mode():
-        prefill(model, cache, random_ids(n), [], None, CPU)
+        Driver(model, cache).prompt(random_ids(n))
     start = n - int(ratio * n)
     kept_sets = []
     for i, layer in enumerate(cache.sieve_layers):
@@ -254,7 +254,7 @@ def test_chunked_prefill_keeps_the_same_set_and_bounds_the_query_buffer():
 
     policy.observe = spy
     with torch.inference_mode():
-        prefill(model, cache, ctx, [], 8, CPU)
+        Driver(model, cache).prompt(ctx, chunk_size=8)
     chunked = [layer.policy.store.positions[0].long().sort(dim=-1).values for layer in cache.sieve_layers]
     assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
     assert len(held) == n // 8

@@ -16,7 +16,7 @@ import torch
 import kvsieve
 from helpers import random_ids, tiny_model
 from kvsieve.cache import SieveCache, SieveLayer
-from kvsieve.generate import cache_kwargs, prefill
+from kvsieve.driver import Driver, cache_kwargs
 from kvsieve.methods.base import _REGISTRY
 from kvsieve.prefill_sharing import check_shareable, copy_cache, shared_prefill, shares_prefill
 
@@ -69,13 +69,13 @@ def assert_same_cache(shared: SieveCache, alone: SieveCache, what: str, statisti
         assert a.policy.kv_bytes() == b.policy.kv_bytes(), where
         if not statistics:
             continue
-        assert (a.stored_after_prefill, a.bytes_after_prefill, a.bytes_before_compress) == (
-            b.stored_after_prefill,
-            b.bytes_after_prefill,
-            b.bytes_before_compress,
+        assert (a.meter.stored_after_prefill, a.meter.bytes_after_prefill, a.meter.bytes_before_compress) == (
+            b.meter.stored_after_prefill,
+            b.meter.bytes_after_prefill,
+            b.meter.bytes_before_compress,
         ), where
-        assert len(a.trace) == len(b.trace), where
-        assert all(torch.equal(x, y) for x, y in zip(a.trace, b.trace)), f"{where}: attended positions"
+        assert len(a.meter.trace) == len(b.meter.trace), where
+        assert all(torch.equal(x, y) for x, y in zip(a.meter.trace, b.meter.trace)), f"{where}: attended positions"
 
 
 @torch.inference_mode()
@@ -98,7 +98,6 @@ def test_shared_equals_separate(model, mode, chunk_size):
         groups = [(build(EARLY + LATE), context + question, None)]
     else:  # the question follows as its own chunk: before compression for LATE, after it for EARLY
         groups = [(build(EARLY), context, question), (build(LATE), context, question)]
-    device = torch.device("cpu")
     with torch.inference_mode():
         for methods, prompt, q in groups:
             if not methods:
@@ -106,7 +105,7 @@ def test_shared_equals_separate(model, mode, chunk_size):
             result = shared_prefill(model, methods, prompt, q, chunk_size=chunk_size, trace=True)
             assert len(result.caches) == len(result.logits) == len(result.method_s) == len(methods)
             alone_full = SieveCache(model, kvsieve.method("full"), trace=True)
-            full_logits = prefill(model, alone_full, prompt, q or [], chunk_size, device)
+            full_logits = Driver(model, alone_full).prompt(prompt, q or [], chunk_size=chunk_size)
             assert torch.equal(result.full_logits, full_logits)
             # With methods that compress after the question, the shared forward's prompt ends with the question:
             # the full cache holds the same entries, but counts the question as prompt in its statistics.
@@ -115,7 +114,7 @@ def test_shared_equals_separate(model, mode, chunk_size):
             for method, cache, logits in zip(methods, result.caches, result.logits):
                 what = f"{method} ({mode}, chunk {chunk_size})"
                 alone = SieveCache(model, method, trace=True)
-                alone_logits = prefill(model, alone, prompt, q or [], chunk_size, device)
+                alone_logits = Driver(model, alone).prompt(prompt, q or [], chunk_size=chunk_size)
                 assert torch.equal(logits, alone_logits), what
                 assert cache.question_span == alone.question_span, what
                 stored = [layer.policy.stored_length() for layer in alone.sieve_layers]
@@ -157,12 +156,11 @@ def test_copies_are_independent(model):
         before = [layer.policy.store.keys.clone() for layer in base.sieve_layers]
         for q in questions:
             copy = copy_cache(base)
-            ids = torch.tensor([q])
-            copy.question_span = (N_CONTEXT, N_CONTEXT + N_QUESTION)
-            logits = model(input_ids=ids, logits_to_keep=1, **cache_kwargs(model, copy)).logits[:, -1]
+            logits = Driver(model, copy).question(q)
+            assert copy.question_span == (N_CONTEXT, N_CONTEXT + N_QUESTION)
             got = greedy(model, copy, logits, N_NEW)
             alone = SieveCache(model, method)
-            logits = prefill(model, alone, context, q, None, torch.device("cpu"))
+            logits = Driver(model, alone).prompt(context, q)
             assert torch.equal(got, greedy(model, alone, logits, N_NEW))
         after = [layer.policy.store.keys for layer in base.sieve_layers]
         assert all(torch.equal(a, b) for a, b in zip(before, after))

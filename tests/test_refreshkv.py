@@ -22,7 +22,7 @@ from transformers import DynamicCache
 import kvsieve
 from helpers import TINY_CONFIGS, IdTokenizer, greedy_with_logits, masked_reference, random_ids, tiny_model, traces_of
 from kvsieve.cache import SieveCache
-from kvsieve.generate import cache_kwargs
+from kvsieve.driver import cache_kwargs
 from kvsieve.methods.base import Phase
 from kvsieve.ops.rope import Rotary
 
@@ -208,7 +208,7 @@ def test_partial_steps_attend_k_plus_the_new_token_and_full_cache_keeps_every_to
         model(input_ids=torch.tensor([ctx]), **cache_kwargs(model, prompt_cache))
     n_seen = N_PROMPT + N_NEW - 1
     for idx, layer in enumerate(_layers(cache)):
-        calls = layer.trace[1:]  # decode calls
+        calls = layer.meter.trace[1:]  # decode calls
         for step, positions in enumerate(calls, start=1):
             new = N_PROMPT + step - 1
             if step % stride:  # partial: K entries per KV head + the new token, all distinct
@@ -270,7 +270,7 @@ def test_question_chunk_is_a_full_step_that_rebuilds_the_partial_cache():
     greedy_with_logits(model, cache, ctx, 1, question=question)  # prefill + question, no decode call yet
     expected = _independent_top_k(model, ctx + question, k)
     for idx, layer in enumerate(_layers(cache)):
-        assert layer.trace[1].shape[-1] == N_PROMPT + len(question)  # the chunk attended everything
+        assert layer.meter.trace[1].shape[-1] == N_PROMPT + len(question)  # the chunk attended everything
         kept = [set(head.tolist()) for head in layer.policy.partial.positions[0]]
         assert kept == [set(chosen) for chosen in expected[idx]]
         assert layer.policy.stats()["chunks"] == 1
@@ -279,15 +279,15 @@ def test_question_chunk_is_a_full_step_that_rebuilds_the_partial_cache():
     greedy_with_logits(model, cache, ctx, 8, question=question)
     seen = N_PROMPT + len(question)
     for layer in _layers(cache):
-        sizes = [p.shape[-1] for p in layer.trace[2:]]
+        sizes = [p.shape[-1] for p in layer.meter.trace[2:]]
         assert sizes == [k + 1, k + 1, seen + 3, k + 1, k + 1, seen + 6, k + 1]
 
 
 # ------------------------------------------------------------------------------------ per-layer schedule
 def _teacher_forced(model, cache: SieveCache, context: list[int], fed: list[int]) -> torch.Tensor:
-    cache.phase = Phase.PREFILL_LAST
-    logits = [model(input_ids=torch.tensor([context]), logits_to_keep=1, **cache_kwargs(model, cache)).logits[0, -1]]
-    cache.phase = Phase.DECODE
+    with cache.forward_as(Phase.PREFILL_LAST):
+        first = model(input_ids=torch.tensor([context]), logits_to_keep=1, **cache_kwargs(model, cache))
+    logits = [first.logits[0, -1]]
     for token in fed:
         logits.append(model(input_ids=torch.tensor([[token]]), **cache_kwargs(model, cache)).logits[0, -1])
     return torch.stack(logits).float()
@@ -318,7 +318,7 @@ def test_each_layer_keeps_its_own_schedule():
     for stats in drifting:
         assert stats["query_checks"] == checks and stats["full_steps"] == checks
         assert stats["query_similarity_max"] < threshold
-    sizes = {i: [p.shape[-1] for p in layer.trace[1:]] for i, layer in enumerate(_layers(cache))}
+    sizes = {i: [p.shape[-1] for p in layer.meter.trace[1:]] for i, layer in enumerate(_layers(cache))}
     assert sizes[0] == [k + 1] * len(fed)
     for i in (1, 2):
         assert sizes[i] == [N_PROMPT + s if s % stride == 0 else k + 1 for s in range(1, len(fed) + 1)]

@@ -16,7 +16,7 @@ import torch
 import kvsieve
 from helpers import random_ids, spy_observed_calls, tiny_model
 from kvsieve.cache import SieveCache
-from kvsieve.generate import prefill
+from kvsieve.driver import Driver
 from kvsieve.ops.scoring import pool_scores
 
 CPU = torch.device("cpu")
@@ -56,7 +56,7 @@ def test_kept_set_is_the_released_formula(kind):
                                              pooling=kind))  # fmt: skip
     seen = spy_observed_calls(cache)
     with torch.inference_mode():
-        prefill(model, cache, random_ids(n), [], None, CPU)
+        Driver(model, cache).prompt(random_ids(n))
     sharp = False
     for i, layer in enumerate(cache.sieve_layers):
         query, keys, scaling = seen[i]

@@ -6,13 +6,16 @@ model, tok = kvsieve.load_model()                      # embedded default: SmolL
 m = kvsieve.method("snapkv", budget=0.2)
 out = kvsieve.generate(model, tok, prompt, method=m, max_new_tokens=32)
 out.text, out.tokens, out.stats
+ctx = kvsieve.compress(model, tok, document, method=m)  # one context compressed once ...
+ctx.generate(question, max_new_tokens=32)               # ... many questions, each on a copy of it
 cache = kvsieve.SieveCache(model, m)                    # also: model.generate(past_key_values=cache)
 ```
 """
 
 from kvsieve.cache import SieveCache, UnsupportedModelError
-from kvsieve.generate import GenerationOutput, GenerationStats, generate
+from kvsieve.generate import CompressedContext, GenerationOutput, GenerationStats, compress, generate
 from kvsieve.methods import Method, MethodInfo, method, methods
+from kvsieve.methods.base import PromptLayout
 
 __version__ = "0.1.0"
 
@@ -25,13 +28,16 @@ def load_model(*args, **kwargs):
 
 
 __all__ = [
+    "CompressedContext",
     "GenerationOutput",
     "GenerationStats",
     "Method",
     "MethodInfo",
+    "PromptLayout",
     "SieveCache",
     "UnsupportedModelError",
     "__version__",
+    "compress",
     "generate",
     "load_model",
     "method",

@@ -1,32 +1,25 @@
-"""Generation with a kvsieve cache: prefill (whole or chunked), optional question chunk, decode, statistics.
+"""Generation with a kvsieve cache: `generate` (one prompt, one answer) and `compress` (one context, many questions).
 
-The loop drives the cache's phases explicitly: every prompt chunk but the last is ``PREFILL``, the last is
-``PREFILL_LAST`` (one-shot methods compress right after each layer's attention over it), and everything after is
-``DECODE``. With ``question``, the prompt is prefilled and compressed alone and the question follows as its own
-chunk (query-agnostic use), except for methods whose proxies are the question itself (NACL): they compress after
-the question chunk, knowing its span.
+Both feed the cache through one `kvsieve.driver.Driver`: the prompt (whole or chunked), the question as its own
+chunk after compression (query-agnostic use; NACL, whose proxies are the question, compresses after it), then the
+decode steps; and both measure the same `GenerationStats`. ``compress(...).generate(q)`` returns what
+``generate(..., question=q)`` returns, token for token: the compressed cache is copied for each question.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from kvsieve.cache import SieveCache, SieveLayer, as_method, layer_kv_bytes, stored_entries
-from kvsieve.methods.base import Method, Phase, check_float, check_int
+from kvsieve.cache import SieveCache
+from kvsieve.driver import Driver, KVSnapshot
+from kvsieve.methods.base import Method, check_float, check_int
+from kvsieve.prompts import PromptInput, TokenInput, encode_context, encode_prompt
 
-SPLIT_MARK = "<<kvsieve-question-split>>"
-
-TokenInput = str | Sequence[int] | torch.Tensor
-# A conversation: ``[{"role": "user", "content": "..."}, ...]``, rendered by the tokenizer's chat template.
-Messages = Sequence[dict[str, str]]
-PromptInput = TokenInput | Messages
+__all__ = ["CompressedContext", "GenerationOutput", "GenerationStats", "compress", "decode", "eos_ids", "generate"]
 
 
 @dataclass
@@ -60,118 +53,6 @@ class GenerationOutput:
     stop_reason: str = "max_new_tokens"  # or "eos": the model emitted an end-of-sequence token
 
 
-# ----------------------------------------------------------------------------------------------- inputs
-def encode_prompt(
-    tokenizer, prompt: PromptInput, question: TokenInput | None = None, chat: bool | None = None
-) -> tuple[list[int], list[int]]:
-    """Token ids of the prompt and of the question (empty when there is none).
-
-    Strings go through the tokenizer's chat template when it has one (``chat=None``) as one user turn
-    ``prompt + "\\n\\n" + question``, split right after the prompt so the two parts can be fed separately.
-    A list of ``{"role", "content"}`` messages is a conversation, rendered by the chat template (the question, if
-    any, ends the last user turn). Token ids (a list of ints, or a tensor with one row) are used as given. One
-    prompt per call: a batch (a list of strings or of id lists, a tensor of several rows) is refused.
-    """
-    if isinstance(prompt, str) and not prompt.strip():
-        raise ValueError("prompt is empty")
-    if _is_conversation(prompt):
-        return _encode_conversation(tokenizer, list(prompt), question, chat)
-    if not isinstance(prompt, str):
-        ids = _as_ids(prompt, "prompt")
-        return ids, ([] if question is None else _question_ids(tokenizer, question))
-    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
-    if not use_chat:
-        context = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        return context, ([] if question is None else _question_ids(tokenizer, question))
-    if question is not None and not isinstance(question, str):
-        raise TypeError("with a chat template, question must be a string (or pass chat=False and token ids)")
-    suffix = "" if question is None else "\n\n" + question
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt + SPLIT_MARK + suffix}], tokenize=False, add_generation_prompt=True
-    )
-    before, after = text.split(SPLIT_MARK)
-    context = tokenizer(before, add_special_tokens=False)["input_ids"]
-    rest = tokenizer(after, add_special_tokens=False)["input_ids"]
-    if question is None:  # the whole templated prompt is one input
-        return context + rest, []
-    return context, rest
-
-
-def _is_conversation(prompt: Any) -> bool:
-    return isinstance(prompt, list | tuple) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
-
-
-def _encode_conversation(
-    tokenizer, messages: list[dict[str, str]], question: TokenInput | None, chat: bool | None
-) -> tuple[list[int], list[int]]:
-    """A conversation through the chat template; with a question, the context ends where the question starts."""
-    for i, message in enumerate(messages):
-        if set(message) - {"role", "content"} or not all(isinstance(message.get(k), str) for k in ("role", "content")):
-            raise ValueError(
-                f"prompt message {i} must be {{'role': str, 'content': str}}, got {message!r} (a conversation is a "
-                "list of such messages)"
-            )
-    if chat is False or not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            "a prompt of chat messages needs the tokenizer's chat template"
-            + (" (chat=False was given)" if chat is False else ", and this tokenizer has none")
-            + ": pass the conversation as one string instead"
-        )
-    if question is None:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"], []
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError("with a conversation as the prompt, question must be a non-empty string")
-    if messages[-1]["role"] != "user":
-        raise ValueError("with a question, the conversation's last message must be the user's (the question ends it)")
-    last = {**messages[-1], "content": messages[-1]["content"] + SPLIT_MARK + "\n\n" + question}
-    text = tokenizer.apply_chat_template([*messages[:-1], last], tokenize=False, add_generation_prompt=True)
-    before, after = text.split(SPLIT_MARK)
-    return (
-        tokenizer(before, add_special_tokens=False)["input_ids"],
-        tokenizer(after, add_special_tokens=False)["input_ids"],
-    )
-
-
-def _question_ids(tokenizer, question: TokenInput) -> list[int]:
-    if isinstance(question, str):
-        if not question.strip():
-            raise ValueError("question is empty")
-        return tokenizer(question, add_special_tokens=False)["input_ids"]
-    return _as_ids(question, "question")
-
-
-_ONE_PROMPT = (
-    "kvsieve.generate takes one prompt per call: a string, a list of token ids, or a list of "
-    "{'role', 'content'} messages (one conversation); batches are not supported yet"
-)
-
-
-def _as_ids(ids: Any, name: str) -> list[int]:
-    """Token ids as a list of ints; anything else (None, a batch, strings) is an error saying what is expected."""
-    if isinstance(ids, torch.Tensor):
-        if ids.dim() > 2 or (ids.dim() == 2 and ids.shape[0] != 1):
-            raise ValueError(f"{name} is a tensor of shape {list(ids.shape)}: {_ONE_PROMPT}")
-        if ids.is_floating_point() or ids.is_complex():
-            raise TypeError(f"{name} must hold integer token ids, got a {ids.dtype} tensor")
-        out = ids.flatten().tolist()
-    elif isinstance(ids, list | tuple):
-        out = list(ids)
-        batch_item = next((t for t in out if isinstance(t, str | list | tuple | torch.Tensor)), None)
-        if batch_item is not None:
-            kind = "strings" if isinstance(batch_item, str) else "sequences"
-            raise ValueError(f"{name} is a list of {kind} (a batch?): {_ONE_PROMPT}")
-        bad = next((t for t in out if isinstance(t, bool) or not isinstance(t, int)), None)
-        if bad is not None:
-            raise TypeError(f"{name} token ids must be ints, got {bad!r}")
-    else:
-        chat = ", a list of chat messages" if name == "prompt" else ""
-        raise TypeError(f"{name} must be a string, a list of token ids{chat} or a tensor of ids, got {ids!r:.40}")
-    if not out:
-        raise ValueError(f"{name} is empty")
-    return out
-
-
 # --------------------------------------------------------------------------------------------- sampling
 def sample_next(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
@@ -201,6 +82,31 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 # ------------------------------------------------------------------------------------------ generation
+def _check_model(model, tokenizer) -> None:
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_input_embeddings"):
+        raise TypeError(f"model must be a transformers causal LM (kvsieve.load_model), got {type(model).__name__}")
+    if not callable(getattr(tokenizer, "decode", None)):
+        raise TypeError(
+            f"tokenizer must be the model's tokenizer (kvsieve.load_model returns both), got {type(tokenizer).__name__}"
+        )
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the answer is chosen: greedy at ``temperature`` 0, else nucleus sampling seeded with ``seed``."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        check_int("max_new_tokens", self.max_new_tokens, 1)
+        check_float("temperature", self.temperature, 0.0)
+        check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -220,36 +126,120 @@ def generate(
     """Generate from ``prompt`` with ``method``'s cache and measure it.
 
     ``prompt``: a string, token ids, or a conversation (a list of ``{"role", "content"}`` messages, rendered by
-    the tokenizer's chat template); one prompt per call. ``method``: a `Method`, a registered name (default
-    parameters) or None (the full cache). ``chunk_size``: prefill the prompt that many tokens at a time.
-    ``temperature=0`` is greedy; otherwise nucleus sampling with ``top_p`` from a generator seeded with ``seed``.
-    ``stream`` receives the text as it is produced. ``out.stop_reason`` says why generation stopped: ``"eos"`` or
-    ``"max_new_tokens"``.
+    the tokenizer's chat template); one prompt per call. ``question``: fed after the prompt is compressed (the
+    query-agnostic use; a fractional budget is a fraction of the prompt without it). ``method``: a `Method`, a
+    registered name (default parameters) or None (the full cache). ``chunk_size``: prefill the prompt that many
+    tokens at a time. ``temperature=0`` is greedy; otherwise nucleus sampling with ``top_p`` from a generator
+    seeded with ``seed``. ``stream`` receives the text as it is produced. ``out.stop_reason`` says why generation
+    stopped: ``"eos"`` or ``"max_new_tokens"``.
     """
-    check_int("max_new_tokens", max_new_tokens, 1)
-    check_float("temperature", temperature, 0.0)
-    check_float("top_p", top_p, 0.0, 1.0, low_open=True)
+    sampling = Sampling(max_new_tokens, temperature, top_p, seed, stop_at_eos)
     if chunk_size is not None:
         check_int("chunk_size", chunk_size, 1)
-    if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_input_embeddings"):
-        raise TypeError(f"model must be a transformers causal LM (kvsieve.load_model), got {type(model).__name__}")
-    if not callable(getattr(tokenizer, "decode", None)):
-        raise TypeError(
-            f"tokenizer must be the model's tokenizer (kvsieve.load_model returns both), got {type(tokenizer).__name__}"
-        )
-    method = as_method(method)
+    _check_model(model, tokenizer)
     context_ids, question_ids = encode_prompt(tokenizer, prompt, question, chat)
-    method = method.for_prompt(len(context_ids) + len(question_ids))
-    device = model.get_input_embeddings().weight.device
-    cache = SieveCache(model, method, reserve=max_new_tokens + len(question_ids) + 1)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    driver = Driver.new(model, method, len(context_ids), reserve=max_new_tokens + len(question_ids) + 1)
+    logits = driver.prompt(context_ids, question_ids, chunk_size=chunk_size)
+    return _answer(driver, tokenizer, logits, len(context_ids), len(question_ids), sampling, stream)
 
-    start = time.perf_counter()
-    logits = prefill(model, cache, context_ids, question_ids, chunk_size, device)
-    prefill_s = time.perf_counter() - start
-    after_prefill = kv_snapshot(cache)
 
-    stops = eos_ids(model, tokenizer) if stop_at_eos else set()
+@torch.inference_mode()
+def compress(
+    model,
+    tokenizer,
+    context: PromptInput,
+    method: Method | str | None = None,
+    *,
+    chunk_size: int | None = None,
+    chat: bool | None = None,
+) -> CompressedContext:
+    """Prefill ``context`` and compress it once, to answer several questions (`CompressedContext.generate`).
+
+    ``ctx = kvsieve.compress(model, tok, document, method="snapkv")`` then ``ctx.generate(question)`` for each
+    question: each answer reads a copy of the compressed cache and equals ``kvsieve.generate(model, tok, document,
+    question=question, method=...)`` token for token. Methods whose compression needs the question (NACL with the
+    question's tokens as proxies: ``compress_after_question``) keep the context uncompressed here and compress a
+    copy for each question.
+    """
+    if chunk_size is not None:
+        check_int("chunk_size", chunk_size, 1)
+    _check_model(model, tokenizer)
+    if isinstance(context, str) and not context.strip():
+        raise ValueError("context is empty")
+    context_ids = encode_context(tokenizer, context, chat)
+    driver = Driver.new(model, method, len(context_ids))
+    late = driver.method.compress_after_question
+    driver.prefill(context_ids, chunk_size, complete=not late)
+    return CompressedContext(model, tokenizer, context, chat, context_ids, driver)
+
+
+class CompressedContext:
+    """A context prefilled (and compressed) once; `generate` answers a question from a copy of its cache."""
+
+    def __init__(self, model, tokenizer, context, chat, context_ids: list[int], driver: Driver) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.context = context
+        self.chat = chat
+        self.context_ids = context_ids
+        self._driver = driver
+
+    @property
+    def method(self) -> Method:
+        return self._driver.method
+
+    @property
+    def cache(self) -> SieveCache:
+        """The compressed cache (never fed a question: each answer reads a copy)."""
+        return self._driver.cache
+
+    @property
+    def compressed(self) -> bool:
+        """False for methods that compress after the question (each question compresses its own copy)."""
+        return not self.method.compress_after_question
+
+    def kv_bytes(self) -> int:
+        return self.cache.kv_bytes()
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        question: TokenInput,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stream: Callable[[str], None] | None = None,
+        stop_at_eos: bool = True,
+    ) -> GenerationOutput:
+        """Answer ``question`` from a copy of the compressed context; the same `GenerationOutput` as
+        ``kvsieve.generate(model, tok, context, question=question, method=...)`` (``prefill_s``: the context's
+        prefill and compression, measured once, plus this question's chunk)."""
+        if question is None:
+            raise ValueError("question is required: a string or token ids to answer from the compressed context")
+        sampling = Sampling(max_new_tokens, temperature, top_p, seed, stop_at_eos)
+        context_ids, question_ids = encode_prompt(self.tokenizer, self.context, question, self.chat)
+        if context_ids != self.context_ids:  # the chat template split the turn elsewhere: never answer silently
+            raise RuntimeError("the question changed how the context is tokenized; use kvsieve.generate instead")
+        driver = self._driver.copy()
+        logits = driver.question(question_ids, completes_prompt=not self.compressed)
+        return _answer(driver, self.tokenizer, logits, len(context_ids), len(question_ids), sampling, stream)
+
+
+def _answer(
+    driver: Driver,
+    tokenizer,
+    logits: torch.Tensor,
+    n_prompt: int,
+    n_question: int,
+    sampling: Sampling,
+    stream: Callable[[str], None] | None,
+) -> GenerationOutput:
+    """Decode from the prompt's last ``logits`` and measure (what `generate` and `CompressedContext` share)."""
+    after_prefill = driver.snapshot()
+    mark = driver.mark()
+    stops = eos_ids(driver.model, tokenizer) if sampling.stop_at_eos else set()
+    generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
     emitted = ""
 
     def on_token(tokens: list[int]) -> None:
@@ -259,33 +249,20 @@ def generate(
             stream(text[len(emitted) :])
             emitted = text
 
-    attended_before = [(layer.attended_total, layer.attend_calls) for layer in cache.sieve_layers]
-    tokens, decode_s, decode_steps = decode(
-        model,
-        cache,
+    tokens = decode(
+        driver,
         logits,
-        max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
+        sampling.max_new_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
         generator=generator,
         stop_ids=stops,
         on_token=None if stream is None else on_token,
     )
-
     text = tokenizer.decode(tokens, skip_special_tokens=True)
     if stream is not None and len(text) > len(emitted):
         stream(text[len(emitted) :])
-    stats = _stats(
-        cache,
-        method,
-        after_prefill,
-        attended_before,
-        len(context_ids),
-        len(question_ids),
-        tokens,
-        prefill_s,
-        decode_s / decode_steps if decode_steps else None,
-    )
+    stats = _stats(driver, after_prefill, mark, n_prompt, n_question, tokens)
     stopped_at_eos = bool(tokens) and tokens[-1] in stops
     return GenerationOutput(
         text=text, tokens=tokens, stats=stats, stop_reason="eos" if stopped_at_eos else "max_new_tokens"
@@ -293,8 +270,7 @@ def generate(
 
 
 def decode(
-    model,
-    cache,
+    driver: Driver,
     logits: torch.Tensor,
     max_new_tokens: int,
     *,
@@ -303,16 +279,11 @@ def decode(
     generator: torch.Generator | None = None,
     stop_ids: Collection[int] = (),
     on_token: Callable[[list[int]], None] | None = None,
-) -> tuple[list[int], float, int]:
+) -> list[int]:
     """Choose up to ``max_new_tokens`` tokens, starting from ``logits`` ``[1, V]`` (the prompt's last position) and
-    feeding each chosen token through ``cache``; stops after a token in ``stop_ids``.
-
-    Returns the tokens, the seconds spent in the decode forwards and their number (one fewer than the tokens: the
-    last token is never fed). ``on_token(tokens)`` is called after each token is chosen (streaming).
-    """
+    feeding each chosen token through the driver; stops after a token in ``stop_ids``. The last token is never
+    fed (the driver's `Timings` count the steps). ``on_token(tokens)`` is called after each token is chosen."""
     tokens: list[int] = []
-    decode_s = 0.0
-    decode_steps = 0
     while True:
         next_token = sample_next(logits, temperature, top_p, generator)
         token = int(next_token[0, 0])
@@ -320,123 +291,47 @@ def decode(
         if on_token is not None:
             on_token(tokens)
         if token in stop_ids or len(tokens) >= max_new_tokens:
-            break
-        t0 = time.perf_counter()
-        out = model(input_ids=next_token, **cache_kwargs(model, cache))
-        logits = out.logits[:, -1]
-        decode_s += time.perf_counter() - t0
-        decode_steps += 1
-    return tokens, decode_s, decode_steps
-
-
-def prefill(
-    model,
-    cache: SieveCache,
-    context_ids: list[int],
-    question_ids: list[int],
-    chunk_size: int | None,
-    device: torch.device,
-    compress_after_question: bool | None = None,
-) -> torch.Tensor:
-    """Feed the prompt (and question) through ``cache``; returns the last position's logits ``[1, V]``.
-
-    ``compress_after_question`` (default: the cache's method decides) makes the question chunk the one that
-    completes the prompt, instead of a chunk fed after compression."""
-    if compress_after_question is None:
-        compress_after_question = cache.method.compress_after_question
-    proxies_in_question = bool(question_ids) and compress_after_question
-    pieces = _chunks(context_ids, chunk_size)
-    phases = [Phase.PREFILL] * len(pieces)
-    if not proxies_in_question:
-        phases[-1] = Phase.PREFILL_LAST
-    if question_ids:
-        pieces.append(question_ids)
-        phases.append(Phase.PREFILL_LAST if proxies_in_question else Phase.DECODE)
-        cache.question_span = (len(context_ids), len(context_ids) + len(question_ids))
-    logits = None
-    for piece, phase in zip(pieces, phases):
-        cache.phase = phase
-        ids = torch.tensor([piece], dtype=torch.long, device=device)
-        logits = model(input_ids=ids, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1]
-    cache.phase = Phase.DECODE
-    return logits
-
-
-def cache_kwargs(model, cache) -> dict[str, Any]:
-    """Keyword arguments that hand ``cache`` to ``model``'s forward."""
-    return {_cache_keyword(type(model)): cache, "use_cache": True}
-
-
-@functools.cache
-def _cache_keyword(model_class: type) -> str:
-    """``cache`` from transformers 5.24 on, ``past_key_values`` before (5.24 still accepts it, with a warning)."""
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
-
-
-def _chunks(ids: list[int], size: int | None) -> list[list[int]]:
-    if size is None or size >= len(ids):
-        return [list(ids)]
-    return [ids[i : i + size] for i in range(0, len(ids), size)]
-
-
-def kv_snapshot(cache: SieveCache) -> dict[str, Any]:
-    """Stored entries per layer (``stored``), bytes held (``bytes``) and bytes a plain cache would hold for the
-    same tokens in the same layers (``bytes_full``), right after compression (before any question chunk or
-    decoding). For InfLLM/ActQKV ``bytes`` is what sits on the device, their host store apart."""
-    stored, held, full = [], 0, 0
-    for layer in cache.layers:
-        if getattr(layer, "stored_after_prefill", None) is not None:
-            stored.append(layer.stored_after_prefill)
-            held += layer.bytes_after_prefill
-            full += layer.bytes_before_compress
-        else:  # layers that do not compress once at the prompt's end, and built-in (sliding window) layers
-            stored.append(stored_entries(layer))
-            held += layer_kv_bytes(layer)
-            full += layer.uncompressed_bytes() if isinstance(layer, SieveLayer) else layer_kv_bytes(layer)
-    return {"stored": stored, "bytes": held, "bytes_full": full}
+            return tokens
+        logits = driver.step(token)
 
 
 def _stats(
-    cache: SieveCache,
-    method: Method,
-    after_prefill: dict,
-    attended_before: list[tuple[int, int]],
+    driver: Driver,
+    after_prefill: KVSnapshot,
+    mark: list[tuple[int, int]],
     n_prompt: int,
     n_question: int,
     tokens: list[int],
-    prefill_s: float,
-    decode_s_per_token: float | None,
 ) -> GenerationStats:
+    cache, method, timings = driver.cache, driver.method, driver.timings
     per_step = []
     layers = []
-    sieve_index = 0
+    sieve = iter(zip(cache.sieve_layers, mark))
     for idx, layer in enumerate(cache.layers):
-        entry: dict[str, Any] = {"layer": idx, "stored_after_prefill": after_prefill["stored"][idx]}
+        entry: dict[str, Any] = {"layer": idx, "stored_after_prefill": after_prefill.stored[idx]}
         if hasattr(layer, "policy"):
-            total0, calls0 = attended_before[sieve_index]
-            sieve_index += 1
-            calls = layer.attend_calls - calls0
-            if calls:
-                per_step.append((layer.attended_total - total0) / calls)
-                entry["attended_per_step"] = per_step[-1]
+            _, layer_mark = next(sieve)
+            attended = layer.meter.attended_since(layer_mark)
+            if attended is not None:
+                per_step.append(attended)
+                entry["attended_per_step"] = attended
             entry.update(layer.policy.stats())
         else:
             entry["kind"] = "sliding_window"
         layers.append(entry)
-    stored = after_prefill["stored"]
     return GenerationStats(
         method=method.name,
         budget=method.budget_label,
         prompt_tokens=n_prompt,
         question_tokens=n_question,
         new_tokens=len(tokens),
-        kv_stored_tokens=sum(stored) / len(stored),
-        kv_stored_tokens_per_layer=stored,
-        kv_bytes=after_prefill["bytes"],
-        kv_bytes_full=after_prefill["bytes_full"],
+        kv_stored_tokens=after_prefill.mean_stored,
+        kv_stored_tokens_per_layer=after_prefill.stored,
+        kv_bytes=after_prefill.bytes,
+        kv_bytes_full=after_prefill.bytes_full,
         kv_bytes_end=cache.kv_bytes(),
         attended_per_step=sum(per_step) / len(per_step) if per_step else None,
-        prefill_s=prefill_s,
-        decode_s_per_token=decode_s_per_token,
+        prefill_s=timings.prefill_s + timings.question_s,
+        decode_s_per_token=timings.decode_s_per_token,
         layers=layers,
     )

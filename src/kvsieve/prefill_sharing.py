@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 import torch
 
 from kvsieve.cache import SieveCache, SieveLayer
-from kvsieve.generate import cache_kwargs, prefill
-from kvsieve.methods.base import AttentionCall, LayerPolicy, Method, Phase
+from kvsieve.driver import Driver
+from kvsieve.methods.base import LayerPolicy, Method, Phase, PromptLayout
 from kvsieve.methods.base import method as make_method
 
 __all__ = ["SharedPrefill", "check_shareable", "copy_cache", "shared_prefill", "shares_prefill"]
@@ -86,30 +86,16 @@ class _FanOutLayer(SieveLayer):
         for participant in self.participants:
             yield participant, participant.cache.layers[self.index]
 
-    def _call(self, target: SieveLayer, module, query, scaling, kwargs) -> AttentionCall:
-        store = target.policy.store
-        return AttentionCall(
-            module=module,
-            query=query,
-            keys=store.keys,
-            values=store.values,
-            scaling=scaling,
-            phase=self._phase,
-            first_position=self._first_position,
-            seen=self.seen,
-            kwargs=kwargs,
-            record=target._record,
-            question_span=self.question_span,
-        )
-
     def attend(self, module, query, keys, values, scaling, kwargs):
         if self._phase is Phase.DECODE or not self.participants:
             return super().attend(module, query, keys, values, scaling, kwargs)
         for participant, target in self._targets():
             start = time.perf_counter()
-            target._phase, target._first_position, target.seen = self._phase, self._first_position, self.seen
-            target.policy.store.mirror(self.policy.store)
-            target.policy.observe(self._call(target, module, query, scaling, kwargs))
+            target.follow(self._phase, self._first_position, self.seen)
+            target.layout = self.layout
+            store = target.policy.store
+            store.mirror(self.policy.store)
+            target.policy.observe(target.call(module, query, store.keys, store.values, scaling, kwargs))
             participant.seconds += time.perf_counter() - start
         out = super().attend(module, query, keys, values, scaling, kwargs)
         if self._phase is Phase.PREFILL_LAST:
@@ -124,15 +110,11 @@ class _FanOutLayer(SieveLayer):
         """The end of the prompt for one participant's layer: a private copy of the entries, then its compress."""
         if not target.is_initialized:
             target.lazy_initialization(keys, values)
-        target.policy.store.adopt(self.policy.store)
+        store = target.policy.store
+        store.adopt(self.policy.store)
         # what the full attention over the prompt recorded is what the participant's own prefill records
-        target.attended_total, target.attend_calls = self.attended_total, self.attend_calls
-        if target.trace is not None and self.trace is not None:
-            target.trace = [t.clone() for t in self.trace]
-        target.bytes_before_compress = target.uncompressed_bytes()
-        target.policy.compress(self._call(target, module, query, scaling, kwargs))
-        target.stored_after_prefill = target.policy.stored_length()
-        target.bytes_after_prefill = target.policy.kv_bytes()
+        target.meter.take_counts(self.meter)
+        target.complete_prompt(target.call(module, query, store.keys, store.values, scaling, kwargs))
 
 
 @dataclass
@@ -154,11 +136,6 @@ class SharedPrefill:
     method_s: list[float] = field(default_factory=list)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
 def shared_prefill(
     model,
@@ -169,15 +146,17 @@ def shared_prefill(
     chunk_size: int | None = None,
     reserve: int = 64,
     trace: bool = False,
+    layout: PromptLayout | None = None,
 ) -> SharedPrefill:
     """Prefill ``context_ids`` once for every method in ``methods`` and the full cache.
 
-    Equivalent, method by method, to ``kvsieve.generate.prefill(model, SieveCache(model, m), context_ids,
-    question_ids, chunk_size, device)``: the prompt in chunks of ``chunk_size``, the last chunk ``PREFILL_LAST``;
+    Equivalent, method by method, to ``Driver(model, SieveCache(model, m)).prompt(context_ids, question_ids,
+    chunk_size=chunk_size)``: the prompt in chunks of ``chunk_size``, the last chunk ``PREFILL_LAST``;
     with ``question_ids``, the question follows as its own chunk -- for methods that compress after the question
     (``compress_after_question``, all of them or none) it is part of the shared prefill, otherwise each cache
     (and the full one) gets it as a ``DECODE`` chunk after compression.
     ``reserve``: spare entries per store for what follows (question, generated tokens). ``trace``: as `SieveCache`.
+    ``layout``: the prompt's parts when the question is inside ``context_ids`` (query-aware use).
     """
     methods = list(methods)
     context_ids = list(context_ids)
@@ -185,7 +164,6 @@ def shared_prefill(
     if not context_ids:
         raise ValueError("context_ids is empty")
     check_shareable(methods, with_question=bool(question_ids))
-    device = model.get_input_embeddings().weight.device
     n_prompt = len(context_ids) + len(question_ids or [])
     participants = [
         _Participant(SieveCache(model, m.for_prompt(n_prompt), reserve=reserve, trace=trace)) for m in methods
@@ -196,15 +174,13 @@ def shared_prefill(
             full.layers[index] = _FanOutLayer(layer.policy, trace, index, participants)
 
     late = bool(question_ids) and bool(methods) and bool(methods[0].compress_after_question)
-    _sync(device)
-    start = time.perf_counter()
+    driver = Driver(model, full)
     # the question is part of this shared forward only when it holds the proxies (NACL); otherwise each method's
     # cache gets it after compression
-    logits = prefill(
-        model, full, context_ids, question_ids if late else [], chunk_size, device, compress_after_question=late
-    )
-    _sync(device)
-    elapsed = time.perf_counter() - start
+    logits = driver.prefill(context_ids, chunk_size, complete=not late, layout=layout)
+    if late:
+        logits = driver.question(question_ids, completes_prompt=True)
+    elapsed = driver.timings.prefill_s + driver.timings.question_s
 
     caches = []
     for participant in participants:
@@ -212,32 +188,26 @@ def shared_prefill(
         for index, layer in enumerate(full.layers):
             if not isinstance(layer, SieveLayer):  # Gemma-3's sliding-window layers: the model filled them once
                 cache.layers[index] = copy.deepcopy(layer)
-        cache.phase = Phase.DECODE
-        cache.question_span = full.question_span
+        cache.layout = full.layout
         caches.append(cache)
     shared_s = elapsed - sum(p.seconds for p in participants)
     method_s = [p.seconds for p in participants]
     all_logits = [logits] * len(caches)
     full_logits = logits
     if question_ids and not late:  # query-agnostic use: each cache reads the question after its compression
-        span = (len(context_ids), len(context_ids) + len(question_ids))
-        ids = torch.tensor([question_ids], dtype=torch.long, device=device)
         timed = []
         for cache in [full, *caches]:
-            cache.question_span = span
-            _sync(device)
-            t0 = time.perf_counter()
-            timed.append(model(input_ids=ids, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1])
-            _sync(device)
+            reader = Driver(model, cache)
+            timed.append(reader.question(question_ids))
             if cache is full:
-                shared_s += time.perf_counter() - t0
+                shared_s += reader.timings.question_s
             else:
-                method_s[len(timed) - 2] += time.perf_counter() - t0
+                method_s[len(timed) - 2] += reader.timings.question_s
         full_logits, all_logits = timed[0], timed[1:]
     return SharedPrefill(full, full_logits, caches, all_logits, shared_s, method_s)
 
 
 def copy_cache(cache: SieveCache) -> SieveCache:
-    """An independent copy of a cache (policies, stores, statistics): feed each of several questions to its own
-    copy of one compressed context."""
+    """An independent copy of a cache (policies, stores, meters): feed each of several questions to its own copy of
+    one compressed context."""
     return copy.deepcopy(cache)

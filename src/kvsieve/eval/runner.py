@@ -58,16 +58,16 @@ from typing import Any
 import torch
 import yaml
 
-from kvsieve.cache import SieveCache
+from kvsieve.driver import Driver, KVSnapshot, Timings
 from kvsieve.eval.config import FULL, LM_TASK, EvalConfig, MethodRun
 from kvsieve.eval.metrics import score_sample
 from kvsieve.eval.stats import format_interval, wilson_interval
 from kvsieve.eval.tasks import TASKS, LMDoc, Sample, lm_documents, load_benchmark_file, make_task, render
 from kvsieve.eval.tasks.base import make_sample_id
-from kvsieve.generate import cache_kwargs, decode, eos_ids, kv_snapshot, prefill
-from kvsieve.methods.base import Phase
+from kvsieve.generate import decode, eos_ids
+from kvsieve.methods.base import PromptLayout
 from kvsieve.models import trained_window
-from kvsieve.prefill_sharing import copy_cache, shared_prefill, shares_prefill
+from kvsieve.prefill_sharing import shared_prefill, shares_prefill
 from kvsieve.progress import progress_bar
 
 __all__ = [
@@ -466,10 +466,10 @@ def beyond_window_reason(tokens: int, window: int) -> str:
 class _Prepared:
     """A cache right after its prompt (compressed), ready to read a question or decode."""
 
-    cache: SieveCache
+    driver: Driver
     logits: torch.Tensor
-    prefill_s: float
-    snapshot: dict[str, Any]
+    prefill_s: float  # this cache's prompt (a shared prefill: the shared forward plus the method's own hooks)
+    snapshot: KVSnapshot
     shared: bool
 
 
@@ -482,7 +482,6 @@ class _Evaluator:
         self.log = log
         self.done = done
         self.on_row = on_row
-        self.device = model.get_input_embeddings().weight.device
         self.window = trained_window(model)
         self.stops = eos_ids(model, tokenizer)
         self.reserve = 64
@@ -520,65 +519,44 @@ class _Evaluator:
         return [run for run in self.runs if unit.key(question, run) not in self.done]
 
     # ------------------------------------------------------------------------------------------ prefills
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def prepare(
-        self, runs: Sequence[MethodRun], context: list[int], question: list[int] | None
+        self, runs: Sequence[MethodRun], context: list[int], question: list[int], question_in_prompt: bool = False
     ) -> dict[MethodRun, _Prepared]:
-        """Caches of ``runs`` after ``context`` (+ ``question``, fed as `kvsieve.generate.prefill` would). The full
-        cache and the methods that can share ride one shared prefill; the others prefill on their own."""
+        """Caches of ``runs`` after ``context`` and ``question`` as `Driver.prompt` feeds them (``question_in_prompt``:
+        query-aware). The full cache and the methods that can share ride one shared prefill; the others prefill on
+        their own."""
         out: dict[MethodRun, _Prepared] = {}
         shared = [r for r in runs if self.config.share_prefill and not r.is_full and shares_prefill(r.method)]
         full = [r for r in runs if r.is_full]
         if self.config.share_prefill and (full or shared):
+            layout = None
+            if question_in_prompt:
+                layout = PromptLayout(question=(len(context), len(context) + len(question)))
             result = shared_prefill(
                 self.model,
                 [r.method for r in shared],
-                context,
-                question,
+                context + question if question_in_prompt else context,
+                None if question_in_prompt else question,
                 chunk_size=self.config.chunk_size,
                 reserve=self.reserve,
+                layout=layout,
             )
             for run in full:
-                out[run] = _Prepared(
-                    result.full, result.full_logits, result.shared_s, kv_snapshot(result.full), bool(shared)
-                )
+                driver = Driver(self.model, result.full)
+                out[run] = _Prepared(driver, result.full_logits, result.shared_s, driver.snapshot(), bool(shared))
             for run, cache, logits, seconds in zip(shared, result.caches, result.logits, result.method_s):
-                out[run] = _Prepared(cache, logits, result.shared_s + seconds, kv_snapshot(cache), True)
+                driver = Driver(self.model, cache)
+                out[run] = _Prepared(driver, logits, result.shared_s + seconds, driver.snapshot(), True)
         for run in runs:
             if run in out:
                 continue
-            method = run.method.for_prompt(len(context) + len(question or []))
-            cache = SieveCache(self.model, method, reserve=self.reserve)
-            self._sync()
-            start = time.perf_counter()
-            logits = prefill(self.model, cache, context, question or [], self.config.chunk_size, self.device)
-            self._sync()
-            out[run] = _Prepared(cache, logits, time.perf_counter() - start, kv_snapshot(cache), False)
+            driver = Driver.new(self.model, run.method, len(context) + len(question), reserve=self.reserve)
+            logits = driver.prompt(
+                context, question, chunk_size=self.config.chunk_size, question_in_prompt=question_in_prompt
+            )
+            seconds = driver.timings.prefill_s + driver.timings.question_s
+            out[run] = _Prepared(driver, logits, seconds, driver.snapshot(), False)
         return out
-
-    def feed_question(self, cache: SieveCache, start: int, question: list[int]) -> tuple[torch.Tensor, float]:
-        """The question as its own chunk after the compressed context (query-agnostic use)."""
-        cache.question_span = (start, start + len(question))
-        cache.phase = Phase.DECODE
-        ids = torch.tensor([question], dtype=torch.long, device=self.device)
-        self._sync()
-        t0 = time.perf_counter()
-        logits = self.model(input_ids=ids, logits_to_keep=1, **cache_kwargs(self.model, cache)).logits[:, -1]
-        self._sync()
-        return logits, time.perf_counter() - t0
-
-    def with_question_span(self, run: MethodRun, start: int, end: int) -> MethodRun:
-        """Query-aware ActQKV: the question's span inside the prompt, unless the user set one."""
-        fields = {f.name for f in dataclasses.fields(run.method)}
-        if "question_span" not in fields or run.method.question_span is not None:
-            return run
-        method = dataclasses.replace(run.method, question_span=(start, end))
-        if method.name != run.method.name:  # presets carry their own name
-            object.__setattr__(method, "name", run.method.name)
-        return MethodRun(run.name, run.budget, method)
 
     # ------------------------------------------------------------------------------------------- QA units
     def run_qa(self, unit: _Unit) -> None:
@@ -610,11 +588,9 @@ class _Evaluator:
         if unit.mode == "query_aware":
             for q, runs in live.items():
                 context, question = encoded[q]
-                span = (len(context), len(context) + len(question))
-                adjusted = {run: self.with_question_span(run, *span) for run in runs}
-                prepared = self.prepare(list(adjusted.values()), context + question, None)
+                prepared = self.prepare(runs, context, question, question_in_prompt=True)
                 for run in runs:
-                    item = prepared[adjusted[run]]
+                    item = prepared[run]
                     self.finish(unit, q, run, sample, item, item.logits, item.prefill_s, len(context), len(question))
             return
         # query-agnostic: compress each distinct context once; questions read copies of it
@@ -625,7 +601,7 @@ class _Evaluator:
             context = list(context_key)
             early = list(dict.fromkeys(r for q in questions for r in live[q] if not r.method.compress_after_question))
             early = [r for r in self.runs if r in early]  # sweep order
-            base = self.prepare(early, context, None) if early else {}
+            base = self.prepare(early, context, []) if early else {}
             remaining = {run: sum(run in live[q] for q in questions) for run in early}
             for q in questions:
                 question = encoded[q][1]
@@ -640,12 +616,12 @@ class _Evaluator:
                         continue
                     item = base[run]
                     remaining[run] -= 1
-                    cache = item.cache if remaining[run] == 0 else copy_cache(item.cache)
-                    logits, question_s = self.feed_question(cache, len(context), question)
-                    used = dataclasses.replace(item, cache=cache)
-                    self.finish(
-                        unit, q, run, sample, used, logits, item.prefill_s + question_s, len(context), len(question)
-                    )
+                    driver = item.driver if remaining[run] == 0 else item.driver.copy()
+                    driver.timings = Timings()
+                    logits = driver.question(question)
+                    used = dataclasses.replace(item, driver=driver)
+                    seconds = item.prefill_s + driver.timings.question_s
+                    self.finish(unit, q, run, sample, used, logits, seconds, len(context), len(question))
 
     def finish(
         self,
@@ -660,10 +636,11 @@ class _Evaluator:
         question_tokens: int,
     ) -> None:
         """Decode the answer, score it and write the row."""
-        cache = item.cache
+        driver = item.driver
         max_new = self.config.max_new_tokens or sample.max_new_tokens
-        before = [(layer.attended_total, layer.attend_calls) for layer in cache.sieve_layers]
-        tokens, decode_s, steps = decode(self.model, cache, logits, max_new, stop_ids=self.stops)
+        mark = driver.mark()
+        driver.timings = Timings()
+        tokens = decode(driver, logits, max_new, stop_ids=self.stops)
         prediction = self.tokenizer.decode(tokens, skip_special_tokens=True)
         metric = self.config.metrics.get(unit.task, sample.metric)
         scored = sample if metric == sample.metric else dataclasses.replace(sample, metric=metric)
@@ -681,12 +658,12 @@ class _Evaluator:
                 "prompt_tokens": prompt_tokens,
                 "question_tokens": question_tokens,
                 "new_tokens": len(tokens),
-                "kv_stored_tokens": sum(snapshot["stored"]) / len(snapshot["stored"]),
-                "kv_bytes": snapshot["bytes"],
-                "kv_bytes_full": snapshot["bytes_full"],
-                "attended_per_step": _attended_per_step(cache, before),
+                "kv_stored_tokens": snapshot.mean_stored,
+                "kv_bytes": snapshot.bytes,
+                "kv_bytes_full": snapshot.bytes_full,
+                "attended_per_step": driver.attended_since(mark),
                 "prefill_s": prefill_s,
-                "decode_s_per_token": decode_s / steps if steps else None,
+                "decode_s_per_token": driver.timings.decode_s_per_token,
                 "shared_prefill": item.shared,
             },
         )
@@ -710,15 +687,12 @@ class _Evaluator:
             return  # only the reference's row was missing, and it is a skip row now
         full_run = next(r for r in self.runs if r.is_full)
         order = [full_run, *live]
-        prepared = self.prepare(order, context, None)
+        prepared = self.prepare(order, context, [])
         logits = {run: prepared[run].logits for run in order}
         nll = dict.fromkeys(order, 0.0)
         kl = dict.fromkeys(order, 0.0)
         agree = dict.fromkeys(order, 0)
-        decode_s = dict.fromkeys(order, 0.0)
-        before = {
-            run: [(la.attended_total, la.attend_calls) for la in prepared[run].cache.sieve_layers] for run in order
-        }
+        marks = {run: prepared[run].driver.mark() for run in order}
         steps = len(continuation)
         for t, target in enumerate(continuation):
             reference = torch.log_softmax(logits[full_run][0].float(), dim=-1)
@@ -732,14 +706,8 @@ class _Evaluator:
                 agree[run] += int(int(logp.argmax()) == top_reference)
             if t + 1 == steps:
                 break
-            ids = torch.tensor([[target]], dtype=torch.long, device=self.device)
-            for run in order:
-                cache = prepared[run].cache
-                self._sync()
-                t0 = time.perf_counter()
-                logits[run] = self.model(input_ids=ids, **cache_kwargs(self.model, cache)).logits[:, -1]
-                self._sync()
-                decode_s[run] += time.perf_counter() - t0
+            for run in order:  # in lockstep: one vocabulary distribution per cache is held at a time
+                logits[run] = prepared[run].driver.step(target)
         for run in order:
             if unit.key(0, run) in self.done:
                 continue
@@ -761,12 +729,12 @@ class _Evaluator:
                     "top1_agreement": agree[run] / steps,
                     "prompt_tokens": len(context),
                     "new_tokens": steps,
-                    "kv_stored_tokens": sum(snapshot["stored"]) / len(snapshot["stored"]),
-                    "kv_bytes": snapshot["bytes"],
-                    "kv_bytes_full": snapshot["bytes_full"],
-                    "attended_per_step": _attended_per_step(item.cache, before[run]),
+                    "kv_stored_tokens": snapshot.mean_stored,
+                    "kv_bytes": snapshot.bytes,
+                    "kv_bytes_full": snapshot.bytes_full,
+                    "attended_per_step": item.driver.attended_since(marks[run]),
                     "prefill_s": item.prefill_s,
-                    "decode_s_per_token": decode_s[run] / (steps - 1) if steps > 1 else None,
+                    "decode_s_per_token": item.driver.timings.decode_s_per_token,
                     "shared_prefill": item.shared,
                 },
             )
@@ -781,16 +749,6 @@ class _Evaluator:
             self.run_lm(unit)
         else:
             self.run_qa(unit)
-
-
-def _attended_per_step(cache: SieveCache, before: list[tuple[int, int]]) -> float | None:
-    """Mean over layers of the entries per KV head one decode step attended (measured by the policies)."""
-    per_layer = []
-    for layer, (total, calls) in zip(cache.sieve_layers, before):
-        n = layer.attend_calls - calls
-        if n:
-            per_layer.append((layer.attended_total - total) / n)
-    return sum(per_layer) / len(per_layer) if per_layer else None
 
 
 # -------------------------------------------------------------------------------------------------- summary

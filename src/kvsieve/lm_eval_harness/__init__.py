@@ -10,9 +10,9 @@ tasks, not models), so the type exists once this module is imported. Two ways in
 `KVSieveLM` is lm-eval's `HFLM` (tokenization, truncation, chat templates: exactly as ``--model hf``) with the
 three request types answered through kvsieve (see docs/lm_eval.md):
 
-* ``loglikelihood``: the context is prefilled and compressed alone (`kvsieve.generate.prefill`, query-agnostic),
+* ``loglikelihood``: the context is prefilled and compressed alone (`kvsieve.driver.Driver`, query-agnostic),
   then the continuation is fed one token at a time, as generated tokens would be, and its log-probs summed.
-  Requests that share a context share its compressed cache (`kvsieve.prefill_sharing.copy_cache`).
+  Requests that share a context share its compressed cache (`Driver.copy`).
 * ``generate_until``: `kvsieve.generate` on the context, stopping at ``until``, ``max_gen_toks`` or EOS.
 * ``loglikelihood_rolling``: lm-eval's windows, each a one-token prompt whose tokens are all fed as decode
   steps; refused for methods that only act once after the prompt (they would score with the full cache).
@@ -37,15 +37,14 @@ except ImportError as error:  # the optional extra is missing
 from tqdm import tqdm
 
 import kvsieve
-from kvsieve.cache import SieveCache, check_supported
-from kvsieve.generate import cache_kwargs, prefill
+from kvsieve.cache import check_supported
+from kvsieve.driver import Driver
 from kvsieve.methods.base import Method, resolve_budget
 from kvsieve.methods.full import Full
 from kvsieve.methods.h2o import H2O
 from kvsieve.methods.infllm import InfLLM
 from kvsieve.methods.refreshkv import RefreshKV
 from kvsieve.methods.streamingllm import StreamingLLM
-from kvsieve.prefill_sharing import copy_cache
 
 __all__ = ["KVSieveLM", "KVSieveLMError", "rolling_method_names", "score_continuation"]
 
@@ -138,11 +137,11 @@ class KVSieveLM(HFLM):
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="kvsieve loglikelihood")
         for context, items in groups.items():
-            cache, logits = self._prefill(list(context), max(len(c) for _, c in items) + 1)
+            driver, logits = self._prefill(list(context), max(len(c) for _, c in items) + 1)
             for n, (index, continuation) in enumerate(items):
                 # a one-token continuation feeds nothing; the last request may consume the shared cache
-                own = cache if n + 1 == len(items) or len(continuation) == 1 else copy_cache(cache)
-                results[index] = score_continuation(self.model, own, logits, continuation)
+                own = driver if n + 1 == len(items) or len(continuation) == 1 else driver.copy()
+                results[index] = score_continuation(own, logits, continuation)
                 if requests[index][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[index][0], results[index])
                 bar.update(1)
@@ -171,8 +170,8 @@ class KVSieveLM(HFLM):
             total = 0.0
             for context, continuation in map(make_disjoint_window, windows):
                 method = self._method_for(len(context) + len(continuation))
-                cache, logits = self._prefill(context, len(continuation) + 1, method)
-                total += score_continuation(self.model, cache, logits, continuation)[0]
+                driver, logits = self._prefill(context, len(continuation) + 1, method)
+                total += score_continuation(driver, logits, continuation)[0]
             totals.append(total)
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
         return totals
@@ -221,14 +220,10 @@ class KVSieveLM(HFLM):
         tokens = (context + continuation)[-(self.max_length + 1) :]
         return tokens[: len(tokens) - len(continuation)], continuation
 
-    def _prefill(
-        self, context: list[int], reserve: int, method: Method | None = None
-    ) -> tuple[SieveCache, torch.Tensor]:
-        """A cache holding the compressed ``context`` and the logits ``[1, V]`` of its last position."""
-        method = (method or self.kv_method).for_prompt(len(context))
-        cache = SieveCache(self.model, method, reserve=reserve)
-        device = self.model.get_input_embeddings().weight.device
-        return cache, prefill(self.model, cache, context, [], self.chunk_size, device)
+    def _prefill(self, context: list[int], reserve: int, method: Method | None = None) -> tuple[Driver, torch.Tensor]:
+        """A driver whose cache holds the compressed ``context``, and the logits ``[1, V]`` of its last position."""
+        driver = Driver.new(self.model, method or self.kv_method, len(context), reserve=reserve)
+        return driver, driver.prefill(context, self.chunk_size)
 
     def _method_for(self, window_tokens: int) -> Method:
         """The method for one rolling window: a fractional budget becomes that fraction of the window's tokens
@@ -263,21 +258,19 @@ class KVSieveLM(HFLM):
 
 
 @torch.inference_mode()
-def score_continuation(model, cache, logits: torch.Tensor, continuation: Sequence[int]) -> tuple[float, bool]:
-    """Teacher-force ``continuation`` through ``cache`` (phase DECODE, one token per forward, as generation feeds
+def score_continuation(driver: Driver, logits: torch.Tensor, continuation: Sequence[int]) -> tuple[float, bool]:
+    """Teacher-force ``continuation`` through the driver's cache (one decode step per token, as generation feeds
     tokens), starting from ``logits`` ``[1, V]`` of the context's last position.
 
     Returns the summed log-probability (fp32 softmax) and whether every token is the argmax. The last token is
     never fed."""
-    device = logits.device
     total, greedy = 0.0, True
     for step, token in enumerate(continuation):
         logp = torch.log_softmax(logits[0].float(), dim=-1)
         total += float(logp[token])
         greedy = greedy and int(logp.argmax()) == token
         if step + 1 < len(continuation):
-            ids = torch.tensor([[token]], dtype=torch.long, device=device)
-            logits = model(input_ids=ids, **cache_kwargs(model, cache)).logits[:, -1]
+            logits = driver.step(token)
     return total, greedy
 
 

@@ -158,8 +158,8 @@ class NACLPolicy(LayerPolicy):
         oldest = max(0, math.floor((1.0 - self.method.proxy_ratio) * call.seen) - 1)
         oldest = min(oldest, call.seen - 1)  # the last token is always a proxy
         span = call.question_span
-        if self.method.proxy_source == "question" and span is not None and span[0] <= call.first_position:
-            oldest = min(oldest, span[0])  # this chunk is the question: all of it may be proxies
+        if self.method.proxy_source == "question" and span is not None and span[0] < call.seen:
+            oldest = min(oldest, span[0])  # the question is read (its own chunk, or inside the prompt): its proxies
         if oldest > first:
             # a copy, so that a view of the tail does not keep the whole chunk's queries alive
             q = q[:, :, oldest - first :].clone()
