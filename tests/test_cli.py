@@ -167,6 +167,23 @@ def test_generate_json_says_model_device_and_why_it_stopped_and_notes_a_budget_t
     assert "note:" not in capsys.readouterr().err
 
 
+def test_generate_repeated_question_compresses_once_and_answers_each_as_alone(tiny_dir, prompt_file, capsys):
+    common = ["generate", str(prompt_file), "--model", str(tiny_dir), "--method", "snapkv", "--budget", "8",
+              "--max-new-tokens", "4", "--json"]  # fmt: skip
+    questions = ["What is the pass key?", "Who wrote it?"]
+    assert main([*common, "--question", questions[0], "--question", questions[1]]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["question"] for r in records] == questions
+    for question, record in zip(questions, records):
+        assert main([*common, "--question", question]) == 0
+        alone = json.loads(capsys.readouterr().out)
+        assert record["tokens"] == alone["tokens"] and record["kv_stored_tokens"] == alone["kv_stored_tokens"]
+        assert record["question_tokens"] == alone["question_tokens"] > 0
+    assert main([*common[:-1], "--question", questions[0], "--question", questions[1]]) == 0
+    err = capsys.readouterr().err
+    assert "[question 1 of 2: What is the pass key?]" in err and "[question 2 of 2: Who wrote it?]" in err
+
+
 def test_eval_out_that_is_a_file(tmp_path, capsys):
     out = tmp_path / "taken.txt"
     out.write_text("not a run directory")

@@ -21,7 +21,12 @@ def add_parser(sub) -> None:
     gen.add_argument(
         "prompt_file", nargs="?", help="UTF-8 text file holding the prompt; '-' or none: standard input (piped)"
     )
-    gen.add_argument("--question", help="fed after the compressed prompt as its own chunk (query-agnostic use)")
+    gen.add_argument(
+        "--question",
+        action="append",
+        help="fed after the compressed prompt as its own chunk (query-agnostic use); repeat it to compress the "
+        "prompt once and answer each question from a copy (one answer, and with --json one line, per question)",
+    )
     add_model_args(gen)
     add_method_args(gen)
     gen.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many generated tokens")
@@ -90,7 +95,6 @@ def budget_notes(method, prompt_tokens: int) -> list[str]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import kvsieve
-    from kvsieve.models import DEFAULT_MODEL
 
     method = make_method(args)  # validate before the slow model load
     prompt = read_prompt(args.prompt_file)
@@ -102,20 +106,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    out = kvsieve.generate(
-        model,
-        tokenizer,
-        prompt,
-        method=method,
-        max_new_tokens=args.max_new_tokens,
-        question=args.question,
-        chunk_size=args.chunk_size,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        stream=None if args.json else stream,
-        chat=False if args.no_chat else None,
-    )
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    questions = args.question or [None]
+    chat = False if args.no_chat else None
+    if len(questions) == 1:
+        answers = [
+            lambda streamer: kvsieve.generate(
+                model,
+                tokenizer,
+                prompt,
+                method=method,
+                question=questions[0],
+                chunk_size=args.chunk_size,
+                stream=streamer,
+                chat=chat,
+                **sampling,
+            )
+        ]
+    else:  # one prefill and compression, then each question on a copy
+        context = kvsieve.compress(model, tokenizer, prompt, method, chunk_size=args.chunk_size, chat=chat)
+        answers = [lambda streamer, q=q: context.generate(q, stream=streamer, **sampling) for q in questions]
+    for number, (question, answer) in enumerate(zip(questions, answers), start=1):
+        if len(questions) > 1 and not args.json:
+            print(f"[question {number} of {len(questions)}: {question}]", file=sys.stderr, flush=True)
+        report(args, model, method, answer(None if args.json else stream), question)
+    return 0
+
+
+def report(args: argparse.Namespace, model, method, out, question: str | None) -> None:
+    """One answer's end: its notes and statistics (standard error), or its JSON line."""
+    from kvsieve.models import DEFAULT_MODEL
+
     s = out.stats
     notes = budget_notes(method, s.prompt_tokens)
     if not args.json:
@@ -134,6 +155,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "dtype": str(weights.dtype).removeprefix("torch."),
             "device": str(weights.device),
             "stop_reason": out.stop_reason,
+            "question": question,
             "prompt_tokens": s.prompt_tokens,
             "question_tokens": s.question_tokens,
             "new_tokens": s.new_tokens,
@@ -155,4 +177,3 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"decode {ms(s.decode_s_per_token)}/token, {s.new_tokens} tokens, stopped at {stopped}]",
             file=sys.stderr,
         )
-    return 0
