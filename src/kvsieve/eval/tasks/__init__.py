@@ -17,7 +17,10 @@ from .base import QA, PromptTemplate, Rendered, Sample, TokenizerLike, count_pro
 from .files import DataFormatError, load_benchmark_file, truncate_middle
 from .infinitebench import build_kv_retrieval, build_number_string, build_passkey
 from .lm import LMDoc, lm_documents
-from .ruler import NIAH_CONFIGS, build_cwe, build_fwe, build_niah, build_qa, build_vt, qa_data_available
+from .ruler import NIAH_CONFIGS, build_niah
+from .ruler_aggregation import build_cwe, build_fwe
+from .ruler_qa import build_qa, qa_data_available
+from .ruler_tracing import build_vt
 from .text import demo_document
 
 __all__ = [

