@@ -26,8 +26,9 @@ from typing import Any
 import yaml
 
 from kvsieve.eval.config import FULL, LM_TASK
-from kvsieve.eval.runner import CONFIG, ENV, SUMMARY, _budget_order, rows_files, run_rows, skip_notes, summarize
+from kvsieve.eval.rundir import CONFIG, ENV, SUMMARY, rows_files, run_rows
 from kvsieve.eval.stats import format_interval, wilson_interval
+from kvsieve.eval.summary import budget_order, skip_notes, summarize
 
 __all__ = ["RunData", "build_report", "load_run", "summary_markdown", "write_report"]
 
@@ -138,7 +139,7 @@ def _budget_axis(labels: Sequence[str]) -> tuple[dict[str, float], list[float], 
         ticks = sorted(positions.values())
         names = [next(b for b in numeric if positions[b] == t) for t in ticks]
         return positions, ticks, names, "budget (fraction of the prompt)" if fractions else "budget (tokens)"
-    ordered = sorted(numeric, key=_budget_order)
+    ordered = sorted(numeric, key=budget_order)
     positions = {b: float(i) for i, b in enumerate(ordered)}
     return positions, list(positions.values()), ordered, "budget"
 
@@ -214,7 +215,7 @@ def _score_figure(
         panels = [("ppl", "perplexity"), ("kl", "KL(full || method), nats/token"), ("score", "top-1 agreement")]
     fig = _figure(5.2 * len(panels), 3.6)
     axes = fig.subplots(1, len(panels))
-    positions, ticks, tick_names, xlabel = _budget_axis(sorted({g["budget"] for g in compressed}, key=_budget_order))
+    positions, ticks, tick_names, xlabel = _budget_axis(sorted({g["budget"] for g in compressed}, key=budget_order))
     lines = _by(compressed, lambda g: (g["series"], g["mode"]))
     step = 0.04 * (ticks[-1] - ticks[0] if len(ticks) > 1 else 1.0) / max(1, len(lines) - 1)
     for ax, (field, label) in zip(axes, panels):
@@ -271,7 +272,7 @@ def _heatmap_section(task: str, rows: list[dict[str, Any]]) -> str:
     lengths = sorted({int(r["length"]) for r in ok})
     cells = _by(ok, lambda r: (r["mode"], r["series"], r["budget"]))
     order = list(dict.fromkeys(r["series"] for r in rows))  # the sweep's method order
-    keys = sorted(cells, key=lambda k: (k[0], k[1].split(" [")[0] != FULL, order.index(k[1]), _budget_order(k[2])))
+    keys = sorted(cells, key=lambda k: (k[0], k[1].split(" [")[0] != FULL, order.index(k[1]), budget_order(k[2])))
     n_cols = min(4, len(keys))
     n_rows = math.ceil(len(keys) / n_cols)
     fig = _figure(3.2 * n_cols + 0.8, 2.6 * n_rows + 0.4)
@@ -320,7 +321,7 @@ def _cost_section(rows: list[dict[str, Any]], colors: dict[str, Any]) -> str:
     lengths = sorted({int(r["length"]) for r in ok})
     per = _by(ok, lambda r: (r["series"], r["budget"], int(r["length"])))
     columns = sorted(
-        {(s, b) for s, b, _ in per}, key=lambda k: (k[0] != FULL, list(colors).index(k[0]), _budget_order(k[1]))
+        {(s, b) for s, b, _ in per}, key=lambda k: (k[0] != FULL, list(colors).index(k[0]), budget_order(k[1]))
     )
     metrics = [
         ("kv_bytes", "KV after compression (MiB)", 1 / 2**20),
@@ -498,7 +499,7 @@ def summary_markdown(runs: Sequence[RunData]) -> str:
             for g in _groups([r for r in task_rows if int(r["length"]) == length]):
                 if g["n"] or g["skipped"]:
                     lines.setdefault((length, g["mode"], g["series"]), {})[g["budget"]] = g
-        columns = sorted({b for by_budget in lines.values() for b in by_budget} - {"-"}, key=_budget_order)
+        columns = sorted({b for by_budget in lines.values() for b in by_budget} - {"-"}, key=budget_order)
         header = ["length", "mode", "method", "n", "no budget (full)", *columns]
         table = [f"**{task}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for (length, mode, series), by_budget in lines.items():
