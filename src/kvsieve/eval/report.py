@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kvsieve.budget import FULL_LABEL, label_order
 from kvsieve.eval.config import FULL, LM_TASK
 from kvsieve.eval.report_data import RunData, load_run, merge_runs, series_groups
 from kvsieve.eval.report_sections import (
@@ -29,7 +30,7 @@ from kvsieve.eval.report_sections import (
     number_text,
     score_section,
 )
-from kvsieve.eval.summary import budget_order, skip_notes
+from kvsieve.eval.summary import skip_notes
 
 __all__ = ["RunData", "build_report", "load_run", "summary_markdown", "write_report"]
 
@@ -133,12 +134,18 @@ def summary_markdown(runs: Sequence[RunData]) -> str:
             for g in series_groups([r for r in task_rows if int(r["length"]) == length]):
                 if g["n"] or g["skipped"]:
                     lines.setdefault((length, g["mode"], g["series"]), {})[g["budget"]] = g
-        columns = sorted({b for by_budget in lines.values() for b in by_budget} - {"-"}, key=budget_order)
+        columns = sorted({b for by_budget in lines.values() for b in by_budget} - {FULL_LABEL}, key=label_order)
         header = ["length", "mode", "method", "n", "no budget (full)", *columns]
         table = [f"**{task}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for (length, mode, series), by_budget in lines.items():
             n = max(g["n"] for g in by_budget.values())
-            cells = [str(length), mode, series, str(n), *(_markdown_cell(by_budget.get(b), n) for b in ["-", *columns])]
+            cells = [
+                str(length),
+                mode,
+                series,
+                str(n),
+                *(_markdown_cell(by_budget.get(b), n) for b in [FULL_LABEL, *columns]),
+            ]
             table.append("| " + " | ".join(cells) + " |")
         out.append("\n".join(table))
     return "\n\n".join(out) + "\n"

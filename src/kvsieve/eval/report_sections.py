@@ -10,10 +10,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from kvsieve.budget import FULL_LABEL, Budget, label_order
 from kvsieve.eval.config import FULL, LM_TASK
 from kvsieve.eval.report_data import group_by
 from kvsieve.eval.stats import format_interval, wilson_interval
-from kvsieve.eval.summary import budget_order
 
 __all__ = [
     "colors_for",
@@ -77,30 +77,32 @@ def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]], caption: st
     return f'<table class="numbers">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def _budget_value(label: str) -> float | None:
+def _budget(label: str) -> Budget | None:
+    """The budget a group's label names (None: ``-``, the full cache and methods without a budget)."""
     try:
-        return float(label)
+        return Budget.of(label)
     except ValueError:
         return None
 
 
 def _is_fraction(label: str) -> bool:
-    """A budget label written as a float (``0.2``, ``1e-05``) is a fraction of the prompt; an int counts tokens."""
-    return any(c in label for c in ".eE")
+    """True for a budget that is a fraction of the prompt (``0.2``, ``1e-05``); False for token counts."""
+    budget = _budget(label)
+    return budget is not None and budget.is_fraction
 
 
 def _budget_axis(labels: Sequence[str]) -> tuple[dict[str, float], list[float], list[str], str]:
     """x positions for budget labels: their values when all are fractions (or all token counts), else ranks."""
-    values = {b: _budget_value(b) for b in labels}
-    numeric = [b for b in labels if values[b] is not None]
+    budgets = {b: _budget(b) for b in labels}
+    numeric = [b for b in labels if budgets[b] is not None]
     fractions = all(_is_fraction(b) for b in numeric)
     tokens = not any(_is_fraction(b) for b in numeric)
     if numeric and (fractions or tokens):
-        positions = {b: values[b] for b in numeric}
+        positions = {b: float(budgets[b].value) for b in numeric}
         ticks = sorted(positions.values())
         names = [next(b for b in numeric if positions[b] == t) for t in ticks]
         return positions, ticks, names, "budget (fraction of the prompt)" if fractions else "budget (tokens)"
-    ordered = sorted(numeric, key=budget_order)
+    ordered = sorted(numeric, key=label_order)
     positions = {b: float(i) for i, b in enumerate(ordered)}
     return positions, list(positions.values()), ordered, "budget"
 
@@ -117,8 +119,8 @@ def colors_for(names: Sequence[str]) -> dict[str, Any]:
 def score_section(task: str, groups: list[dict[str, Any]], colors: dict[str, Any]) -> str:
     """Score and retention against the budget, one figure per budget unit (fractions of the prompt, token counts:
     a sweep that mixes them gets one of each, never one axis of two units), then the table of every group."""
-    compressed = [g for g in groups if g["budget"] != "-" and g["n"]]
-    unbudgeted = [g for g in groups if g["budget"] == "-" and g["n"]]
+    compressed = [g for g in groups if g["budget"] != FULL_LABEL and g["n"]]
+    unbudgeted = [g for g in groups if g["budget"] == FULL_LABEL and g["n"]]
     fractions = [g for g in compressed if _is_fraction(g["budget"])]
     tokens = [g for g in compressed if not _is_fraction(g["budget"])]
     parts = [fractions, tokens] if fractions and tokens else [compressed]
@@ -149,7 +151,7 @@ def _score_figure(
         panels = [("ppl", "perplexity"), ("kl", "KL(full || method), nats/token"), ("score", "top-1 agreement")]
     fig = _figure(5.2 * len(panels), 3.6)
     axes = fig.subplots(1, len(panels))
-    positions, ticks, tick_names, xlabel = _budget_axis(sorted({g["budget"] for g in compressed}, key=budget_order))
+    positions, ticks, tick_names, xlabel = _budget_axis(sorted({g["budget"] for g in compressed}, key=label_order))
     lines = group_by(compressed, lambda g: (g["series"], g["mode"]))
     step = 0.04 * (ticks[-1] - ticks[0] if len(ticks) > 1 else 1.0) / max(1, len(lines) - 1)
     for ax, (field, label) in zip(axes, panels):
@@ -206,7 +208,7 @@ def heatmap_section(task: str, rows: list[dict[str, Any]]) -> str:
     lengths = sorted({int(r["length"]) for r in ok})
     cells = group_by(ok, lambda r: (r["mode"], r["series"], r["budget"]))
     order = list(dict.fromkeys(r["series"] for r in rows))  # the sweep's method order
-    keys = sorted(cells, key=lambda k: (k[0], k[1].split(" [")[0] != FULL, order.index(k[1]), budget_order(k[2])))
+    keys = sorted(cells, key=lambda k: (k[0], k[1].split(" [")[0] != FULL, order.index(k[1]), label_order(k[2])))
     n_cols = min(4, len(keys))
     n_rows = math.ceil(len(keys) / n_cols)
     fig = _figure(3.2 * n_cols + 0.8, 2.6 * n_rows + 0.4)
@@ -255,7 +257,7 @@ def cost_section(rows: list[dict[str, Any]], colors: dict[str, Any]) -> str:
     lengths = sorted({int(r["length"]) for r in ok})
     per = group_by(ok, lambda r: (r["series"], r["budget"], int(r["length"])))
     columns = sorted(
-        {(s, b) for s, b, _ in per}, key=lambda k: (k[0] != FULL, list(colors).index(k[0]), budget_order(k[1]))
+        {(s, b) for s, b, _ in per}, key=lambda k: (k[0] != FULL, list(colors).index(k[0]), label_order(k[1]))
     )
     metrics = [
         ("kv_bytes", "KV after compression (MiB)", 1 / 2**20),

@@ -10,27 +10,17 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from kvsieve.budget import label_order
 from kvsieve.eval.config import FULL, LM_TASK
 from kvsieve.eval.rundir import SUMMARY, elapsed_by_writer, write_atomic
 from kvsieve.eval.stats import format_interval, wilson_interval
 
-__all__ = ["budget_order", "format_summary", "skip_notes", "summarize", "write_summary"]
+__all__ = ["format_summary", "skip_notes", "summarize", "write_summary"]
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
     kept = [v for v in values if v is not None]
     return sum(kept) / len(kept) if kept else None
-
-
-def budget_order(label: str) -> tuple[int, float]:
-    """Sort key of a budget label: ``-`` (none) first, then fractions, then token counts, each by value."""
-    if label == "-":
-        return (0, 0.0)
-    try:
-        value = float(label)
-    except ValueError:
-        return (2, 0.0)
-    return (1 if value <= 1.0 and "." in label else 2, value)
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -92,7 +82,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             g["task"],
             g["mode"],
             method_order.index(g["method"]) if g["method"] in method_order else 0,
-            budget_order(g["budget"]),
+            label_order(g["budget"]),
         )
     )
     return out
