@@ -26,6 +26,7 @@ from kvsieve.models import (
     MARKER_NAME,
     ModelIntegrityError,
     ModelNotFoundError,
+    convert,
     default_cache_dir,
     load_model,
 )
@@ -100,8 +101,8 @@ def test_second_load_reuses_the_checkpoint_without_reading_the_gguf(converted, m
     def must_not_run(*args, **kwargs):
         raise AssertionError("the GGUF was read again although a converted checkpoint exists")
 
-    monkeypatch.setattr(models, "_locate_parts", must_not_run)
-    monkeypatch.setattr(models, "_load_gguf", must_not_run)
+    monkeypatch.setattr(convert, "locate_parts", must_not_run)
+    monkeypatch.setattr(convert, "load_gguf", must_not_run)
     before = {p.name: p.stat().st_mtime_ns for p in converted.dir.iterdir()}
     model, _ = load_model("smollm2-135m", dtype="bfloat16")
     assert {p.name: p.stat().st_mtime_ns for p in converted.dir.iterdir()} == before
@@ -132,12 +133,12 @@ def test_corrupted_gguf_fails_clearly_and_leaves_no_checkpoint(damage, tmp_path,
             f.write(_gguf_path().read_bytes()[: 1 << 20])
         else:
             f.truncate(SMOL.size)  # sparse zeros: right size, wrong content
-    monkeypatch.setattr(models, "_locate_parts", lambda entry: [fake])
+    monkeypatch.setattr(convert, "locate_parts", lambda entry: [fake])
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("an unverified GGUF was loaded")
 
-    monkeypatch.setattr(models, "_load_gguf", must_not_run)
+    monkeypatch.setattr(convert, "load_gguf", must_not_run)
     with pytest.raises(ModelIntegrityError) as info:
         load_model()
     message = str(info.value)
@@ -149,7 +150,7 @@ def test_corrupted_gguf_fails_clearly_and_leaves_no_checkpoint(damage, tmp_path,
 
 def test_interrupted_conversion_leaves_nothing_a_later_load_accepts(from_gguf, fresh_cache, monkeypatch):
     gguf_model, gguf_tokenizer = from_gguf
-    monkeypatch.setattr(models, "_load_gguf", lambda path, options: (gguf_model, gguf_tokenizer))
+    monkeypatch.setattr(convert, "load_gguf", lambda path, options: (gguf_model, gguf_tokenizer))
     target = fresh_cache / "models" / SMOL.cache_name
 
     def save_half_then_fail(self, directory, *args, **kwargs):
@@ -174,10 +175,10 @@ def test_interrupted_conversion_leaves_nothing_a_later_load_accepts(from_gguf, f
     (target / "config.json").write_text(gguf_model.config.to_json_string())
     (target / "model.safetensors").write_bytes(b"\0" * 4096)
     (target / "tokenizer_config.json").write_text("{}")
-    assert not models._is_complete(target, SMOL)
+    assert not convert.is_complete(target, SMOL)
 
     model, _ = load_model()
-    assert models._is_complete(target, SMOL)
+    assert convert.is_complete(target, SMOL)
     assert _leftover_dirs(fresh_cache) == [SMOL.cache_name]
     assert torch.equal(model.state_dict()["model.norm.weight"], gguf_model.state_dict()["model.norm.weight"])
 
@@ -185,17 +186,17 @@ def test_interrupted_conversion_leaves_nothing_a_later_load_accepts(from_gguf, f
 def test_only_a_marked_complete_checkpoint_of_the_pinned_source_is_accepted(converted, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(converted.dir, copy, copy_function=os.link)
-    assert models._is_complete(copy, SMOL)
+    assert convert.is_complete(copy, SMOL)
     marker = json.loads((copy / MARKER_NAME).read_text())
     (copy / MARKER_NAME).unlink()  # hardlinked: replace, never edit in place
     (copy / MARKER_NAME).write_text(json.dumps({**marker, "sha256": "0" * 64}))
-    assert not models._is_complete(copy, SMOL)  # converted from another (older) source
+    assert not convert.is_complete(copy, SMOL)  # converted from another (older) source
     (copy / MARKER_NAME).unlink()
-    assert not models._is_complete(copy, SMOL)  # interrupted before the marker was written
+    assert not convert.is_complete(copy, SMOL)  # interrupted before the marker was written
     (copy / MARKER_NAME).write_text(json.dumps(marker))
-    assert models._is_complete(copy, SMOL)
+    assert convert.is_complete(copy, SMOL)
     (copy / "model.safetensors").unlink()
-    assert not models._is_complete(copy, SMOL)
+    assert not convert.is_complete(copy, SMOL)
 
 
 def test_concurrent_conversion_loser_uses_the_winners_copy(converted, from_gguf, fresh_cache, monkeypatch):
@@ -206,7 +207,7 @@ def test_concurrent_conversion_loser_uses_the_winners_copy(converted, from_gguf,
         shutil.copytree(converted.dir, target, copy_function=os.link)  # another process finishes meanwhile
         return gguf_model, gguf_tokenizer
 
-    monkeypatch.setattr(models, "_load_gguf", winner_publishes_first)
+    monkeypatch.setattr(convert, "load_gguf", winner_publishes_first)
     model, _ = load_model()
     assert (target / "model.safetensors").stat().st_ino == (converted.dir / "model.safetensors").stat().st_ino
     assert _leftover_dirs(fresh_cache) == [SMOL.cache_name]

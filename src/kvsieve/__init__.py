@@ -12,6 +12,7 @@ cache = kvsieve.SieveCache(model, m)                    # also: model.generate(p
 ```
 """
 
+from kvsieve.budget import Budget
 from kvsieve.cache import SieveCache, UnsupportedModelError
 from kvsieve.generate import CompressedContext, GenerationOutput, GenerationStats, compress, generate
 from kvsieve.methods import Method, MethodInfo, method, methods
@@ -28,6 +29,7 @@ def load_model(*args, **kwargs):
 
 
 __all__ = [
+    "Budget",
     "CompressedContext",
     "GenerationOutput",
     "GenerationStats",

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from kvsieve.eval.config import EvalConfig, MethodRun
-from kvsieve.eval.runner import beyond_window_reason
+from kvsieve.eval.plan import beyond_window_reason
 from kvsieve.eval.tasks.text import public_domain_text
 from kvsieve.generate import generate
 from kvsieve.methods.base import check_int
@@ -263,7 +263,7 @@ def noise_warnings(rows: Sequence[BenchRow]) -> list[str]:
 
 
 def machine_line(env: dict[str, Any]) -> str:
-    """One line from `kvsieve.eval.runner.environment`: where the numbers were taken."""
+    """One line from `kvsieve.eval.environment.environment`: where the numbers were taken."""
     model = env.get("model") or {}
     where = ", ".join(env["gpu"]) if env.get("gpu") else f"{env.get('cpu')} ({env.get('cpu_cores')} cores)"
     return (

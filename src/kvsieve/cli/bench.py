@@ -48,7 +48,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     import kvsieve
     from kvsieve.bench import bench, bench_runs, format_bench, machine_line, noise_warnings
-    from kvsieve.eval.runner import environment
+    from kvsieve.eval.environment import environment
 
     if args.stray is not None:
         hint = f"; write a file with --out {args.stray}" if args.json else ""

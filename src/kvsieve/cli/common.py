@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 from typing import Any
 
 import yaml
@@ -30,13 +32,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_budget(text: str) -> int | float:
-    """``"256"`` -> 256 tokens; ``"0.2"`` -> a fifth of the prompt."""
-    try:
-        return float(text) if any(c in text for c in ".eE") else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"budget must be an int (tokens) or a fraction in (0, 1], got {text!r}"
-        ) from None
+    """``"256"`` -> 256 tokens; ``"0.2"`` -> a fifth of the prompt: an integer is a token count, any other finite
+    number a fraction, as in `kvsieve.Budget` labels (the range is checked where the method is built)."""
+    with contextlib.suppress(ValueError):
+        return int(text)
+    with contextlib.suppress(ValueError):
+        value = float(text)
+        if math.isfinite(value):
+            return value
+    raise argparse.ArgumentTypeError(f"budget must be an int (tokens) or a fraction in (0, 1], got {text!r}")
 
 
 def parse_param(text: str) -> tuple[str, Any]:

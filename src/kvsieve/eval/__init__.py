@@ -3,7 +3,9 @@
 from .config import EvalConfig
 from .metrics import METRICS, score, score_sample
 from .report import write_report
-from .runner import format_summary, read_rows, run_eval, run_rows, summarize
+from .rundir import read_rows, run_rows
+from .runner import run_eval
+from .summary import format_summary, summarize
 from .tasks import (
     QA,
     TASKS,

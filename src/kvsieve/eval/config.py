@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from kvsieve.budget import FULL_LABEL, Budget
+
 __all__ = ["LM_TASK", "MODES", "EvalConfig", "MethodRun", "budget_label"]
 
 MODES = ("query_aware", "query_agnostic")
@@ -25,9 +27,9 @@ LM_TASK = "lm"  # long-document language modelling (teacher-forced continuation)
 FULL = "full"
 
 
-def budget_label(budget: int | float | None) -> str:
-    """How a budget appears in rows, keys and tables: ``"-"`` for none (the full cache), else its literal."""
-    return "-" if budget is None else repr(budget)
+def budget_label(budget: Budget | int | float | None) -> str:
+    """How a budget appears in rows, keys and tables: ``"-"`` for none (the full cache), else `Budget.label`."""
+    return FULL_LABEL if budget is None else Budget.of(budget).label
 
 
 @dataclass(frozen=True, eq=False)  # identity: a run is one column of the sweep
@@ -35,7 +37,7 @@ class MethodRun:
     """One column of a sweep: a method at one budget, built (and so validated) up front."""
 
     name: str
-    budget: int | float | None
+    budget: Budget | None  # None: the method has no budget (the full cache)
     method: Any  # kvsieve.Method
 
     @property
@@ -264,7 +266,7 @@ class EvalConfig:
                         built.for_prompt(length)
                     except ValueError as error:
                         raise ValueError(f"method {name} at length {length}: {error}") from None
-                runs.append(MethodRun(name, budget, built))
+                runs.append(MethodRun(name, None if budget is None else Budget.of(budget), built))
         return runs
 
     def differences(self, other: Mapping[str, Any]) -> list[str]:

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from kvsieve.eval.config import EvalConfig
-from kvsieve.eval.runner import _open_run_dir, _write_summary, format_summary, run_eval, run_rows
+from kvsieve.eval.rundir import open_run_dir, run_rows
+from kvsieve.eval.runner import run_eval
+from kvsieve.eval.summary import format_summary, write_summary
 
 __all__ = ["run_eval_ray"]
 
@@ -51,7 +53,7 @@ def run_eval_ray(
 
         config.model = DEFAULT_MODEL
     out = Path(out).resolve()
-    if _open_run_dir(out, config, force, say):  # once, here: the shards then find this configuration
+    if open_run_dir(out, config, force, say):  # once, here: the shards then find this configuration
         groups = run_eval(config, out, echo=say)  # finished: says so and returns the summary
         return groups
 
@@ -76,6 +78,6 @@ def run_eval_ray(
         if started:
             ray.shutdown()
     rows = run_rows(out)
-    groups = _write_summary(out, rows, complete=True)  # every shard finished its units: the plan is done
+    groups = write_summary(out, rows, complete=True)  # every shard finished its units: the plan is done
     say(format_summary(groups))
     return groups

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from kvsieve.budget import Budget
 from kvsieve.ops.attention import attend
 from kvsieve.ops.store import KVStore
 
@@ -233,20 +234,14 @@ BUDGET_HELP = "KV entries per layer and KV head: an int is tokens, a float in (0
 
 # --------------------------------------------------------------------------------------------- budgets
 def check_budget(budget: Any, name: str = "budget") -> None:
-    """A budget is an int >= 1 (tokens per layer and KV head) or a float in (0, 1] (a fraction of the prompt)."""
-    if isinstance(budget, bool) or not isinstance(budget, int | float):
-        raise TypeError(f"{name} must be an int (tokens) or a float in (0, 1] (fraction of the prompt), got {budget!r}")
-    if isinstance(budget, int) and budget < 1:
-        raise ValueError(f"{name} must be >= 1 token when given as an int, got {budget}")
-    if isinstance(budget, float) and not (0.0 < budget <= 1.0):  # also rejects NaN
-        raise ValueError(f"{name} as a fraction of the prompt must be in (0, 1], got {budget}")
+    """A budget is an int >= 1 (tokens per layer and KV head) or a float in (0, 1] (a fraction of the prompt);
+    see `kvsieve.Budget`. Raises TypeError or ValueError naming ``name``."""
+    Budget.from_number(budget, name)
 
 
 def resolve_budget(budget: int | float, n_tokens: int) -> int:
     """Tokens per layer and KV head for a prompt of ``n_tokens`` (a fraction rounds, and is at least 1)."""
-    if isinstance(budget, float):
-        return max(1, round(budget * n_tokens))
-    return int(budget)
+    return Budget.from_number(budget).resolve(n_tokens)
 
 
 def check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> None:
