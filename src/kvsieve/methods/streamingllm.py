@@ -14,12 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from kvsieve.methods.base import AttentionCall, check_int, param, register
-from kvsieve.methods.eviction import PROTECTED, BudgetedMethod, PriorityEvictionPolicy
+from kvsieve.methods.eviction import PROTECTED, ROLLING_HELP, EvictionMethod, PriorityEvictionPolicy
 
 
 class StreamingLLMPolicy(PriorityEvictionPolicy):
-    rolling = True
-
     def priority(self, call: AttentionCall) -> torch.Tensor:
         positions = self.store.positions.double()  # [B, H_kv, S]: newer is kept
         return torch.where(positions < self.method.n_sink, PROTECTED + positions, positions)
@@ -27,7 +25,7 @@ class StreamingLLMPolicy(PriorityEvictionPolicy):
 
 @register
 @dataclass
-class StreamingLLM(BudgetedMethod):
+class StreamingLLM(EvictionMethod):
     """Sink tokens + recent window; ``budget`` = n_sink + recent, held after prefill and at every decode step."""
 
     name = "streamingllm"
@@ -37,6 +35,7 @@ class StreamingLLM(BudgetedMethod):
     budget_counts = "entries stored per layer and KV head (sink + recent), held at every decode step"
     shares_prefill = True
 
+    rolling: bool = param(True, ROLLING_HELP)
     n_sink: int = param(4, "first tokens always kept (attention sinks); the rest of the budget is the recent window")
 
     def validate(self) -> None:
