@@ -59,6 +59,8 @@ class Pyramid:
         check_int("window", self.window, 0)
 
     def __call__(self, average: int, n_prompt: int, n_layers: int, layer_idx: int) -> int:
+        if average >= n_prompt:  # nothing to evict: every layer may hold the budget (a rolling method grows to it)
+            return average
         return pyramid_budgets(average, n_prompt, n_layers, self.window, self.beta)[layer_idx]
 
 
