@@ -3,8 +3,9 @@
 Xiao et al., "Efficient Streaming Language Models with Attention Sinks", ICLR 2024 (arXiv 2309.17453).
 The first ``n_sink`` tokens (4 in the paper) absorb attention mass that the softmax must put somewhere; keeping
 them plus the most recent ``budget - n_sink`` tokens keeps generation stable at any length. The cap holds after
-prefill and after every decode step (the oldest non-sink entry leaves). Keys keep their original RoPE positions
-(the "positions within the cache" variant of the paper is not used: kvsieve never re-rotates keys).
+prefill and after every decode step (the oldest non-sink entry leaves; ``rolling=False``: once, after the prompt,
+as kvpress applies it). Keys keep their original RoPE positions (the "positions within the cache" variant of the
+paper is not used: kvsieve never re-rotates keys).
 """
 
 from __future__ import annotations
