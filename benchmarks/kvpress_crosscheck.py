@@ -145,29 +145,12 @@ class Cell:
     timed: bool = False
 
 
-def one_shot_streamingllm() -> type:
-    """kvsieve's StreamingLLM with the cap applied once after the prompt only (``rolling = False``), as kvpress
-    does it; defined here for the comparison, not a registered kvsieve method."""
-    from kvsieve.methods.streamingllm import StreamingLLM, StreamingLLMPolicy
-
-    class OneShotPolicy(StreamingLLMPolicy):
-        rolling = False
-
-    @dataclass
-    class OneShotStreamingLLM(StreamingLLM):
-        name = "streamingllm-oneshot"
-        policy = OneShotPolicy
-
-    return OneShotStreamingLLM
-
-
 def make_cells(budgets: Sequence[float]) -> list[Cell]:
     """The cells: the full cache; per budget SnapKV (each library's defaults, then kvsieve step by step moved to
     kvpress's window, kernel, pooling kind and budget rounding, and both without pooling) and
     StreamingLLM (kvsieve's rolling cap, and a one-shot cap like kvpress's)."""
     import kvsieve
 
-    oneshot = one_shot_streamingllm()
     w, k = KVPRESS_SNAPKV["window_size"], KVPRESS_SNAPKV["kernel_size"]
     snapkv_defaults = {
         f.name: f.default for f in dataclasses.fields(kvsieve.method("snapkv")) if f.name != "budget"
@@ -253,7 +236,9 @@ def make_cells(budgets: Sequence[float]) -> list[Cell]:
                 b,
                 KvsieveRun(
                     f"streamingllm-oneshot@{b}",
-                    lambda n, e=exact: oneshot(budget=e(n), n_sink=KVPRESS_STREAMING["n_sink"]),
+                    lambda n, e=exact: kvsieve.method(
+                        "streamingllm", budget=e(n), n_sink=KVPRESS_STREAMING["n_sink"], rolling=False
+                    ),
                 ),
                 press_stream,
             ),

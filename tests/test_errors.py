@@ -87,6 +87,8 @@ def test_methods_lists_the_baselines_with_defaults():
     assert {"full", "streamingllm", "snapkv", "h2o", "pyramidkv"} <= set(infos)
     assert infos["snapkv"].params == {
         "budget": 0.2,
+        "rolling": False,
+        "layer_schedule": "uniform",
         "window_size": 32,
         "kernel_size": 7,
         "pooling": "max",

@@ -22,6 +22,7 @@ import kvsieve
 from helpers import TINY_CONFIGS, IdTokenizer, masked_reference, random_ids, spy_observed_calls, tiny_model, traces_of
 from kvsieve.cache import SieveCache
 from kvsieve.driver import Driver, cache_kwargs
+from kvsieve.methods.base import resolve_budget
 from kvsieve.methods.nacl import layer_generator, select_kept
 
 N_PROMPT, N_NEW = 48, 8
@@ -264,10 +265,10 @@ def test_chunked_prefill_keeps_the_same_set_and_bounds_the_query_buffer():
 # ------------------------------------------------------------------------------------------ configuration
 def test_presets_reproduce_their_tables():
     code = kvsieve.method("nacl-code")
-    n = 131_072  # the released code's setting: int() of each ratio, 256 sink tokens
+    n = 128_000  # the released code's ratios add up to its 20% here: int() of each, 256 sink tokens
     assert code.split(n) == (256, int(0.01 * n) - 256, int(0.12 * n), int(0.07 * n))
-    assert code.split(4096) == (20, 20, 491, 286)  # short prompt: the sink takes half of the protected 1%
-    assert code.min_eviction_seqlen == 2048 and code.proxy_source == "last" and code.name == "nacl-code"
+    assert code.split(4096) == (20, 21, 491, 287)  # short prompt: the sink takes half of the protected part
+    assert code.min_eviction_seqlen == 0 and code.proxy_source == "last" and code.name == "nacl-code"
     for pct, parts in {10: (1, 2, 7), 20: (2, 6, 12), 30: (1.5, 10.5, 18)}.items():
         m = kvsieve.method(f"nacl-paper-{pct}")
         sink, recent, c_p, c_r = m.split(100_000)
@@ -277,17 +278,92 @@ def test_presets_reproduce_their_tables():
     assert default.split(2000, n_proxy=30) == (4, 30, 240, 126)  # keep_proxies: the recent window covers them
 
 
+# The presets' tables as fractions of the prompt (the released code floors each): (budget, n_sink, protect, C_p, C_r)
+PRESET_TABLES = {
+    "nacl-code": (0.2, 256, 0.01, 0.12, 0.07),
+    "nacl-paper-10": (0.1, 0, 0.01, 0.02, 0.07),
+    "nacl-paper-20": (0.2, 0, 0.02, 0.06, 0.12),
+    "nacl-paper-30": (0.3, 0, 0.015, 0.105, 0.18),
+}
+
+
+@pytest.mark.parametrize("name", PRESET_TABLES)
+def test_preset_shares_keep_the_table_wherever_the_table_adds_up(name):
+    """At its own budget a preset keeps its table's floored prompt fractions on every prompt length where those add
+    up to the budget (before the parts became shares of the budget, that was all it ever kept)."""
+    budget, n_sink, *fractions = PRESET_TABLES[name]
+    method = kvsieve.method(name)
+    compared = 0
+    for n in range(1, 60_001):
+        protect, c_p, c_r = (int(f * n) for f in fractions)
+        if protect + c_p + c_r != min(resolve_budget(budget, n), n):
+            continue
+        sink = min(n_sink, protect // 2)
+        assert method.split(n) == (sink, protect - sink, c_p, c_r), n
+        compared += 1
+    assert compared > 1000
+
+
+def stored_per_layer(model, method, n: int) -> list[int]:
+    """Entries per KV head each layer stores right after the prompt, measured from its store and its meter."""
+    cache = SieveCache(model, method)
+    with torch.inference_mode():
+        Driver(model, cache).prompt(random_ids(n))
+    stored = [layer.policy.store.length for layer in cache.sieve_layers]
+    assert stored == [layer.meter.stored_after_prefill for layer in cache.sieve_layers]
+    assert all(layer.policy.store.keys.shape[2] == s for layer, s in zip(cache.sieve_layers, stored))
+    return stored
+
+
+def test_paper_preset_at_budget_64_stores_64():
+    """Before: the preset's parts were fractions of the prompt, so budget=64 on 600 tokens kept 6 + 12 + 42."""
+    assert stored_per_layer(tiny_model("llama"), kvsieve.method("nacl-paper-10", budget=64), 600) == [64] * 3
+
+
+NACL_METHODS = [info.name for info in kvsieve.methods() if info.name == "nacl" or info.preset_of == "nacl"]
+
+
+@pytest.mark.parametrize("name", NACL_METHODS)
+def test_every_nacl_method_stores_exactly_its_budget(name):
+    model = tiny_model("llama")
+    for budget, n in itertools.product((16, 64, 0.1, 0.3), (50, 300, 3000)):
+        expected = min(resolve_budget(budget, n), n)
+        assert stored_per_layer(model, kvsieve.method(name, budget=budget), n) == [expected] * 3, (budget, n)
+
+
+def test_token_parts_are_honoured_and_the_rest_is_shared():
+    model = tiny_model("llama")
+    method = kvsieve.method("nacl-paper-20", budget=0.3, protect=6, proxy_keep=20)  # C_r: the rest, 90 - 26
+    cache = SieveCache(model, method)
+    with torch.inference_mode():
+        Driver(model, cache).prompt(random_ids(300))
+    for layer in cache.sieve_layers:
+        stats = layer.policy.stats()
+        assert stats["kept_per_head"] == [90, 90]
+        assert (stats["kept_recent"], stats["kept_proxy_top"], stats["kept_random"]) == ([6] * 2, [20] * 2, [64] * 2)
+
+
+def test_preset_budget_override_scales_the_parts():
+    assert kvsieve.method("nacl-paper-20", budget=0.3).split(1000) == (0, 30, 90, 180)  # 1 : 3 : 6 of 300
+    assert kvsieve.method("nacl-paper-20", budget=64).split(1000) == (0, 6, 19, 39)
+    assert kvsieve.method("nacl-paper-20", budget=64, proxy_keep=40).split(1000) == (0, 3, 40, 21)  # 1 : 6 of 24
+
+
 @pytest.mark.parametrize(
     ("params", "error", "match"),
     [
-        (dict(protect=1.5), ValueError, r"protect must be in \[0.0, 1.0\]"),
+        (dict(protect=0.01), TypeError, r"protect must be None or an int \(tokens\), got 0.01; .* shares="),
         (dict(proxy_keep=-1), ValueError, r"proxy_keep must be in \[0, inf\]"),
-        (dict(random_keep="7%"), TypeError, "random_keep must be None, an int"),
+        (dict(random_keep="7%"), TypeError, "random_keep must be None or an int"),
+        (dict(shares=(0.1, 0.9)), ValueError, "shares must be three numbers >= 0 with a positive sum"),
+        (dict(shares=(0, 0, 0)), ValueError, "shares must be three numbers"),
+        (dict(shares=(-0.1, 0.6, 0.5)), ValueError, "shares must be three numbers"),
         (dict(proxy_ratio=0.0), ValueError, r"proxy_ratio must be in \(0.0, 1.0\]"),
         (dict(proxy_ratio=1.2), ValueError, r"proxy_ratio must be in \(0.0, 1.0\]"),
-        (dict(budget=0.2, protect=0.05, proxy_keep=0.2), ValueError, r"protect \+ proxy_keep = 0.25 exceeds budget"),
-        (dict(budget=30, proxy_keep=20, random_keep=20), ValueError, "proxy_keep \\+ random_keep = 40 exceeds"),
-        (dict(budget=0.2, protect=0.01, proxy_keep=0.1, random_keep=0.05), ValueError, "must equal budget = 0.2"),
+        (dict(budget=30, protect=10, proxy_keep=25), ValueError, r"protect \(10\) \+ proxy_keep \(25\) = 35 tokens "
+         "exceed budget = 30 tokens$"),
+        (dict(budget=30, proxy_keep=20, random_keep=20), ValueError, r"random_keep \(20\) = 40 tokens exceed"),
+        (dict(budget=30, protect=2, proxy_keep=10, random_keep=5), ValueError, "= 17 tokens must equal budget = 30"),
         (dict(gqa="mean"), ValueError, "gqa must be one of 'sum', 'code'"),
         (dict(proxy_source="all"), ValueError, "proxy_source must be one of"),
         (dict(seed=-1), ValueError, r"seed must be in \[0, inf\]"),
@@ -295,24 +371,38 @@ def test_presets_reproduce_their_tables():
         (dict(min_eviction_seqlen=-1), ValueError, r"min_eviction_seqlen must be in \[0, inf\]"),
         (dict(keep_proxies=1), TypeError, "keep_proxies must be a bool"),
     ],
-)
+)  # fmt: skip
 def test_bad_parameters_name_themselves(params, error, match):
     with pytest.raises(error, match=match):
         kvsieve.method("nacl", **params)
-
-
-def test_preset_budget_override_must_stay_consistent():
-    with pytest.raises(ValueError, match=r"must equal budget = 0\.3"):
-        kvsieve.method("nacl-paper-20", budget=0.3)
-    assert kvsieve.method("nacl-paper-20", budget=0.3, random_keep=None).split(1000) == (0, 20, 60, 220)
 
 
 def test_inconsistent_parts_fail_at_compression_with_the_numbers():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match=r"proxy_keep \(30\) = 30 tokens exceed budget = 24 tokens for a 48-token"):
         kept_after_prefill(model, kvsieve.method("nacl", budget=0.5, proxy_keep=30), random_ids(N_PROMPT))
-    with pytest.raises(ValueError, match="keep_proxies: the 24 proxy tokens"):
-        kept_after_prefill(model, kvsieve.method("nacl", budget=20, proxy_ratio=0.5), random_ids(N_PROMPT))
+    all_three = dict(protect=4, proxy_keep=10, random_keep=5)
+    with pytest.raises(ValueError, match="= 19 tokens must equal budget = 24 tokens for a 48-token prompt"):
+        kept_after_prefill(model, kvsieve.method("nacl", budget=0.5, **all_three), random_ids(N_PROMPT))
+
+
+def test_more_proxies_than_the_budget_keeps_the_latest_proxies():
+    """keep_proxies with 24 proxies and a budget of 20: the recent window takes the whole budget (it used to fail)."""
+    model = tiny_model("llama")
+    cache = SieveCache(model, kvsieve.method("nacl", budget=20, proxy_ratio=0.5))
+    with torch.inference_mode():
+        Driver(model, cache).prompt(random_ids(N_PROMPT))
+    for layer in cache.sieve_layers:
+        assert layer.policy.store.positions[0].long().sort(dim=-1).values.tolist() == [list(range(28, 48))] * 2
+        assert layer.policy.stats()["kept_recent"] == [20, 20]
+
+
+def test_nacl_code_compresses_short_prompts_unless_the_released_guard_is_asked_for():
+    model = tiny_model("llama")
+    assert stored_per_layer(model, kvsieve.method("nacl-code"), 1000) == [200] * 3
+    guarded = kvsieve.method("nacl-code", min_eviction_seqlen=2048)  # the released code's guard, by request
+    assert stored_per_layer(model, guarded, 1000) == [1000] * 3
+    assert stored_per_layer(model, guarded, 2100) == [420] * 3
 
 
 # ------------------------------------------------------------------------------------------ default model

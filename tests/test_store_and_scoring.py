@@ -56,6 +56,19 @@ def test_evict_moves_the_last_entry_into_the_slot():
     assert torch.equal(store.values[0, 1], values[0, 1, :3])
 
 
+def test_evict_with_one_row_and_one_kv_head():
+    """MQA at batch 1 (Gemma-3-270m has one KV head): the last entry's view is dense inside the buffer, and writing
+    it into a slot in place used to raise ("some elements ... refer to a single memory location")."""
+    store = KVStore()
+    keys, values = _kv(b=1, h=1, n=4)
+    store.append(keys, values, first_position=0)
+    store.add_aux("score")
+    store.evict(torch.tensor([[0]]))
+    assert store.positions.tolist() == [[[3, 1, 2]]]
+    assert torch.equal(store.keys[0, 0], keys[0, 0, [3, 1, 2]])
+    assert torch.equal(store.values[0, 0], values[0, 0, [3, 1, 2]])
+
+
 def _naive_probs(query, keys, scaling):
     """Full causal softmax with keys repeated per query head; the last q keys are the queries."""
     g = query.shape[1] // keys.shape[1]

@@ -306,6 +306,13 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+def unregister(name: str) -> None:
+    """Remove a method or preset registered under ``name`` (a method defined for a while, e.g. in a test)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"no method registered as {name!r}")
+    del _REGISTRY[name]
+
+
 def register_preset(name: str, cls: type[Method], summary: str, **defaults: Any) -> None:
     """A named configuration of a method (e.g. a paper's or a released code's settings)."""
     if name in _REGISTRY:

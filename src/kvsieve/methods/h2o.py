@@ -15,15 +15,13 @@ from dataclasses import dataclass
 import torch
 
 from kvsieve.methods.base import AttentionCall, check_choice, check_float, check_int, param, register
-from kvsieve.methods.eviction import PROTECTED, BudgetedMethod, PriorityEvictionPolicy
+from kvsieve.methods.eviction import PROTECTED, ROLLING_HELP, EvictionMethod, PriorityEvictionPolicy
 from kvsieve.ops.scoring import attention_column_sums, attention_probs, reduce_gqa
 
 SCORE = "h2o_score"
 
 
 class H2OPolicy(PriorityEvictionPolicy):
-    rolling = True
-
     def __init__(self, method, info, reserve=64):
         super().__init__(method, info, reserve)
         self.store.add_aux(SCORE)
@@ -55,7 +53,7 @@ class H2OPolicy(PriorityEvictionPolicy):
 
 @register
 @dataclass
-class H2O(BudgetedMethod):
+class H2O(EvictionMethod):
     """Accumulated-attention heavy hitters + recent window; ``budget`` = heavy + recent, held at every step."""
 
     name = "h2o"
@@ -65,6 +63,7 @@ class H2O(BudgetedMethod):
     budget_counts = "entries stored per layer and KV head (heavy hitters + recent), held at every decode step"
     shares_prefill = True
 
+    rolling: bool = param(True, ROLLING_HELP)
     recent_ratio: float = param(0.5, "share of the budget kept for the most recent tokens; the rest: heavy hitters")
     gqa_reduce: str = param("mean", "how a KV head combines its query heads' scores: mean, max or sum")
     score_block: int = param(512, "prefill queries scored at a time (memory, not results)")

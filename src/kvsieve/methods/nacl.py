@@ -55,7 +55,7 @@ from kvsieve.methods.eviction import BudgetedMethod
 from kvsieve.ops.scoring import attention_column_sums, reduce_gqa
 
 # Default split of the budget among the parts left at None: the released code's 1% : 12% : 7% of its 20% budget.
-DEFAULT_SHARES = {"protect": 0.05, "proxy_keep": 0.60, "random_keep": 0.35}
+DEFAULT_SHARES = (0.05, 0.60, 0.35)
 PARTS = ("protect", "proxy_keep", "random_keep")
 
 
@@ -221,20 +221,38 @@ class NACLPolicy(LayerPolicy):
 
 # ------------------------------------------------------------------------------------------------ method
 def _check_part(name: str, value: Any) -> None:
-    """A part of the budget: None (default split), an int >= 0 (tokens) or a float in [0, 1] (prompt fraction)."""
+    """A part of the budget given in tokens: None (a share of the budget, ``shares``) or an int >= 0."""
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be None, an int (tokens) or a float in [0, 1] (prompt fraction), got {value!r}")
-    if isinstance(value, int):
-        check_int(name, value, 0)
-    else:
-        check_float(name, value, 0.0, 1.0)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"{name} must be None or an int (tokens), got {value!r}; give fractions of the budget as "
+            "shares=(protect, proxy_keep, random_keep)"
+        )
+    check_int(name, value, 0)
 
 
-def _part_tokens(value: int | float, n: int) -> int:
-    """A float part is floor(fraction * n), as in the released code."""
-    return int(value * n) if isinstance(value, float) else value
+def _check_shares(shares: Any) -> None:
+    if not (
+        isinstance(shares, tuple | list)
+        and len(shares) == len(PARTS)
+        and all(isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in shares)
+        and sum(shares) > 0
+    ):
+        raise ValueError(
+            f"shares must be three numbers >= 0 with a positive sum (protect, proxy_keep, random_keep: proportions "
+            f"of the budget), got {shares!r}"
+        )
+
+
+def share_out(total: int, weights: list[float]) -> list[int]:
+    """``total`` tokens in proportion to ``weights``: each but the last part rounds, the last takes the rest (never
+    below zero); all weights zero: the last takes everything."""
+    weight = sum(weights)
+    out: list[int] = []
+    for w in weights[:-1]:
+        out.append(min(round(total * w / weight), total - sum(out)) if weight else 0)
+    return [*out, total - sum(out)]
 
 
 @register
@@ -243,10 +261,10 @@ class NACL(BudgetedMethod):
     """Proxy-token top-k + softmax-sampled random tokens + sink/recent, per KV head, once after prefill.
 
     ``budget`` (int tokens or float fraction of the prompt) = sink + recent + C_p + C_r entries per layer and KV
-    head. ``protect`` (sink + recent), ``proxy_keep`` (C_p) and ``random_keep`` (C_r) are int tokens, float
-    fractions of the prompt (floored) or None: the parts left at None share what the given ones leave of the
-    budget in the proportions of ``DEFAULT_SHARES`` (5 : 60 : 35), the last of them taking the rounding rest.
-    When all three are given they must add up to the budget.
+    head, exactly, on every prompt (``min(budget, n)``). ``protect`` (sink + recent), ``proxy_keep`` (C_p) and
+    ``random_keep`` (C_r) given as ints are honoured exactly; the parts left at None share what they leave of the
+    budget in the proportions ``shares`` (default 5 : 60 : 35, the released code's 1% : 12% : 7%), each rounded
+    and the last of them taking the rest. When all three are given they must add up to the budget.
     """
 
     name = "nacl"
@@ -258,17 +276,18 @@ class NACL(BudgetedMethod):
 
     budget: int | float = param(0.2, BUDGET_HELP + " (sink + recent + C_p + C_r)")
     n_sink: int = param(4, "first tokens kept, taken from protect (at most half of it)")
-    protect: int | float | None = param(None, "sink + recent tokens kept (int tokens, float fraction; None: 5% share)")
-    proxy_keep: int | float | None = param(None, "C_p: top proxy-score tokens kept (None: 60% share of the budget)")
-    random_keep: int | float | None = param(
-        None, "C_r: tokens sampled with probability softmax(scores) (None: the rest)"
+    shares: tuple[float, float, float] = param(
+        DEFAULT_SHARES, "protect : C_p : C_r, proportions of the budget for the parts not given in tokens"
     )
+    protect: int | None = param(None, "sink + recent, in tokens (None: its share of the budget)")
+    proxy_keep: int | None = param(None, "C_p: top proxy-score tokens kept, in tokens (None: its share)")
+    random_keep: int | None = param(None, "C_r: tokens sampled with probability softmax(scores) (None: the rest)")
     proxy_ratio: float = param(0.01, "proxy_source=last: the prompt's last fraction whose queries score the rest")
     proxy_source: str = param("question", "proxy queries: the question's tokens (paper) or the prompt's last ones")
-    keep_proxies: bool = param(True, "grow the recent window to keep the proxy tokens themselves")
+    keep_proxies: bool = param(True, "grow the recent window over the proxy tokens, as far as the budget allows")
     gqa: str = param("sum", "sum: a KV head sums its query heads' scores; code: the released indexing")
     seed: int = param(0, "seed of the random sample (per layer)")
-    min_eviction_seqlen: int = param(0, "prompts this short or shorter are not compressed")
+    min_eviction_seqlen: int = param(0, "prompts this short or shorter are not compressed (released code: 2048)")
     score_block: int = param(512, "keys scored at a time (memory, not results)")
 
     @property
@@ -279,6 +298,7 @@ class NACL(BudgetedMethod):
     def validate(self) -> None:
         super().validate()
         check_int("n_sink", self.n_sink, 0)
+        _check_shares(self.shares)
         for name in PARTS:
             _check_part(name, getattr(self, name))
         check_float("proxy_ratio", self.proxy_ratio, 0.0, 1.0, low_open=True)
@@ -289,70 +309,67 @@ class NACL(BudgetedMethod):
         check_int("seed", self.seed, 0)
         check_int("min_eviction_seqlen", self.min_eviction_seqlen, 0)
         check_int("score_block", self.score_block, 1)
-        # Consistency that does not depend on the prompt length: parts and budget of the same kind.
-        given = {p: getattr(self, p) for p in PARTS if getattr(self, p) is not None}
-        same_kind = all(type(v) is type(self.budget) for v in given.values())
-        if given and same_kind:
-            total = sum(given.values())
-            names = " + ".join(given)
-            if total > self.budget + 1e-9:
-                raise ValueError(f"{names} = {total} exceeds budget = {self.budget}")
-            if len(given) == len(PARTS) and abs(total - self.budget) > 1e-9:
-                raise ValueError(
-                    f"{names} = {total} must equal budget = {self.budget} when all three parts are given "
-                    "(leave random_keep=None to give it the rest of the budget)"
-                )
+        if isinstance(self.budget, int):  # token parts against a token budget: checkable before any prompt
+            self._check_given(self.budget, "")
+
+    def _given(self) -> dict[str, int]:
+        return {p: getattr(self, p) for p in PARTS if getattr(self, p) is not None}
+
+    def _check_given(self, k: int, prompt: str) -> None:
+        """The parts given in tokens fit ``k`` (and fill it exactly when all three are given)."""
+        given = self._given()
+        total = sum(given.values())
+        names = " + ".join(f"{p} ({v})" for p, v in given.items())
+        if total > k:
+            raise ValueError(f"{names} = {total} tokens exceed budget = {k} tokens{prompt}")
+        if len(given) == len(PARTS) and total != k:
+            raise ValueError(
+                f"{names} = {total} tokens must equal budget = {k} tokens{prompt} when all three parts are given "
+                "(leave random_keep=None to give it the rest of the budget)"
+            )
 
     def split(self, n: int, n_proxy: int = 0) -> tuple[int, int, int, int]:
-        """Tokens per head ``(sink, recent, C_p, C_r)`` for a prompt of ``n`` tokens with ``n_proxy`` proxies.
+        """Tokens per head ``(sink, recent, C_p, C_r)`` for a prompt of ``n`` tokens with ``n_proxy`` proxies; they
+        add up to ``min(budget, n)`` exactly.
 
         The sink takes at most half of ``protect`` (the released code's 256 sink tokens would otherwise exceed its
-        1% protected part below 25.6K tokens). With ``keep_proxies`` the recent window grows to cover the proxies,
-        the room coming from C_r, then C_p, so the total stays the same.
+        1% protected part below 25.6K tokens). With ``keep_proxies`` the recent window grows over the proxies (the
+        latest first), the room coming from C_r, then C_p -- only from parts not given in tokens, and never from a
+        given ``protect`` -- so the total stays the same and as many proxies are kept as the budget allows.
         """
         k = min(resolve_budget(self.budget, n), n)
-        parts = {p: _part_tokens(getattr(self, p), n) for p in PARTS if getattr(self, p) is not None}
-        given_total = sum(parts.values())
-        if given_total > k:
-            names = " + ".join(f"{p} ({v})" for p, v in parts.items())
-            raise ValueError(f"{names} = {given_total} tokens exceed budget = {k} tokens for a {n}-token prompt")
-        missing = [p for p in PARTS if p not in parts]
-        left = k - given_total
-        if missing:
-            weight = sum(DEFAULT_SHARES[p] for p in missing)
-            for p in missing[:-1]:
-                parts[p] = round(left * DEFAULT_SHARES[p] / weight)
-            parts[missing[-1]] = k - sum(parts.values())
+        self._check_given(k, f" for a {n}-token prompt")
+        parts = self._given()
+        free = [p for p in PARTS if p not in parts]
+        if free:
+            weights = [self.shares[PARTS.index(p)] for p in free]
+            parts.update(zip(free, share_out(k - sum(parts.values()), weights)))
         protect, n_top, n_random = parts["protect"], parts["proxy_keep"], parts["random_keep"]
         sink = min(self.n_sink, protect // 2)
         recent = protect - sink
-        if self.keep_proxies and n_proxy > recent:
-            extra = n_proxy - recent
-            if extra > n_top + n_random:
-                raise ValueError(
-                    f"keep_proxies: the {n_proxy} proxy tokens and {sink} sink tokens do not fit in budget = {k} "
-                    f"tokens; raise budget, lower proxy_ratio (or shorten the question) or set keep_proxies=False"
-                )
-            recent = n_proxy
-            from_random = min(extra, n_random)
-            n_random -= from_random
-            n_top -= extra - from_random
+        if self.keep_proxies and n_proxy > recent and self.protect is None:
+            from_random = n_random if self.random_keep is None else 0
+            from_top = n_top if self.proxy_keep is None else 0
+            extra = min(n_proxy - recent, from_random + from_top)
+            recent += extra
+            taken = min(extra, from_random)
+            n_random -= taken
+            n_top -= extra - taken
         return sink, recent, n_top, n_random
 
 
+# Presets give their parts as shares of the budget (`shares`), so that another budget scales them: at its own budget
+# each keeps its table's percentages of the prompt (exactly where those add up to the rounded budget).
 register_preset(
     "nacl-code",
     NACL,
-    "NACL with the released code's settings: protect 1% (256 sink), C_p 12%, C_r 7%, proxies = last 1%",
+    "NACL with the released code's split: protect : C_p : C_r = 1 : 12 : 7 (256 sink), proxies = last 1%",
     budget=0.2,
     n_sink=256,
-    protect=0.01,
-    proxy_keep=0.12,
-    random_keep=0.07,
+    shares=(0.01, 0.12, 0.07),
     proxy_ratio=0.01,
     proxy_source="last",
     keep_proxies=False,
-    min_eviction_seqlen=2048,
 )
 register_preset(
     "nacl-last",
@@ -362,18 +379,18 @@ register_preset(
 )
 # The paper's Table 4 (LLaMA-2-7B, 4K inputs), fractions of the prompt: budget % -> (Protect Proxy, No-protect Proxy,
 # C_p, C_r). "Protect Proxy" is the protected recent part and Protect + No-protect the proxy span [ASSUMPTION, spec
-# §4.4]; the table has no separate sink.
+# §4.4]; the table has no separate sink. Protect, C_p and C_r become shares of the budget; the proxy span stays a
+# fraction of the prompt (the proxies score, they are not kept).
 PAPER_TABLE4 = {10: (0.01, 0.03, 0.02, 0.07), 20: (0.02, 0.18, 0.06, 0.12), 30: (0.015, 0.20, 0.105, 0.18)}
 for _pct, (_protect, _noprotect, _cp, _cr) in PAPER_TABLE4.items():
     register_preset(
         f"nacl-paper-{_pct}",
         NACL,
-        f"NACL with the paper's Table 4 split at {_pct}%: protect {_protect:.1%}, C_p {_cp:.1%}, C_r {_cr:.0%}",
+        f"NACL with the paper's Table 4 split at {_pct}%: protect {_protect:.1%}, C_p {_cp:.1%}, C_r {_cr:.0%} of "
+        "the prompt, as shares of the budget",
         budget=_pct / 100,
         n_sink=0,
-        protect=_protect,
-        proxy_keep=_cp,
-        random_keep=_cr,
+        shares=(_protect, _cp, _cr),
         proxy_ratio=round(_protect + _noprotect, 6),
         keep_proxies=False,
     )

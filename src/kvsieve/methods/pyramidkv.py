@@ -5,38 +5,21 @@ Lower layers attend broadly, upper layers focus on few tokens, so the per-layer 
 sequence: with average budget ``B`` and window ``w``, the top layer keeps ``(B - w) / beta`` selected entries and
 the bottom layer ``2 (B - w) - (B - w) / beta``, so the mean over layers stays at ``B`` (the schedule of the
 authors' code, KVCache-Factory, including its clamp when the prompt is short). Each layer then selects like SnapKV.
-Each layer stores a tensor of its own size: memory really follows the pyramid.
+
+PyramidKV is SnapKV composed with the pyramid schedule (`kvsieve.methods.schedules.Pyramid`): nothing here but its
+defaults (KVCache-Factory's window of 8) and the steepness ``beta``. Each layer stores a tensor of its own size:
+memory really follows the pyramid.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvsieve.methods.base import check_int, param, register, resolve_budget
-from kvsieve.methods.snapkv import SnapKV, SnapKVPolicy
+from kvsieve.methods.base import check_int, param, register
+from kvsieve.methods.schedules import Pyramid, pyramid_budgets
+from kvsieve.methods.snapkv import SnapKV
 
-
-def pyramid_budgets(average: int, n_prompt: int, n_layers: int, window: int, beta: int) -> list[int]:
-    """Entries kept per layer (window included) for an average budget of ``average`` entries per layer."""
-    if average >= n_prompt:
-        return [n_prompt] * n_layers
-    w = min(window, average)
-    low = (average - w) // beta
-    high = (average - w) * 2 - low
-    if high >= n_prompt - w:  # short prompt: clamp the bottom layer to the prompt, keep the mean
-        high = n_prompt - w
-        low = (average - w) * 2 - high
-    if n_layers == 1:
-        return [average]
-    step = (high - low) // (n_layers - 1)
-    return [high - layer * step + w for layer in range(n_layers)]
-
-
-class PyramidKVPolicy(SnapKVPolicy):
-    def layer_budget(self, n_prompt: int) -> int:
-        m = self.method
-        average = resolve_budget(m.budget, n_prompt)
-        return pyramid_budgets(average, n_prompt, self.info.n_layers, m.window_size, m.beta)[self.info.layer_idx]
+__all__ = ["PyramidKV", "pyramid_budgets"]
 
 
 @register
@@ -47,12 +30,20 @@ class PyramidKV(SnapKV):
     name = "pyramidkv"
     summary = "SnapKV selection with per-layer budgets shrinking towards the top layers"
     paper = "arXiv 2406.02069"
-    policy = PyramidKVPolicy
     budget_counts = "entries stored after the prompt, averaged over layers (the bottom layers keep more)"
 
     window_size: int = param(8, "last prompt queries whose attention scores the prefix; kept in every layer")
+    layer_schedule: str = param("pyramid", "pyramid (the only one: snapkv with layer_schedule=... for others)")
     beta: int = param(20, "pyramid steepness: the top layer keeps (budget - window) / beta selected entries")
 
     def validate(self) -> None:
         super().validate()
         check_int("beta", self.beta, 1)
+        if self.layer_schedule != "pyramid":
+            raise ValueError(
+                f"layer_schedule must be 'pyramid' for pyramidkv (SnapKV + the pyramid), got {self.layer_schedule!r};"
+                " use snapkv with layer_schedule=... for another schedule"
+            )
+
+    def pyramid(self) -> Pyramid:
+        return Pyramid(beta=self.beta, window=self.window_size)

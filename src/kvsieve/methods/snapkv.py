@@ -15,11 +15,14 @@ from dataclasses import dataclass
 import torch
 
 from kvsieve.methods.base import AttentionCall, check_choice, check_int, param, register, register_preset
-from kvsieve.methods.eviction import PROTECTED, BudgetedMethod, PriorityEvictionPolicy
+from kvsieve.methods.eviction import PROTECTED, EvictionMethod, PriorityEvictionPolicy
+from kvsieve.methods.schedules import PYRAMID_BETA, Pyramid
 from kvsieve.ops.scoring import attention_probs, pool_scores, reduce_gqa
 
 
 class SnapKVPolicy(PriorityEvictionPolicy):
+    priority_at_decode = False  # the observation window's queries are the prompt's last ones, gone after it
+
     def __init__(self, method, info, reserve=64):
         super().__init__(method, info, reserve)
         self.window_queries: torch.Tensor | None = None  # [B, H, <=w, D], the latest prompt queries
@@ -55,7 +58,7 @@ class SnapKVPolicy(PriorityEvictionPolicy):
 
 @register
 @dataclass
-class SnapKV(BudgetedMethod):
+class SnapKV(EvictionMethod):
     """Observation-window scoring after prefill; ``budget`` = window + top-(budget - window) prefix entries."""
 
     name = "snapkv"
@@ -78,6 +81,10 @@ class SnapKV(BudgetedMethod):
             raise ValueError(f"kernel_size must be odd (same padding), got {self.kernel_size}")
         check_choice("pooling", self.pooling, ("max", "avg"))
         check_choice("gqa_reduce", self.gqa_reduce, ("mean", "max", "sum"))
+
+    def pyramid(self) -> Pyramid:
+        """The pyramid keeps the observation window in every layer and shares the rest (PyramidKV)."""
+        return Pyramid(beta=PYRAMID_BETA, window=self.window_size)
 
 
 register_preset(

@@ -154,11 +154,13 @@ class KVStore:
         b, h = slots.shape
         bi = torch.arange(b, device=slots.device)[:, None].expand(b, h)
         hi = torch.arange(h, device=slots.device)[None, :].expand(b, h)
-        self._keys[bi, hi, slots] = self._keys[:, :, last]
-        self._values[bi, hi, slots] = self._values[:, :, last]
-        self._positions[bi, hi, slots] = self._positions[:, :, last]
+        # The last entries are copied out first: with one batch row and one KV head (MQA, e.g. Gemma-3-270m) the
+        # source view is dense inside the target and torch refuses the overlapping in-place write.
+        self._keys[bi, hi, slots] = self._keys[:, :, last].clone()
+        self._values[bi, hi, slots] = self._values[:, :, last].clone()
+        self._positions[bi, hi, slots] = self._positions[:, :, last].clone()
         for t in self._aux.values():
-            t[bi, hi, slots] = t[:, :, last]
+            t[bi, hi, slots] = t[:, :, last].clone()
         self.length = last
 
     # ------------------------------------------------------------------------------------ shared prefill
