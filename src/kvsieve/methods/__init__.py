@@ -2,10 +2,13 @@
 
 Writing a method: a `Method` dataclass (its parameters, each a `param`) and a `LayerPolicy`; an eviction method is
 an `EvictionMethod` whose `PriorityEvictionPolicy` defines ``priority``, composed with ``rolling`` and a per-layer
-schedule (`uniform`, `Pyramid`, or any callable). ``register`` makes it available by name.
+schedule (`uniform`, `Pyramid`, or any callable). ``register`` makes it available by name; every module of this
+package is imported here, so a new method's file is all it takes.
 """
 
-from kvsieve.methods import actqkv, full, h2o, infllm, nacl, pyramidkv, refreshkv, snapkv, streamingllm  # noqa: F401  (registration)
+import importlib
+import pkgutil
+
 from kvsieve.methods.base import (
     AttentionCall,
     LayerInfo,
@@ -43,3 +46,6 @@ __all__ = [
     "uniform",
     "unregister",
 ]
+
+for _module in pkgutil.iter_modules(__path__):  # registration: each method's module registers it on import
+    importlib.import_module(f"{__name__}.{_module.name}")
