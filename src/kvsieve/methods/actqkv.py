@@ -66,7 +66,8 @@ from kvsieve.methods.base import (
     register,
     register_preset,
 )
-from kvsieve.methods.infllm import InfLLM, InfLLMPolicy, dot_scores
+from kvsieve.methods.infllm import InfLLM, InfLLMPolicy
+from kvsieve.ops.grouped import dot_scores
 from kvsieve.ops.scoring import top_indices
 
 SHARED_KEY = "actqkv"
