@@ -98,10 +98,13 @@ def infllm_reference(model, traces, context, tokens, n_local, exc, chunk_size=No
     return torch.stack(all_logits)
 
 
-def run_against_reference(model, method, n_prompt=120, chunk_size=40, seed=1):
-    """Greedy run with ``method`` (traced) and its replay; returns (cache, tokens, max |dlogit|)."""
+def run_against_reference(model, method, n_prompt=120, chunk_size=40, seed=1, layout=None):
+    """Greedy run with ``method`` (traced; ``layout``: the cache's prompt layout) and its replay; returns (cache,
+    tokens, max |dlogit|)."""
     ctx = random_ids(n_prompt, seed=seed)
     cache = SieveCache(model, method, trace=True)
+    if layout is not None:
+        cache.layout = layout
     tokens, logits = greedy_with_logits(model, cache, ctx, N_NEW, chunk_size=chunk_size)
     reference = infllm_reference(
         model, traces_of(cache), ctx, tokens, method.n_local, method.exc_block_size, chunk_size

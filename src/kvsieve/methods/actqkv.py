@@ -15,10 +15,10 @@ What changes relative to InfLLM:
   1000) sets a longer warm-up.
 * **Cosine similarity** ranks the blocks, plus ``question_weight x cos(question, repr_B)`` while the prompt is read
   (and for the last prompt token's own lookup) when the question's span is known (Q-LLM's question term). The span
-  comes from the cache's prompt layout (``kvsieve.generate(..., question=...)``, the eval runner) or from
-  ``question_span``. As in the code, the question vector is built from the span's queries read ahead from the whole
-  chunk, at the first window that moves tokens out of the local window, so the term acts from the first window
-  that retrieves.
+  comes from the cache's prompt layout, the one channel for it (`kvsieve.PromptLayout`: ``kvsieve.generate(...,
+  question=...)``, the eval runner, or ``cache.layout = PromptLayout(question=span)``). As in the code, the
+  question vector is built from the span's queries read ahead from the whole chunk, at the first window that moves
+  tokens out of the local window, so the term acts from the first window that retrieves.
 * **Dynamic cut-off.** Each step has a pool of ``topk x L`` blocks for the ``L`` layers. Layer ``l`` (in order)
   takes ``clamp(round(w_l x remaining), min(N, min_blocks), min(N, max_blocks))`` blocks, where during decoding
   ``w_l = e_l / sum_{i >= l} e_i`` and ``e_i`` is layer i's mean normalised entropy of its block scores over its
@@ -207,13 +207,6 @@ class ActQKVPolicy(InfLLMPolicy):
         if self.ordinal == 0:
             self.shared.pool.reset(n_windows)
 
-    def question_span_of(self, call: AttentionCall) -> tuple[int, int] | None:
-        """The question's span: the cache's prompt layout first, else the method's ``question_span``."""
-        if self.method.question_weight == 0:
-            return None
-        span = call.question_span if call.question_span is not None else self.method.question_span
-        return None if span is None else (int(span[0]), int(span[1]))
-
     def reading_prompt(self, call: AttentionCall) -> bool:
         """The prompt is being read (question term on, uniform block split): prompt chunks, and a question chunk fed
         after the compressed context; generated tokens are not."""
@@ -224,8 +217,8 @@ class ActQKVPolicy(InfLLMPolicy):
         """Read the question's queries ahead, from the whole chunk (code: ``global_q[:, :, q0:q1]``)."""
         if self.question is not None:
             return
-        if self.span is None:
-            self.span = self.question_span_of(call)
+        if self.span is None and self.method.question_weight != 0:
+            self.span = call.question_span  # the cache's prompt layout
         if self.span is None:
             return
         q0, q1 = self.span
@@ -338,8 +331,9 @@ class ActQKV(InfLLM):
     Defaults: the released Llama-3 config (64 init + 512 window + 46 blocks x 32 = 2048 entries, windows of 256,
     4 representative tokens, question weight 4); the device cache holds twice the most blocks a step can take
     (the ``actqkv-llama3-2k`` preset: the released 128). ``max_blocks`` None: ``2 x topk`` (the code).
-    ``question_span``: the logical ``[start, end)`` of the question inside the prompt (see `find_span`); without it
-    there is no question term. ``similarity="dot"`` with ``dynamic_topk=False`` retrieves like InfLLM (ablations).
+    The question term needs the question's logical ``[start, end)``, which policies read from the cache's prompt
+    layout (`kvsieve.PromptLayout`; see `find_span`); without it there is no question term. ``similarity="dot"``
+    with ``dynamic_topk=False`` retrieves like InfLLM (ablations).
     """
 
     name = "actqkv"
@@ -355,9 +349,6 @@ class ActQKV(InfLLM):
     block_size: int = 32
     exc_block_size: int = 256
     question_weight: float = param(4.0, "weight of the question term in block scores while the prompt is read")
-    question_span: tuple[int, int] | None = param(
-        None, "[start, end) of the question in the prompt (None: from the cache)"
-    )
     similarity: str = param("cosine", "block scoring: cosine (ActQKV) or dot (InfLLM)")
     dynamic_topk: bool = param(True, "blocks per layer follow the entropy of its scores (False: topk each)")
     min_blocks: int = param(32, "fewest blocks a layer takes with dynamic_topk")
@@ -373,18 +364,6 @@ class ActQKV(InfLLM):
             check_int("max_blocks", self.max_blocks, 1)
         super().validate()
         check_float("question_weight", self.question_weight, 0.0)
-        if self.question_span is not None:
-            span = self.question_span
-            ok = (
-                isinstance(span, tuple | list)
-                and len(span) == 2
-                and all(isinstance(x, int) and not isinstance(x, bool) for x in span)
-                and 0 <= span[0] < span[1]
-            )
-            if not ok:
-                raise ValueError(
-                    f"question_span must be (start, end) token positions with 0 <= start < end, got {span!r}"
-                )
         check_choice("similarity", self.similarity, ("cosine", "dot"))
         if not isinstance(self.dynamic_topk, bool):
             raise TypeError(f"dynamic_topk must be a bool, got {self.dynamic_topk!r}")
@@ -402,7 +381,8 @@ class ActQKV(InfLLM):
 
 def find_span(sequence: list[int], part: list[int]) -> tuple[int, int] | None:
     """``[start, end)`` of the first occurrence of ``part`` in ``sequence`` (e.g. a question's token ids inside the
-    prompt's), or None -- what ActQKV's ``question_span`` expects (code: ``extract_question_id``)."""
+    prompt's), or None -- the span for ``kvsieve.PromptLayout(question=...)``, which ActQKV's question term reads
+    (code: ``extract_question_id``)."""
     n = len(part)
     if n == 0:
         return None
