@@ -269,7 +269,8 @@ def test_presets_and_errors():
     qwen = kvsieve.method("actqkv-qwen25-2k")
     assert (qwen.block_size, qwen.blocks_per_step, qwen.cache_blocks, qwen.budget_label) == (64, 23, 256, 2048)
     assert kvsieve.method("actqkv-2k").blocks_per_step == 46
-    assert kvsieve.method("actqkv-2k", budget=4096).cache_blocks == 440
+    at_4k = kvsieve.method("actqkv-2k", budget=4096)  # derived: 128 + 1024 + 46 x 64, clamp [32, 92], cache 128
+    assert (at_4k.block_size, at_4k.topk, at_4k.max_blocks_per_step, at_4k.cache_blocks) == (64, 46, 92, 128)
     with pytest.raises(ValueError, match=r"max_cached_block must be in \[92, inf\]"):
         kvsieve.method("actqkv", max_cached_block=64)
     with pytest.raises(ValueError, match="question must be"):  # the question's span is the cache's layout
