@@ -23,7 +23,7 @@ from helpers import TINY_CONFIGS, greedy_with_logits, random_ids, tiny_model
 from kvsieve.cache import SieveCache
 from kvsieve.driver import cache_kwargs
 from kvsieve.methods.actqkv import ActivationStats, BlockPool, find_span
-from kvsieve.methods.base import Phase
+from kvsieve.methods.base import Phase, PromptLayout
 from test_infllm import LOGIT_TOL, N_NEW, N_PROMPT, SMALL, _policy, passkey_prompt, run_against_reference
 
 DYNAMIC = dict(SMALL, min_blocks=2, max_blocks=6, entropy_window=4)
@@ -47,8 +47,9 @@ def test_nothing_leaves_the_window_equals_full(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_equals_the_per_query_reference(arch):
-    method = kvsieve.method("actqkv", **DYNAMIC, warmup_calls=6, question_span=(2, 10))
-    cache, _, diff = run_against_reference(tiny_model(arch), method, n_prompt=160)
+    method = kvsieve.method("actqkv", **DYNAMIC, warmup_calls=6)
+    layout = PromptLayout(question=(2, 10))
+    cache, _, diff = run_against_reference(tiny_model(arch), method, n_prompt=160, layout=layout)
     policy = cache.sieve_layers[0].policy
     assert policy.activation.count > 6 and policy.question is not None  # past warm-up, with a question term
     assert diff < LOGIT_TOL, f"{arch}: max |dlogit| = {diff:.2e}"
@@ -214,7 +215,6 @@ def test_question_term_steers_prompt_retrieval_only():
             exc_block_size=8,
             repr_topk=1,
             dynamic_topk=False,
-            question_span=(0, 4),
         )
     )
     torch.manual_seed(0)
@@ -233,9 +233,11 @@ def test_question_term_steers_prompt_retrieval_only():
 def test_question_vector_is_built_from_the_span():
     model = tiny_model("llama")
     ctx = random_ids(120)
-    with_q = SieveCache(model, kvsieve.method("actqkv", **DYNAMIC, question_span=(3, 9)))
+    with_q = SieveCache(model, kvsieve.method("actqkv", **DYNAMIC))
+    with_q.layout = PromptLayout(question=(3, 9))
     greedy_with_logits(model, with_q, ctx, 3, chunk_size=40)
-    without = SieveCache(model, kvsieve.method("actqkv", **DYNAMIC, question_weight=0.0, question_span=(3, 9)))
+    without = SieveCache(model, kvsieve.method("actqkv", **DYNAMIC, question_weight=0.0))
+    without.layout = PromptLayout(question=(3, 9))
     greedy_with_logits(model, without, ctx, 3, chunk_size=40)
     heads_dim = model.config.num_attention_heads * 16
     for layer in with_q.sieve_layers:
@@ -267,11 +269,14 @@ def test_presets_and_errors():
     qwen = kvsieve.method("actqkv-qwen25-2k")
     assert (qwen.block_size, qwen.blocks_per_step, qwen.cache_blocks, qwen.budget_label) == (64, 23, 256, 2048)
     assert kvsieve.method("actqkv-2k").blocks_per_step == 46
-    assert kvsieve.method("actqkv-2k", budget=4096).cache_blocks == 440
+    at_4k = kvsieve.method("actqkv-2k", budget=4096)  # derived: 128 + 1024 + 46 x 64, clamp [32, 92], cache 128
+    assert (at_4k.block_size, at_4k.topk, at_4k.max_blocks_per_step, at_4k.cache_blocks) == (64, 46, 92, 128)
     with pytest.raises(ValueError, match=r"max_cached_block must be in \[92, inf\]"):
         kvsieve.method("actqkv", max_cached_block=64)
-    with pytest.raises(ValueError, match="question_span must be"):
-        kvsieve.method("actqkv", question_span=(9, 3))
+    with pytest.raises(ValueError, match="question must be"):  # the question's span is the cache's layout
+        PromptLayout(question=(9, 3))
+    with pytest.raises(ValueError, match="has no parameter 'question_span'"):  # one channel: no config field
+        kvsieve.method("actqkv", question_span=(3, 9))
     with pytest.raises(ValueError, match="stats_scope must be one of"):
         kvsieve.method("actqkv", stats_scope="global")
     with pytest.raises(ValueError, match=r"topk must be in \[1, inf\]"):
@@ -370,8 +375,9 @@ def test_the_question_term_acts_from_the_first_retrieving_window():
     span = (88, 96)
     runs = {}
     for weight in (0.0, 4.0):
-        method = kvsieve.method("actqkv", **SMALL, dynamic_topk=False, question_weight=weight, question_span=span)
+        method = kvsieve.method("actqkv", **SMALL, dynamic_topk=False, question_weight=weight)
         cache = SieveCache(model, method, trace=True)
+        cache.layout = PromptLayout(question=span)
         greedy_with_logits(model, cache, ctx, 1)
         runs[weight] = cache
     for layer in runs[4.0].sieve_layers:

@@ -133,15 +133,19 @@ def test_query_aware_layout_reaches_every_policy():
         assert all(s["proxy_source"] == "question" and s["proxy_tokens"] == N_QUESTION for s in stats)
     kept = [[layer.policy.store.positions.clone() for layer in c.sieve_layers] for c in (shared.caches[0], alone.cache)]
     assert all(torch.equal(a, b) for a, b in zip(*kept))
-    # ActQKV: the layout's span acts exactly as the span given in its configuration
+    # ActQKV: a query-aware prompt's span reaches its question term, whether the driver lays the prompt out or the
+    # caller hands the layout to prefill; without a layout there is no question term
     params = dict(SMALL_BLOCKS, min_blocks=1, warmup_calls=2)
-    via_layout = Driver.new(model, kvsieve.method("actqkv", **params), N_CONTEXT + N_QUESTION)
-    via_config = Driver.new(model, kvsieve.method("actqkv", **params, question_span=span), N_CONTEXT + N_QUESTION)
+    via_prompt, via_prefill, without = (
+        Driver.new(model, kvsieve.method("actqkv", **params), N_CONTEXT + N_QUESTION) for _ in range(3)
+    )
     with torch.inference_mode():
-        a = via_layout.prompt(context, q, question_in_prompt=True)
-        b = via_config.prefill(context + q)
-    assert torch.equal(a, b)
-    assert all(layer.policy.stats()["question_vector"] for layer in via_layout.cache.sieve_layers)
+        a = via_prompt.prompt(context, q, question_in_prompt=True)
+        b = via_prefill.prefill(context + q, layout=layout)
+        c = without.prefill(context + q)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert all(layer.policy.stats()["question_vector"] for layer in via_prompt.cache.sieve_layers)
+    assert not any(layer.policy.stats()["question_vector"] for layer in without.cache.sieve_layers)
 
 
 def test_prompt_layout_is_validated():

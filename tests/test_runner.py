@@ -314,7 +314,11 @@ def test_different_config_refuses_to_resume(reference_run, tiny, tmp_path):
         ({"params": {"snapkv": {"windw_size": 4}}}, ValueError, "did you mean 'window_size'"),
         ({"modes": ["query_awre"]}, ValueError, "unknown mode 'query_awre'; closest: query_aware"),
         ({"budgets": [1.5]}, ValueError, r"fraction of the prompt must be in \(0, 1\]"),
-        ({"methods": ["infllm"]}, ValueError, r"method infllm at length \d+: budget=0.2 of a \d+-token prompt"),
+        (
+            {"methods": ["infllm"], "params": {"infllm": {"n_local": 4096}}},
+            ValueError,
+            r"method infllm at length \d+: budget=0.2 of a \d+-token prompt",
+        ),
         ({"methods": ["infllm"], "budgets": [7]}, ValueError, "method infllm does not take budget 7"),
         ({"samplez": 3}, ValueError, "unknown setting.*'samplez' \\(closest: samples\\)"),
         ({"data": ["/nonexistent/file.jsonl"]}, FileNotFoundError, "not found"),

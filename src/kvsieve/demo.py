@@ -13,17 +13,11 @@ from kvsieve.methods.base import Method
 
 DEFAULT_METHODS = ("snapkv", "nacl", "refreshkv", "actqkv")
 
-# ActQKV (and InfLLM) do not yet derive their block structure from a budget (their released configuration
-# attends 2,048 entries); the demo scales it to a few hundred entries: 16 init tokens, a 256-token window,
-# blocks of 16, windows of 128 queries, and the blocks that fill the rest of the budget (floor 1 per layer).
-BLOCK_STRUCTURE = {"n_init": 16, "n_local": 256, "block_size": 16, "exc_block_size": 128, "repr_topk": 4}
-BLOCK_METHODS = {"infllm": BLOCK_STRUCTURE, "actqkv": {**BLOCK_STRUCTURE, "min_blocks": 1}}
-
 
 @dataclass
 class DemoRow:
     label: str  # the method's name and budget, never cut
-    method: Method
+    method: Method  # as it ran on the prompt (a fractional budget resolved)
     output: GenerationOutput
 
     @property
@@ -33,12 +27,12 @@ class DemoRow:
 
 
 def demo_methods(names: Sequence[str], budget: int | float) -> list[Method]:
-    """The full cache first, then each named method at ``budget`` (block methods with the demo's structure)."""
+    """The full cache first, then each named method at ``budget`` (InfLLM/ActQKV derive their blocks from it)."""
     out = [kvsieve.method("full")]
     for name in names:
         if name == "full":
             continue
-        out.append(kvsieve.method(name, budget=budget, **BLOCK_METHODS.get(name, {})))
+        out.append(kvsieve.method(name, budget=budget))
     return out
 
 
@@ -55,7 +49,7 @@ def run_rows(model, tokenizer, prompt: str, methods: Sequence[Method], max_new_t
             if isinstance(budget, float)
             else f"{m.name} ({budget})"
         )
-        rows.append(DemoRow(label, m, out))
+        rows.append(DemoRow(label, m.for_prompt(out.stats.prompt_tokens), out))  # as it ran: fractions resolved
     return rows
 
 

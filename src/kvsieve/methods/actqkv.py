@@ -15,10 +15,10 @@ What changes relative to InfLLM:
   1000) sets a longer warm-up.
 * **Cosine similarity** ranks the blocks, plus ``question_weight x cos(question, repr_B)`` while the prompt is read
   (and for the last prompt token's own lookup) when the question's span is known (Q-LLM's question term). The span
-  comes from the cache's prompt layout (``kvsieve.generate(..., question=...)``, the eval runner) or from
-  ``question_span``. As in the code, the question vector is built from the span's queries read ahead from the whole
-  chunk, at the first window that moves tokens out of the local window, so the term acts from the first window
-  that retrieves.
+  comes from the cache's prompt layout, the one channel for it (`kvsieve.PromptLayout`: ``kvsieve.generate(...,
+  question=...)``, the eval runner, or ``cache.layout = PromptLayout(question=span)``). As in the code, the
+  question vector is built from the span's queries read ahead from the whole chunk, at the first window that moves
+  tokens out of the local window, so the term acts from the first window that retrieves.
 * **Dynamic cut-off.** Each step has a pool of ``topk x L`` blocks for the ``L`` layers. Layer ``l`` (in order)
   takes ``clamp(round(w_l x remaining), min(N, min_blocks), min(N, max_blocks))`` blocks, where during decoding
   ``w_l = e_l / sum_{i >= l} e_i`` and ``e_i`` is layer i's mean normalised entropy of its block scores over its
@@ -66,7 +66,9 @@ from kvsieve.methods.base import (
     register,
     register_preset,
 )
-from kvsieve.methods.infllm import InfLLM, InfLLMPolicy, dot_scores
+from kvsieve.methods.infllm import InfLLM, InfLLMPolicy, structure_param
+from kvsieve.methods.infllm_budget import MIN_BUDGET, derive_cache_blocks, derive_min_blocks, derive_structure
+from kvsieve.ops.grouped import dot_scores
 from kvsieve.ops.scoring import top_indices
 
 SHARED_KEY = "actqkv"
@@ -125,13 +127,18 @@ class BlockPool:
     ``reset(n_windows)`` at the first layer of every forward gives each window a pool of ``topk x L`` blocks;
     ``take(layer, window, entropy, n_blocks, dynamic)`` records the layer's normalised entropy (kept over the last
     ``window`` retrievals) and returns its block count, removing it from the window's pool.
+
+    ``within_pool`` (a budget's promise: at most ``topk`` blocks per layer on average): a layer never takes so many
+    that the later layers' floors would overdraw the pool (the released rule can, when an early layer takes up to
+    ``max_blocks``; with ``min_blocks <= topk`` the floors then always fit).
     """
 
-    def __init__(self, topk: int, min_blocks: int, max_blocks: int, window: int) -> None:
+    def __init__(self, topk: int, min_blocks: int, max_blocks: int, window: int, within_pool: bool = False) -> None:
         self.topk = topk
         self.min_blocks = min_blocks
         self.max_blocks = max_blocks
         self.window = window
+        self.within_pool = within_pool
         self.samples: list[deque[float]] = []
         self.remaining: list[float] = []
         self.history: list[list[int]] = []  # per reset: the counts handed out, in order (for statistics/tests)
@@ -166,6 +173,8 @@ class BlockPool:
         k_min, k_max = min(n_blocks, self.min_blocks), min(n_blocks, self.max_blocks)
         share = weight * pool
         k = round(share) if math.isfinite(share) else k_min
+        if self.within_pool:  # leave the later layers their floors
+            k_max = min(k_max, max(k_min, int(pool) - (self.n_layers - layer - 1) * k_min))
         k = max(min(k, k_max), k_min)
         self.remaining[window] = pool - k
         if self.history:
@@ -178,7 +187,11 @@ class ActQKVShared:
 
     def __init__(self, method: ActQKV) -> None:
         self.pool = BlockPool(
-            method.blocks_per_step, method.min_blocks, method.max_blocks_per_step, method.entropy_window
+            method.blocks_per_step,
+            method.min_blocks,
+            method.max_blocks_per_step,
+            method.entropy_window,
+            within_pool=method.budget is not None,
         )
         self.activation = ActivationStats(method.stats_horizon, method.warmup_calls)
 
@@ -206,13 +219,6 @@ class ActQKVPolicy(InfLLMPolicy):
         if self.ordinal == 0:
             self.shared.pool.reset(n_windows)
 
-    def question_span_of(self, call: AttentionCall) -> tuple[int, int] | None:
-        """The question's span: the cache's prompt layout first, else the method's ``question_span``."""
-        if self.method.question_weight == 0:
-            return None
-        span = call.question_span if call.question_span is not None else self.method.question_span
-        return None if span is None else (int(span[0]), int(span[1]))
-
     def reading_prompt(self, call: AttentionCall) -> bool:
         """The prompt is being read (question term on, uniform block split): prompt chunks, and a question chunk fed
         after the compressed context; generated tokens are not."""
@@ -223,8 +229,8 @@ class ActQKVPolicy(InfLLMPolicy):
         """Read the question's queries ahead, from the whole chunk (code: ``global_q[:, :, q0:q1]``)."""
         if self.question is not None:
             return
-        if self.span is None:
-            self.span = self.question_span_of(call)
+        if self.span is None and self.method.question_weight != 0:
+            self.span = call.question_span  # the cache's prompt layout
         if self.span is None:
             return
         q0, q1 = self.span
@@ -334,63 +340,112 @@ class ActQKVPolicy(InfLLMPolicy):
 class ActQKV(InfLLM):
     """InfLLM + Activation-Bias-weighted probe queries + cosine retrieval + entropy-driven blocks per layer.
 
-    Defaults: the released Llama-3 config (64 init + 512 window + 46 blocks x 32 = 2048 entries, windows of 256,
-    4 representative tokens, question weight 4); the device cache holds twice the most blocks a step can take
-    (the ``actqkv-llama3-2k`` preset: the released 128). ``max_blocks`` None: ``2 x topk`` (the code).
-    ``question_span``: the logical ``[start, end)`` of the question inside the prompt (see `find_span`); without it
-    there is no question term. ``similarity="dot"`` with ``dynamic_topk=False`` retrieves like InfLLM (ablations).
+    Without a budget, the released Llama-3 config (`RELEASED`: 64 init + 512 window + 46 blocks x 32 = 2048
+    entries, windows of 256, 4 representative tokens, per-layer clamp [32, 2 x topk], question weight 4); the
+    device cache holds twice the most blocks a step can take (the ``actqkv-llama3-2k`` preset: the released 128).
+    With a ``budget``, the structure is derived as for InfLLM (at 2048: exactly the released one, cache 128) and
+    the floor ``min_blocks`` scales with ``topk`` (32 of 46); a floor above what the budget allows is refused.
+    The budget is what a step attends on average over layers: the pool never hands out more than ``topk`` blocks
+    per layer and step (`BlockPool`).
+
+    The question term needs the question's logical ``[start, end)``, which policies read from the cache's prompt
+    layout (`kvsieve.PromptLayout`; see `find_span`); without it there is no question term. ``similarity="dot"``
+    with ``dynamic_topk=False`` retrieves like InfLLM (ablations).
     """
 
     name = "actqkv"
     summary = "InfLLM + activation-aware probe query, cosine retrieval, entropy-driven blocks per layer"
     paper = "arXiv 2502.13542"
     policy = ActQKVPolicy
-    budget_counts = "entries a step attends, on average (blocks per layer vary); the block memory stays off the device"
-    DEFAULT_TOPK: ClassVar[int] = 46
-    MIN_TOPK: ClassVar[int] = 1
-
-    n_init: int = 64
-    n_local: int = 512
-    block_size: int = 32
-    exc_block_size: int = 256
-    question_weight: float = param(4.0, "weight of the question term in block scores while the prompt is read")
-    question_span: tuple[int, int] | None = param(
-        None, "[start, end) of the question in the prompt (None: from the cache)"
+    budget_counts = (
+        f"entries a decode step attends, on average over layers (blocks per layer vary), never more; the block "
+        f"memory stays off the device; an int >= {MIN_BUDGET}, or a fraction of the prompt resolved to at least "
+        f"{MIN_BUDGET}"
     )
+    MIN_TOPK: ClassVar[int] = 1
+    STRUCTURE: ClassVar[tuple[str, ...]] = (*InfLLM.STRUCTURE, "min_blocks", "max_blocks")
+    # the released Llama-3 config; max_cached_block None: twice the most blocks a step takes; max_blocks None: 2 x topk
+    RELEASED: ClassVar[dict[str, int | None]] = dict(
+        n_init=64,
+        n_local=512,
+        block_size=32,
+        topk=46,
+        repr_topk=4,
+        exc_block_size=256,
+        max_cached_block=None,
+        min_blocks=32,
+        max_blocks=None,
+    )
+
+    n_init: int | None = structure_param("first tokens always attended (attention sinks)", "budget // 32", 64)
+    n_local: int | None = structure_param(
+        "sliding window of recent tokens, attended at their true distance", "budget // 4 + the rounding", 512
+    )
+    block_size: int | None = structure_param("tokens per memory block", "the largest power of two <= sqrt(budget)", 32)
+    topk: int | None = structure_param("blocks per layer and step, on average", "the blocks that fill the budget", 46)
+    exc_block_size: int | None = structure_param(
+        "prompt queries per retrieval window", "the largest power of two <= n_local / 2, at most 512", 256
+    )
+    max_cached_block: int | None = structure_param(
+        "blocks cached on the device",
+        "the smallest power of two >= 2 x topk and >= max_blocks",
+        "2 x max(max_blocks, min_blocks)",
+    )
+    question_weight: float = param(4.0, "weight of the question term in block scores while the prompt is read")
     similarity: str = param("cosine", "block scoring: cosine (ActQKV) or dot (InfLLM)")
     dynamic_topk: bool = param(True, "blocks per layer follow the entropy of its scores (False: topk each)")
-    min_blocks: int = param(32, "fewest blocks a layer takes with dynamic_topk")
-    max_blocks: int | None = param(None, "most blocks a layer takes with dynamic_topk (None: 2 x topk)")
+    min_blocks: int | None = structure_param(
+        "fewest blocks a layer takes with dynamic_topk", "round(topk x 32 / 46)", 32
+    )
+    max_blocks: int | None = structure_param("most blocks a layer takes with dynamic_topk", "2 x topk", "2 x topk")
     entropy_window: int = param(100, "retrievals whose score entropy a layer averages")
     stats_scope: str = param("shared", "activation statistics shared by all layers, or one set per layer")
     stats_horizon: int = param(1000, "cap on the update count of the running query statistics")
     warmup_calls: int = param(0, "calls read with the plain mean before the bias weights (released: 1000)")
 
+    def lowest(self) -> dict[str, int]:
+        return {**super().lowest(), "min_blocks": 0, "max_blocks": 1}
+
     def validate(self) -> None:
-        check_int("min_blocks", self.min_blocks, 0)
-        if self.max_blocks is not None:
-            check_int("max_blocks", self.max_blocks, 1)
-        super().validate()
-        check_float("question_weight", self.question_weight, 0.0)
-        if self.question_span is not None:
-            span = self.question_span
-            ok = (
-                isinstance(span, tuple | list)
-                and len(span) == 2
-                and all(isinstance(x, int) and not isinstance(x, bool) for x in span)
-                and 0 <= span[0] < span[1]
-            )
-            if not ok:
-                raise ValueError(
-                    f"question_span must be (start, end) token positions with 0 <= start < end, got {span!r}"
-                )
-        check_choice("similarity", self.similarity, ("cosine", "dot"))
         if not isinstance(self.dynamic_topk, bool):
             raise TypeError(f"dynamic_topk must be a bool, got {self.dynamic_topk!r}")
+        super().validate()
+        check_float("question_weight", self.question_weight, 0.0)
+        check_choice("similarity", self.similarity, ("cosine", "dot"))
         check_int("entropy_window", self.entropy_window, 1)
         check_choice("stats_scope", self.stats_scope, ("shared", "layer"))
         check_int("stats_horizon", self.stats_horizon, 1)
         check_int("warmup_calls", self.warmup_calls, 0)
+        if self.dynamic_topk:
+            self.check_floor()
+
+    def derive(self, budget: int, given: dict[str, int]) -> dict[str, int]:
+        values = derive_structure(budget, given)
+        topk = values["topk"]
+        values["max_blocks"] = given.get("max_blocks", 2 * topk)
+        values["min_blocks"] = given.get("min_blocks", derive_min_blocks(topk))
+        most = values["max_blocks"] if self.dynamic_topk else topk
+        values["max_cached_block"] = given.get("max_cached_block", derive_cache_blocks(topk, most))
+        return values
+
+    def check_floor(self) -> None:
+        """A floor no step can hold fails at construction, not when a step asks the device cache for more blocks
+        than it holds: ``min_blocks <= max_cached_block``, and with a budget ``min_blocks <= topk`` (the floor is
+        spent from a pool of ``topk`` blocks per layer). Without a budget a floor above ``max_blocks`` is the
+        released rule (the Qwen2.5 config: every layer takes the floor and the pool is overdrawn)."""
+        floor = self.min_blocks
+        if floor is None or self.topk is None:  # a fraction: checked once for_prompt resolves it
+            return
+        if isinstance(self.budget, int) and floor > self.topk:
+            raise ValueError(
+                f"min_blocks={floor} exceeds the {self.topk} blocks per layer (topk) that budget={self.budget} allows: "
+                "with a budget the per-layer floor must be <= topk; lower min_blocks or raise the budget"
+            )
+        if floor > self.cache_blocks:
+            raise ValueError(
+                f"min_blocks={floor} exceeds the device cache of {self.cache_blocks} blocks (max_cached_block): a step "
+                "would need more blocks than it holds; lower min_blocks or raise max_cached_block"
+            )
 
     @property
     def max_blocks_per_step(self) -> int:
@@ -398,10 +453,20 @@ class ActQKV(InfLLM):
             return self.blocks_per_step
         return self.max_blocks if self.max_blocks is not None else 2 * self.blocks_per_step
 
+    @property
+    def cache_blocks(self) -> int:
+        """Blocks the device cache holds: ``max_cached_block``, else twice the most a step can take (the floor
+        when it exceeds ``max_blocks``)."""
+        if self.max_cached_block is not None:
+            return self.max_cached_block
+        most = self.max_blocks_per_step
+        return 2 * (max(most, self.min_blocks) if self.dynamic_topk else most)
+
 
 def find_span(sequence: list[int], part: list[int]) -> tuple[int, int] | None:
     """``[start, end)`` of the first occurrence of ``part`` in ``sequence`` (e.g. a question's token ids inside the
-    prompt's), or None -- what ActQKV's ``question_span`` expects (code: ``extract_question_id``)."""
+    prompt's), or None -- the span for ``kvsieve.PromptLayout(question=...)``, which ActQKV's question term reads
+    (code: ``extract_question_id``)."""
     n = len(part)
     if n == 0:
         return None
@@ -415,35 +480,17 @@ register_preset(
     "actqkv-llama3-2k",
     ActQKV,
     "ActQKV, the released Llama-3-8B config: 64 init + 512 window + 46 blocks x 32, 128 cached",
-    n_init=64,
-    n_local=512,
-    block_size=32,
-    topk=46,
-    repr_topk=4,
-    exc_block_size=256,
-    max_cached_block=128,
+    **{**ActQKV.RELEASED, "max_cached_block": 128},
 )
 register_preset(
     "actqkv-qwen25-2k",
     ActQKV,
     "ActQKV, the released Qwen2.5-7B config: 64 init + 512 window + 23 blocks x 64, 256 cached",
-    n_init=64,
-    n_local=512,
-    block_size=64,
-    topk=23,
-    repr_topk=4,
-    exc_block_size=256,
-    max_cached_block=256,
+    **{**ActQKV.RELEASED, "block_size": 64, "topk": 23, "max_cached_block": 256},
 )
 register_preset(
     "actqkv-2k",
     ActQKV,
-    "ActQKV sized for the default model at 2K attended entries (64 init + 512 window + 46 blocks x 32)",
-    n_init=64,
-    n_local=512,
-    block_size=32,
+    "ActQKV at 2K attended entries, derived: the released Llama-3 structure (64 init + 512 window + 46 blocks x 32)",
     budget=2048,
-    repr_topk=4,
-    exc_block_size=256,
-    max_cached_block=None,
 )

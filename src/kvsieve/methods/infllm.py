@@ -55,69 +55,11 @@ from kvsieve.methods.base import (
     register_preset,
     resolve_budget,
 )
+from kvsieve.methods.infllm_budget import MIN_BUDGET, derive_cache_blocks, derive_structure
 from kvsieve.ops.blocks import BlockMemory, TokenBuffer
+from kvsieve.ops.grouped import dot_scores, two_part_attention
 from kvsieve.ops.rope import Rotary
 from kvsieve.ops.scoring import top_indices
-
-
-def grouped_logits(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """``query`` ``[B, H, w, D]`` x ``keys`` ``[B, H_kv, S, D]`` -> ``[B, H, w, S]`` (query head h reads KV head
-    ``h // g``) without repeating the keys."""
-    b, h, w, d = query.shape
-    n_kv = keys.shape[1]
-    out = torch.matmul(query.reshape(b, n_kv, (h // n_kv) * w, d), keys.transpose(-1, -2))
-    return out.view(b, h, w, -1)
-
-
-def grouped_weighted_sum(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``probs`` ``[B, H, w, S]`` x ``values`` ``[B, H_kv, S, D]`` -> ``[B, H, w, D]``."""
-    b, h, w, s = probs.shape
-    n_kv = values.shape[1]
-    out = torch.matmul(probs.reshape(b, n_kv, (h // n_kv) * w, s), values)
-    return out.view(b, h, w, -1)
-
-
-def two_part_attention(
-    q_loc: torch.Tensor,
-    k_loc: torch.Tensor,
-    v_loc: torch.Tensor,
-    loc_mask: torch.Tensor,
-    q_mem: torch.Tensor,
-    k_mem: torch.Tensor,
-    v_mem: torch.Tensor,
-    tail_mask: torch.Tensor,
-    scaling: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One softmax over ``[q_loc . k_loc ; q_mem . k_mem]`` (InfLLM's single softmax over local and memory keys).
-
-    ``q_*`` ``[B, H, w, D]``, ``k_*``/``v_*`` ``[B, H_kv, S_*, D]``; ``loc_mask`` ``[w, S_loc]`` (bool, True =
-    visible); ``tail_mask`` ``[w, t]`` masks the last ``t`` memory keys (the rest are visible to every query).
-    Returns the output ``[B, H, w, D]`` and, summed over the queries, the probabilities of the local keys
-    ``[B, H, S_loc]`` and of the memory keys ``[B, H, S_mem]`` (float32). The probabilities are normalised through
-    the output and the sums (``1/Z`` times a matrix-vector product) instead of over the whole logits matrix.
-    """
-    neg = torch.finfo(torch.float32).min  # finite: a fully masked tail never makes inf - inf
-    l_loc = grouped_logits(q_loc * scaling, k_loc).float()
-    l_loc.masked_fill_(~loc_mask, neg)
-    peak = l_loc.amax(dim=-1, keepdim=True)  # every query sees itself: finite
-    s_mem, t = k_mem.shape[2], tail_mask.shape[1]
-    if s_mem:
-        l_mem = grouped_logits(q_mem * scaling, k_mem).float()
-        if t:
-            l_mem[..., s_mem - t :].masked_fill_(~tail_mask, neg)
-        peak = torch.maximum(peak, l_mem.amax(dim=-1, keepdim=True))
-        p_mem = l_mem.sub_(peak).exp_()
-    p_loc = l_loc.sub_(peak).exp_()
-    z = p_loc.sum(dim=-1, keepdim=True)
-    out = grouped_weighted_sum(p_loc.to(v_loc.dtype), v_loc).float()
-    if s_mem:
-        z += p_mem.sum(dim=-1, keepdim=True)
-        out += grouped_weighted_sum(p_mem.to(v_mem.dtype), v_mem).float()
-    inv = 1.0 / z  # [B, H, w, 1]
-    inv_t = inv.transpose(-1, -2)  # [B, H, 1, w]
-    p_loc_sum = torch.matmul(inv_t, p_loc).squeeze(-2)
-    p_mem_sum = torch.matmul(inv_t, p_mem).squeeze(-2) if s_mem else l_loc.new_zeros(*l_loc.shape[:2], 0)
-    return (out * inv).to(v_loc.dtype), p_loc_sum, p_mem_sum
 
 
 def ends_prompt(call: AttentionCall) -> bool:
@@ -135,12 +77,6 @@ def window_bounds(n: int, size: int, split_last: bool = False) -> list[tuple[int
     return [*bounds, (head, n)] if head < n else bounds
 
 
-def dot_scores(reprs: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
-    """InfLLM's block relevance: ``<probe, repr_B>`` over the concatenated heads. ``[B, N, HD]``, ``[B, HD]`` ->
-    ``[B, N]``."""
-    return torch.bmm(reprs, probe[..., None]).squeeze(-1)
-
-
 class InfLLMPolicy(LayerPolicy):
     """One layer's window, init tokens and block memory; attention per window of ``exc_block_size`` queries."""
 
@@ -151,6 +87,8 @@ class InfLLMPolicy(LayerPolicy):
         layer_types = getattr(info.config, "layer_types", None)
         self.rotary = Rotary(info.config, layer_types[info.layer_idx] if layer_types else None)
         self.topk = method.blocks_per_step
+        # with a budget, a one-query window (a decode step) attends at most the budget: see `hold_budget`
+        self.capped = method.budget is not None
         self.recent = TokenBuffer(info.n_heads, spare=max(reserve, 2 * method.block_size))
         self.memory: BlockMemory | None = None
         self.init_k: torch.Tensor | None = None  # [B, H_kv, n_init, D] pre-RoPE (scaled like memory keys)
@@ -199,6 +137,8 @@ class InfLLMPolicy(LayerPolicy):
         scaling = call.scaling if call.scaling is not None else query.shape[-1] ** -0.5
         outs = []
         for w, (start, stop) in enumerate(windows):
+            if self.capped and stop - start == 1:
+                self.hold_budget(call.first_position + stop)
             outs.append(
                 self.attend_window(
                     call, query[:, :, start:stop], q_mem[:, :, start:stop], call.first_position + start, scaling, w
@@ -282,6 +222,27 @@ class InfLLMPolicy(LayerPolicy):
     def advance(self, end: int) -> None:
         """After the window ending at ``end`` (exclusive): fill the init tokens, then cut every block that has left
         the local window of all later queries (code: ``append_global``)."""
+        self.fill_init(end)
+        m, recent = self.method, self.recent
+        while end - recent.first_position - m.block_size >= m.n_local:
+            self.make_block()
+
+    def hold_budget(self, end: int) -> None:
+        """Before a one-query window ending at ``end`` (a decode step, the last prompt token's own lookup), with a
+        budget: cut blocks until the recent tokens, the query included, fit the window (``n_local``).
+
+        The released code also attends the partial block that has left the window but does not fill a block yet
+        (1 to ``block_size`` tokens at decode: 2049-2080 entries at its 2K configuration). Cutting the block that
+        holds them now, up to ``block_size - 1`` tokens before the released code would, keeps the step within
+        ``n_init + n_local + topk x block_size <= budget``: the window then holds ``n_local - block_size + 1`` to
+        ``n_local`` tokens, and the newly cut block is retrievable like any other."""
+        self.fill_init(end)
+        while end - self.recent.first_position > self.method.n_local:
+            self.make_block()
+
+    def fill_init(self, end: int) -> None:
+        """Move the first tokens that have left the window of the query at ``end - 1`` to the init tokens, until
+        there are ``n_init``."""
         m, recent = self.method, self.recent
         if not self.init_closed and end - recent.first_position > m.n_local:
             take = min(m.n_init - self.init_len, end - recent.first_position - m.n_local)
@@ -295,9 +256,6 @@ class InfLLMPolicy(LayerPolicy):
                 self.init_len += take
                 recent.drop_front(take)
             self.init_closed = self.init_len == m.n_init
-        bs = m.block_size
-        while end - recent.first_position - bs >= m.n_local:
-            self.make_block()
 
     def make_block(self) -> None:
         """Move the first ``block_size`` recent tokens into a block with its representative vector."""
@@ -383,102 +341,161 @@ class InfLLMPolicy(LayerPolicy):
             self.memory.select_batch(batch_indices)
 
 
+def structure_param(meaning: str, rule: str, released: Any) -> Any:
+    """A structural parameter: unset (None) it is derived from the budget, or the released value without one."""
+    return param(None, f"{meaning}; derived from budget when unset ({rule}); without a budget {released}")
+
+
 @register
 @dataclass
 class InfLLM(Method):
     """Sliding window + init tokens + the top-``topk`` blocks of a host-resident context memory, per window.
 
-    Defaults: the repository configs (``config/{mistral,llama-3,qwen}-inf-llm.yaml``): 128 init tokens, a
-    4096-token window, 128-token blocks, 16 blocks per step (the paper's Llama-3 text says 32; the code: 16),
-    4 representative tokens, windows of 512 queries, a cache of 32 blocks. ``budget`` (an int: entries attended
-    per step and layer) sets ``topk = (budget - n_init - n_local) // block_size`` instead of ``topk``. A step also
-    attends the not-yet-blocked remainder outside the window (fewer than ``block_size`` tokens at decode).
+    Without a budget, the repository configs (``config/{mistral,llama-3,qwen}-inf-llm.yaml``, `RELEASED`): 128 init
+    tokens, a 4096-token window, 128-token blocks, 16 blocks per step (the paper's Llama-3 text says 32; the code:
+    16), 4 representative tokens, windows of 512 queries, a cache of 32 blocks.
+
+    With a ``budget`` (entries a decode step attends per layer; an int, or a fraction of the prompt that
+    `for_prompt` resolves), every structural parameter left unset is derived from it (`infllm_budget`: at 2048,
+    ActQKV's released 64 init + 512 window + 46 blocks x 32), the ones set are kept or refused, and every
+    one-query step attends at most the budget (`InfLLMPolicy.hold_budget`). ``given`` names the parameters the user
+    set; after construction every field holds the value in use.
     """
 
     name = "infllm"
     summary = "Sliding window + init tokens + top-k retrieved blocks of a host-resident context memory"
     paper = "arXiv 2402.04617 (NeurIPS 2024)"
     policy = InfLLMPolicy
-    budget_counts = "entries a step attends on the device (init + window + blocks); the block memory is kept off it"
-    extrapolates: ClassVar[bool] = True  # memory at a fixed distance: prompts beyond the trained window work
-    DEFAULT_TOPK: ClassVar[int] = 16
-    MIN_TOPK: ClassVar[int] = 0
-
-    n_init: int = param(128, "first tokens always attended (attention sinks)")
-    n_local: int = param(4096, "sliding window of recent tokens, attended at their true distance")
-    block_size: int = param(128, "tokens per memory block")
-    topk: int | None = param(None, "blocks retrieved per step (None: from budget, else the default)")
-    budget: int | float | None = param(
-        None, "entries a step attends, n_init + n_local + topk x block_size (a float: a fraction of the prompt)"
+    budget_counts = (
+        f"entries a decode step attends per layer, never more (init + window + blocks; the block memory is kept off "
+        f"the device); an int >= {MIN_BUDGET}, or a fraction of the prompt resolved to at least {MIN_BUDGET}"
     )
-    repr_topk: int = param(4, "most-attended tokens whose keys represent a block")
-    exc_block_size: int = param(512, "prompt queries per retrieval window")
-    max_cached_block: int | None = param(None, "blocks cached on the device (None: twice what one step retrieves)")
+    extrapolates: ClassVar[bool] = True  # memory at a fixed distance: prompts beyond the trained window work
+    MIN_TOPK: ClassVar[int] = 0
+    STRUCTURE: ClassVar[tuple[str, ...]] = (
+        "n_init",
+        "n_local",
+        "block_size",
+        "topk",
+        "exc_block_size",
+        "repr_topk",
+        "max_cached_block",
+    )
+    # the structure without a budget; max_cached_block None: twice the blocks a step retrieves
+    RELEASED: ClassVar[dict[str, int | None]] = dict(
+        n_init=128, n_local=4096, block_size=128, topk=16, repr_topk=4, exc_block_size=512, max_cached_block=None
+    )
+
+    n_init: int | None = structure_param("first tokens always attended (attention sinks)", "budget // 32", 128)
+    n_local: int | None = structure_param(
+        "sliding window of recent tokens, attended at their true distance", "budget // 4 + the rounding", 4096
+    )
+    block_size: int | None = structure_param("tokens per memory block", "the largest power of two <= sqrt(budget)", 128)
+    topk: int | None = structure_param("blocks retrieved per step", "the blocks that fill the budget", 16)
+    budget: int | float | None = param(
+        None,
+        f"entries a decode step attends per layer, never more: n_init + n_local + topk x block_size; an int >= "
+        f"{MIN_BUDGET} or a fraction of the prompt; the structural parameters left unset are derived from it",
+    )
+    repr_topk: int | None = structure_param(
+        "most-attended tokens whose keys represent a block", "min(4, block_size)", 4
+    )
+    exc_block_size: int | None = structure_param(
+        "prompt queries per retrieval window", "the largest power of two <= n_local / 2, at most 512", 512
+    )
+    max_cached_block: int | None = structure_param(
+        "blocks cached on the device", "the smallest power of two >= 2 x topk", "2 x topk"
+    )
     cache_strategy: str = param("lru", "device cache eviction: lru, or lru-s (lowest decayed score)")
     score_decay: float = param(0.1, "lru-s only: per-step decay of a cached block's score")
 
+    def __post_init__(self) -> None:
+        # what the user set, before validate() fills the rest in (derived from the budget, or released)
+        self.given: frozenset[str] = frozenset(n for n in self.STRUCTURE if getattr(self, n) is not None)
+        super().__post_init__()
+
+    # ------------------------------------------------------------------------------------- validation
+    def lowest(self) -> dict[str, int]:
+        """The smallest value each structural parameter may take."""
+        return dict(n_init=0, n_local=1, block_size=1, topk=self.MIN_TOPK, exc_block_size=1, repr_topk=1)
+
     def validate(self) -> None:
-        check_int("n_init", self.n_init, 0)
-        check_int("n_local", self.n_local, 1)
-        check_int("block_size", self.block_size, 1)
-        check_int("repr_topk", self.repr_topk, 1, self.block_size)
-        check_int("exc_block_size", self.exc_block_size, 1, self.n_local)
         check_choice("cache_strategy", self.cache_strategy, ("lru", "lru-s"))
         check_float("score_decay", self.score_decay, 0.0, 1.0, low_open=True)
-        if self.topk is not None:
-            check_int("topk", self.topk, self.MIN_TOPK)
-        if isinstance(self.budget, float):
-            check_budget(self.budget)  # a fraction of the prompt: resolved by for_prompt
-            if self.topk is not None:
-                raise ValueError(f"pass budget or topk, not both (budget={self.budget!r}, topk={self.topk})")
-        elif self.budget is not None:
-            lowest = self.n_init + self.n_local + max(self.MIN_TOPK, 1) * self.block_size
-            if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < lowest:
-                raise ValueError(
-                    f"budget must be an int >= n_init + n_local + block_size = {lowest} (init tokens, window and one "
-                    f"block), got {self.budget!r}"
-                )
-            derived = (self.budget - self.n_init - self.n_local) // self.block_size
-            if self.topk is not None and self.topk != derived:
-                raise ValueError(
-                    f"budget={self.budget} and topk={self.topk} disagree: budget = n_init + n_local + topk x "
-                    f"block_size = {self.n_init} + {self.n_local} + topk x {self.block_size} gives topk = {derived}; "
-                    "pass one of them"
-                )
-        if self.max_cached_block is not None:
-            fraction = isinstance(self.budget, float)  # the step's block count is known once resolved
-            check_int("max_cached_block", self.max_cached_block, 1 if fraction else max(1, self.max_blocks_per_step))
+        given = {name: getattr(self, name) for name in self.STRUCTURE if name in self.given}
+        lowest = self.lowest()
+        for name, value in given.items():
+            check_int(name, value, lowest.get(name, 1))
+        budget = self.budget
+        if isinstance(budget, float):
+            check_budget(budget)  # a fraction of the prompt: the structure is derived by for_prompt
+            self.check_structure({name: given.get(name) for name in self.STRUCTURE})
+            return
+        if budget is None:
+            values = {name: given.get(name, self.RELEASED[name]) for name in self.STRUCTURE}
+        elif isinstance(budget, bool) or not isinstance(budget, int) or budget < MIN_BUDGET:
+            raise ValueError(
+                f"budget must be an int >= {MIN_BUDGET} (entries a step attends) or a fraction of the prompt in "
+                f"(0, 1], got {budget!r}"
+            )
+        else:
+            values = self.derive(budget, given)
+        for name, value in values.items():
+            setattr(self, name, value)
+        self.check_structure(values)
+
+    def derive(self, budget: int, given: dict[str, int]) -> dict[str, int]:
+        """Every structural parameter at ``budget``, keeping ``given`` (`infllm_budget`)."""
+        values = derive_structure(budget, given)
+        values["max_cached_block"] = given.get("max_cached_block", derive_cache_blocks(values["topk"], values["topk"]))
+        return values
+
+    def check_structure(self, values: dict[str, int | None]) -> None:
+        """The constraints between parameters, for those known (None: derived once a fraction is resolved)."""
+        bs, n_local, cache = values["block_size"], values["n_local"], values["max_cached_block"]
+        if values["repr_topk"] is not None and bs is not None:
+            check_int("repr_topk", values["repr_topk"], 1, bs)
+        if values["exc_block_size"] is not None and n_local is not None:
+            check_int("exc_block_size", values["exc_block_size"], 1, n_local)
+        if cache is not None and not isinstance(self.budget, float):
+            check_int("max_cached_block", cache, max(1, self.max_blocks_per_step))
 
     def for_prompt(self, prompt_tokens: int) -> InfLLM:
-        """A fractional ``budget`` becomes ``round(budget x prompt_tokens)`` entries: ``n_init``, ``n_local`` and
-        ``block_size`` stay as configured and the blocks retrieved per step take the rest."""
+        """A fractional ``budget`` becomes ``round(budget x prompt_tokens)`` entries, at least `MIN_BUDGET`, and the
+        structure is derived at it (keeping what the user set); parameters that do not fit it are refused here,
+        before any token is read."""
         if not isinstance(self.budget, float):
             return self
         check_int("prompt_tokens", prompt_tokens, 1)
-        entries = resolve_budget(self.budget, prompt_tokens)
-        lowest = self.n_init + self.n_local + max(self.MIN_TOPK, 1) * self.block_size
-        if entries < lowest:
+        entries = max(MIN_BUDGET, resolve_budget(self.budget, prompt_tokens))
+        try:
+            resolved = self.with_budget(entries)
+        except ValueError as error:
             raise ValueError(
-                f"budget={self.budget} of a {prompt_tokens}-token prompt is {entries} entries, fewer than n_init + "
-                f"n_local + block_size = {lowest}: raise the budget or shrink n_init, n_local or block_size"
-            )
-        resolved = dataclasses.replace(self, budget=entries)
+                f"budget={self.budget} of a {prompt_tokens}-token prompt is {entries} entries: {error}"
+            ) from None
         object.__setattr__(resolved, "name", self.name)  # presets keep their name
         return resolved
 
+    def with_budget(self, budget: int | float | None) -> InfLLM:
+        """This method at another budget: the structural parameters the user set kept, the others derived anew."""
+        kept = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in self.STRUCTURE or f.name in self.given
+        }
+        return type(self)(**{**kept, "budget": budget})
+
+    # -------------------------------------------------------------------------------------- structure
     @property
     def blocks_per_step(self) -> int:
-        """``topk``: given, derived from ``budget``, or the default."""
-        if self.topk is not None:
-            return self.topk
-        if isinstance(self.budget, float):
+        """``topk``: set, derived from the budget, or released."""
+        if self.topk is None:
             raise ValueError(
                 f"{self.name}: budget={self.budget} is a fraction of the prompt; resolve it with "
                 "method.for_prompt(prompt_tokens) before building a cache (kvsieve.generate does)"
             )
-        if self.budget is not None:
-            return (self.budget - self.n_init - self.n_local) // self.block_size
-        return self.DEFAULT_TOPK
+        return self.topk
 
     @property
     def max_blocks_per_step(self) -> int:
@@ -499,14 +516,5 @@ class InfLLM(Method):
 
 
 register_preset(
-    "infllm-2k",
-    InfLLM,
-    "InfLLM at 2K attended entries (64 init + 512 window + 46 blocks x 32): ActQKV's released substrate",
-    n_init=64,
-    n_local=512,
-    block_size=32,
-    budget=2048,
-    repr_topk=4,
-    exc_block_size=256,
-    max_cached_block=128,
+    "infllm-2k", InfLLM, "InfLLM at 2K attended entries, derived: 64 init + 512 window + 46 blocks x 32", budget=2048
 )

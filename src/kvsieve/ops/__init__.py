@@ -1,1 +1,2 @@
-"""Shared tensor machinery: storage, attention, scoring. Written once, used by every method."""
+"""Shared tensor machinery: storage, attention, grouped (GQA) attention, scoring, RoPE, block memory. Written once,
+used by every method."""
