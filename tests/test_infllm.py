@@ -160,13 +160,13 @@ def test_equals_the_per_query_reference(arch, chunk_size):
 
 @pytest.mark.parametrize("name", ["infllm", "actqkv"])
 def test_with_a_budget_equals_the_per_query_reference(name):
-    """With a budget a decode step hands its oldest whole block to memory before attending (`hold_budget`): the
+    """With ``strict_budget`` a decode step hands its oldest whole block to memory before attending (`hold_budget`): the
     block is then read at the memory's fixed distance when retrieved, like every block. Exact against the replay,
     and the run really retrieved such a block while some of its tokens were nearer than ``n_local``."""
     model = tiny_model("llama")
     structure = {k: v for k, v in SMALL.items() if k != "topk"}  # topk from the budget: 3
     extra = {} if name == "infllm" else {"min_blocks": 1, "warmup_calls": 4}
-    method = kvsieve.method(name, **structure, **extra, budget=32)
+    method = kvsieve.method(name, **structure, **extra, budget=32, strict_budget=True)
     assert method.topk == SMALL["topk"]
     ctx, n_new, chunk = random_ids(120), 24, 40
     cache = SieveCache(model, method, trace=True)
@@ -480,4 +480,4 @@ def test_default_model_passkey_beyond_its_window(default_model):
     )
     assert out.stats.prompt_tokens > 11_500
     assert "71432" in out.text
-    assert out.stats.attended_per_step <= 2048  # a budget: the partial block outside the window is not extra
+    assert 2048 < out.stats.attended_per_step <= 2048 + 32  # as released: the partial block outside the window too

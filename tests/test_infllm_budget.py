@@ -101,37 +101,44 @@ def test_help_says_what_is_derived():
             continue
         for name in InfLLM.STRUCTURE:
             assert info.params[name] is None and "derived from budget when unset" in info.param_help[name], name
-        assert "never more" in info.budget_counts and str(MIN_BUDGET) in info.budget_counts
+        assert "strict_budget" in info.budget_counts and str(MIN_BUDGET) in info.budget_counts
 
 
 # ------------------------------------------------------------------------------------------ measured
-def test_budget_2048_on_a_3000_token_prompt_attends_at_most_2048_per_step():
-    """The released structure without a budget also attends the partial block outside its window (2049-2080);
-    with ``budget=2048`` every decode step attends at most 2048 entries, and uses them (46 blocks each step)."""
+def test_budget_2048_on_a_3000_token_prompt_attends_the_released_structure_or_at_most_2048_when_strict():
+    """As released, a step attends the structure's 2048 entries plus the partial block outside its window and its
+    own token (2049-2080: the released preset, without a budget, the same); with ``strict_budget`` every decode step
+    attends at most 2048 entries, and uses them (46 blocks each step)."""
     model = tiny_model("llama")
     ids, steps = random_ids(3000, seed=2), 40
     for name in BLOCK_METHODS:
-        cache = SieveCache(model, kvsieve.method(name, budget=2048), trace=True)
-        greedy_with_logits(model, cache, ids, steps + 1)
-        per_step = [step_size(name, layers) for layers in decode_attended(cache, steps)]
-        assert max(per_step) == 2048 and min(per_step) > 2048 - 32, (name, per_step)
-        assert all(s <= 2048 for s in per_step)
-        assert cache.sieve_layers[0].policy.stats()["retrieved_blocks_decode_min"] == 46
+        for strict in (False, True):
+            cache = SieveCache(model, kvsieve.method(name, budget=2048, strict_budget=strict), trace=True)
+            greedy_with_logits(model, cache, ids, steps + 1)
+            per_step = [step_size(name, layers) for layers in decode_attended(cache, steps)]
+            if strict:
+                assert max(per_step) == 2048 and min(per_step) > 2048 - 32, (name, per_step)
+            else:
+                assert min(per_step) > 2048 and max(per_step) <= 2048 + 32, (name, per_step)
+            assert cache.sieve_layers[0].policy.stats()["retrieved_blocks_decode_min"] == 46
     released = SieveCache(model, kvsieve.method("actqkv-llama3-2k"), trace=True)
     greedy_with_logits(model, released, ids, steps + 1)
     unbounded = [step_size("actqkv", layers) for layers in decode_attended(released, steps)]
     assert 2048 < max(unbounded) <= 2048 + 32
-    out = kvsieve.generate(model, IdTokenizer(), ids, method=kvsieve.method("infllm", budget=2048), max_new_tokens=8)
+    strict = kvsieve.method("infllm", budget=2048, strict_budget=True)
+    out = kvsieve.generate(model, IdTokenizer(), ids, method=strict, max_new_tokens=8)
     assert out.stats.budget == 2048 and out.stats.attended_per_step <= 2048
+    with pytest.raises(ValueError, match="strict_budget=True needs a budget"):
+        kvsieve.method("infllm", strict_budget=True)
 
 
 @pytest.mark.parametrize("name", BLOCK_METHODS)
 @pytest.mark.parametrize("n_prompt", [20, 50, 300, 3000])
 def test_a_fraction_of_the_prompt_runs_on_every_length_within_its_budget(name, n_prompt):
     """``budget=0.2`` resolves to 20% of the prompt, at least 32 entries (20 tokens: the whole prompt), and every
-    decode step attends at most that."""
+    decode step attends at most that (``strict_budget``; as released, up to a partial block more)."""
     model = tiny_model("qwen2")
-    method = kvsieve.method(name, budget=0.2)
+    method = kvsieve.method(name, budget=0.2, strict_budget=True)
     resolved = method.for_prompt(n_prompt)
     assert resolved.budget == max(MIN_BUDGET, round(0.2 * n_prompt)) and resolved.name == name
     ids, steps = random_ids(n_prompt, seed=n_prompt), 12
@@ -197,9 +204,9 @@ def test_a_floor_above_max_blocks_gets_a_cache_that_holds_it():
     assert cache.sieve_layers[0].policy.stats()["retrieved_blocks_decode_min"] == 12
 
 
-def test_with_a_budget_the_pool_never_hands_out_more_than_topk_per_layer():
+def test_with_strict_budget_the_pool_never_hands_out_more_than_topk_per_layer():
     """The released rule lets an early layer take up to ``max_blocks`` and the later ones their floors, overdrawing
-    the pool; with a budget (``within_pool``) a layer leaves the later layers their floors."""
+    the pool; with ``strict_budget`` (``within_pool``) a layer leaves the later layers their floors."""
     entropies = [0.9, 0.01, 0.01]
 
     def split(within_pool: bool) -> list[int]:
@@ -238,7 +245,7 @@ def test_a_budget_cache_attends_no_more_than_the_budget_after_a_question():
     model = tiny_model("llama")
     ctx, question, steps = random_ids(400), random_ids(9, seed=7), 10
     for name in BLOCK_METHODS:
-        cache = SieveCache(model, kvsieve.method(name, budget=64), trace=True)
+        cache = SieveCache(model, kvsieve.method(name, budget=64, strict_budget=True), trace=True)
         greedy_with_logits(model, cache, ctx, steps + 1, question=question)
         assert all(step_size(name, layers) <= 64 for layers in decode_attended(cache, steps))
         assert torch.is_tensor(cache.sieve_layers[0].meter.trace[-1])

@@ -128,9 +128,9 @@ class BlockPool:
     ``take(layer, window, entropy, n_blocks, dynamic)`` records the layer's normalised entropy (kept over the last
     ``window`` retrievals) and returns its block count, removing it from the window's pool.
 
-    ``within_pool`` (a budget's promise: at most ``topk`` blocks per layer on average): a layer never takes so many
-    that the later layers' floors would overdraw the pool (the released rule can, when an early layer takes up to
-    ``max_blocks``; with ``min_blocks <= topk`` the floors then always fit).
+    ``within_pool`` (``strict_budget``'s promise: at most ``topk`` blocks per layer on average): a layer never
+    takes so many that the later layers' floors would overdraw the pool (the released rule can, when an early
+    layer takes up to ``max_blocks``; with ``min_blocks <= topk`` the floors then always fit).
     """
 
     def __init__(self, topk: int, min_blocks: int, max_blocks: int, window: int, within_pool: bool = False) -> None:
@@ -191,7 +191,7 @@ class ActQKVShared:
             method.min_blocks,
             method.max_blocks_per_step,
             method.entropy_window,
-            within_pool=method.budget is not None,
+            within_pool=method.strict_budget,
         )
         self.activation = ActivationStats(method.stats_horizon, method.warmup_calls)
 
@@ -345,8 +345,9 @@ class ActQKV(InfLLM):
     device cache holds twice the most blocks a step can take (the ``actqkv-llama3-2k`` preset: the released 128).
     With a ``budget``, the structure is derived as for InfLLM (at 2048: exactly the released one, cache 128) and
     the floor ``min_blocks`` scales with ``topk`` (32 of 46); a floor above what the budget allows is refused.
-    The budget is what a step attends on average over layers: the pool never hands out more than ``topk`` blocks
-    per layer and step (`BlockPool`).
+    The budget is what a step attends on average over layers, as released (the pool can overdraw: an early layer
+    may take up to ``max_blocks``); with ``strict_budget`` the pool never hands out more than ``topk`` blocks per
+    layer and step (`BlockPool`) and the window gives up its oldest block first, as for InfLLM.
 
     The question term needs the question's logical ``[start, end)``, which policies read from the cache's prompt
     layout (`kvsieve.PromptLayout`; see `find_span`); without it there is no question term. ``similarity="dot"``
@@ -358,9 +359,9 @@ class ActQKV(InfLLM):
     paper = "arXiv 2502.13542"
     policy = ActQKVPolicy
     budget_counts = (
-        f"entries a decode step attends, on average over layers (blocks per layer vary), never more; the block "
-        f"memory stays off the device; an int >= {MIN_BUDGET}, or a fraction of the prompt resolved to at least "
-        f"{MIN_BUDGET}"
+        f"entries a decode step attends, on average over layers (blocks per layer vary), plus (as released) the block "
+        f"still filling, unless strict_budget; the block memory stays off the device; an int >= {MIN_BUDGET}, or a "
+        f"fraction of the prompt resolved to at least {MIN_BUDGET}"
     )
     MIN_TOPK: ClassVar[int] = 1
     STRUCTURE: ClassVar[tuple[str, ...]] = (*InfLLM.STRUCTURE, "min_blocks", "max_blocks")

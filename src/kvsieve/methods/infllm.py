@@ -87,8 +87,8 @@ class InfLLMPolicy(LayerPolicy):
         layer_types = getattr(info.config, "layer_types", None)
         self.rotary = Rotary(info.config, layer_types[info.layer_idx] if layer_types else None)
         self.topk = method.blocks_per_step
-        # with a budget, a one-query window (a decode step) attends at most the budget: see `hold_budget`
-        self.capped = method.budget is not None
+        # strict_budget: a one-query window (a decode step) attends at most the budget: see `hold_budget`
+        self.capped = method.strict_budget
         self.recent = TokenBuffer(info.n_heads, spare=max(reserve, 2 * method.block_size))
         self.memory: BlockMemory | None = None
         self.init_k: torch.Tensor | None = None  # [B, H_kv, n_init, D] pre-RoPE (scaled like memory keys)
@@ -357,9 +357,11 @@ class InfLLM(Method):
 
     With a ``budget`` (entries a decode step attends per layer; an int, or a fraction of the prompt that
     `for_prompt` resolves), every structural parameter left unset is derived from it (`infllm_budget`: at 2048,
-    ActQKV's released 64 init + 512 window + 46 blocks x 32), the ones set are kept or refused, and every
-    one-query step attends at most the budget (`InfLLMPolicy.hold_budget`). ``given`` names the parameters the user
-    set; after construction every field holds the value in use.
+    ActQKV's released 64 init + 512 window + 46 blocks x 32) and the ones set are kept or refused. As in the released
+    code, a step also attends the partial block that has left the window (fewer than ``block_size`` entries) and
+    its own token; with ``strict_budget`` every one-query step attends at most the budget instead
+    (`InfLLMPolicy.hold_budget`, a deviation). ``given`` names the parameters the user set; after construction
+    every field holds the value in use.
     """
 
     name = "infllm"
@@ -367,8 +369,9 @@ class InfLLM(Method):
     paper = "arXiv 2402.04617 (NeurIPS 2024)"
     policy = InfLLMPolicy
     budget_counts = (
-        f"entries a decode step attends per layer, never more (init + window + blocks; the block memory is kept off "
-        f"the device); an int >= {MIN_BUDGET}, or a fraction of the prompt resolved to at least {MIN_BUDGET}"
+        f"entries a decode step attends per layer: init + window + blocks, plus (as released) the block still "
+        f"filling, fewer than block_size, unless strict_budget; the block memory is kept off the device; an int >= "
+        f"{MIN_BUDGET}, or a fraction of the prompt resolved to at least {MIN_BUDGET}"
     )
     extrapolates: ClassVar[bool] = True  # memory at a fixed distance: prompts beyond the trained window work
     MIN_TOPK: ClassVar[int] = 0
@@ -394,8 +397,14 @@ class InfLLM(Method):
     topk: int | None = structure_param("blocks retrieved per step", "the blocks that fill the budget", 16)
     budget: int | float | None = param(
         None,
-        f"entries a decode step attends per layer, never more: n_init + n_local + topk x block_size; an int >= "
-        f"{MIN_BUDGET} or a fraction of the prompt; the structural parameters left unset are derived from it",
+        f"entries a decode step attends per layer: n_init + n_local + topk x block_size (+ the block still filling, "
+        f"unless strict_budget); an int >= {MIN_BUDGET} or a fraction of the prompt; the structural parameters left "
+        "unset are derived from it",
+    )
+    strict_budget: bool = param(
+        False,
+        "a decode step attends at most the budget: the window's oldest whole block moves to memory first (the "
+        "released code attends the block still filling on top: up to block_size - 1 more entries)",
     )
     repr_topk: int | None = structure_param(
         "most-attended tokens whose keys represent a block", "min(4, block_size)", 4
@@ -421,6 +430,10 @@ class InfLLM(Method):
 
     def validate(self) -> None:
         check_choice("cache_strategy", self.cache_strategy, ("lru", "lru-s"))
+        if not isinstance(self.strict_budget, bool):
+            raise TypeError(f"strict_budget must be a bool, got {self.strict_budget!r}")
+        if self.strict_budget and self.budget is None:
+            raise ValueError("strict_budget=True needs a budget (the entries a decode step may attend)")
         check_float("score_decay", self.score_decay, 0.0, 1.0, low_open=True)
         given = {name: getattr(self, name) for name in self.STRUCTURE if name in self.given}
         lowest = self.lowest()
