@@ -28,14 +28,14 @@ from kvsieve.methods.schedules import pyramid_budgets
 # stored entries must be listed here with its reason, or the registry test below fails.
 NOT_STORED = {
     "full": "no budget: it keeps and attends every token",
-    "infllm": "its budget counts the entries a decode step attends (init + window + blocks); the blocks stay off it",
-    "actqkv": "its budget counts the entries a decode step attends (init + window + blocks); the blocks stay off it",
+    "infllm": "its budget counts the entries a decode step attends (init + window + blocks, plus the block still "
+    "filling as released): measured in tests/test_infllm_budget.py, with and without strict_budget",
+    "actqkv": "as infllm, on average over layers: measured in tests/test_infllm_budget.py",
     "refreshkv": "its budget counts the entries a partial decode step attends (K); the full cache is stored too",
 }
 # Methods whose budget counts the entries a decode step attends, measured by `test_decode_steps_attend_the_budget`
-# (the rolling methods, whose stored budget is also what a step attends, are measured there as well). Add a name
-# once the method accepts every budget.
-ATTENDED: list[str] = []
+# (the rolling methods, whose stored budget is also what a step attends, are measured there as well).
+ATTENDED: list[str] = ["refreshkv"]
 
 BUDGETS = (16, 64, 0.1, 0.25)
 PROMPTS = (48, 700)  # shorter and longer than the int budgets
