@@ -30,7 +30,7 @@ from kvsieve.eval.report_sections import (
     number_text,
     score_section,
 )
-from kvsieve.eval.summary import skip_notes
+from kvsieve.eval.summary import SUMMARY_COLUMNS, skip_notes
 
 __all__ = ["RunData", "build_report", "load_run", "summary_markdown", "write_report"]
 
@@ -172,19 +172,7 @@ def build_report(runs: Sequence[RunData], title: str | None = None) -> str:
     body.append("<h2>Summary</h2>")
     body.append(
         html_table(
-            [
-                "task",
-                "mode",
-                "method",
-                "budget",
-                "n",
-                "score",
-                "95% CI",
-                "retention",
-                "KV MiB",
-                "prefill s",
-                "decode ms/tok",
-            ],
+            list(SUMMARY_COLUMNS),
             [
                 [
                     g["task"],

@@ -119,22 +119,26 @@ def _fmt(value: Any, spec: str) -> str:
     return format(value, spec)
 
 
+# The columns of a summary table, in the terminal (`format_summary`) and on the report page.
+SUMMARY_COLUMNS = (
+    "task",
+    "mode",
+    "method",
+    "budget",
+    "n",
+    "score",
+    "95% CI",
+    "retention",
+    "KV MiB",
+    "prefill s",
+    "decode ms/tok",
+)
+
+
 def format_summary(groups: Sequence[dict[str, Any]]) -> str:
     """The terminal table: one line per task, mode, method and budget."""
     has_lm = any(g["task"] == LM_TASK for g in groups)
-    header = [
-        "task",
-        "mode",
-        "method",
-        "budget",
-        "n",
-        "score",
-        "95% CI",
-        "retention",
-        "KV MiB",
-        "prefill s",
-        "decode ms/tok",
-    ]
+    header = list(SUMMARY_COLUMNS)
     if has_lm:
         header += ["ppl", "KL"]
     lines = [header]
