@@ -133,8 +133,19 @@ def masked_reference(model, traces: dict[int, list[torch.Tensor]], context, toke
         )
         return out.transpose(1, 2).contiguous(), None
 
-    name = f"kvsieve_masked_reference_{next(_reference_names)}"
-    AttentionInterface.register(name, masked_attention)
+    logits = teacher_forced_replay(model, masked_attention, context, tokens, question, chunk_size)
+    for layer, count in counters.items():
+        assert count == len(traces[layer]), f"layer {layer}: replayed {count} calls, traced {len(traces[layer])}"
+    return logits
+
+
+@torch.inference_mode()
+def teacher_forced_replay(model, attention, context, tokens, question=None, chunk_size=None) -> torch.Tensor:
+    """Run ``context`` (in chunks), the optional ``question`` chunk and the ``tokens`` teacher-forced on a full
+    `DynamicCache` with ``attention`` as the model's attention function; returns the logits ``[n, V]`` that chose
+    each token (the reference replays of the tests)."""
+    name = f"kvsieve_test_replay_{next(_reference_names)}"
+    AttentionInterface.register(name, attention)
     AttentionMaskInterface.register(name, sdpa_mask)
     previous = model.config._attn_implementation
     model.set_attn_implementation(name)
@@ -145,16 +156,13 @@ def masked_reference(model, traces: dict[int, list[torch.Tensor]], context, toke
             pieces.append(question)
         logits = None
         for piece in pieces:
-            out = model(input_ids=torch.tensor([piece]), logits_to_keep=1, **cache_kwargs(model, cache))
-            logits = out.logits[:, -1].float()
-        all_logits = [logits[0]]
+            logits = model(input_ids=torch.tensor([piece]), logits_to_keep=1, **cache_kwargs(model, cache)).logits
+        all_logits = [logits[0, -1].float()]
         for token in tokens[:-1]:
             out = model(input_ids=torch.tensor([[token]]), **cache_kwargs(model, cache))
             all_logits.append(out.logits[0, -1].float())
     finally:
         model.set_attn_implementation(previous)
-    for layer, count in counters.items():
-        assert count == len(traces[layer]), f"layer {layer}: replayed {count} calls, traced {len(traces[layer])}"
     return torch.stack(all_logits)
 
 

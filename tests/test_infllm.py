@@ -12,16 +12,13 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
-from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
+from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
 
 import kvsieve
-from helpers import TINY_CONFIGS, greedy_with_logits, random_ids, tiny_model, traces_of
+from helpers import TINY_CONFIGS, greedy_with_logits, random_ids, teacher_forced_replay, tiny_model, traces_of
 from kvsieve.cache import SieveCache, SieveLayer
 from kvsieve.driver import cache_kwargs
 from kvsieve.methods.base import LayerInfo, Phase
@@ -34,7 +31,6 @@ SMALL = dict(n_init=4, n_local=16, block_size=4, topk=3, exc_block_size=8, repr_
 
 
 # ------------------------------------------------------------------------------------------ the reference
-_names = itertools.count()
 
 
 @torch.inference_mode()
@@ -81,25 +77,10 @@ def infllm_reference(model, traces, context, tokens, n_local, exc, chunk_size=No
             outs.append(logits.softmax(dim=-1) @ values)
         return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
-    name = f"kvsieve_infllm_reference_{next(_names)}"
-    AttentionInterface.register(name, attention)
-    AttentionMaskInterface.register(name, sdpa_mask)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(name)
-    try:
-        cache = DynamicCache(config=model.config)
-        pieces = [context[i : i + chunk_size] for i in range(0, len(context), chunk_size)] if chunk_size else [context]
-        for piece in pieces:
-            logits = model(input_ids=torch.tensor([piece]), logits_to_keep=1, **cache_kwargs(model, cache)).logits
-        all_logits = [logits[0, -1].float()]
-        for token in tokens[:-1]:
-            out = model(input_ids=torch.tensor([[token]]), **cache_kwargs(model, cache))
-            all_logits.append(out.logits[0, -1].float())
-    finally:
-        model.set_attn_implementation(previous)
+    logits = teacher_forced_replay(model, attention, context, tokens, chunk_size=chunk_size)
     for layer, count in counters.items():
         assert count == len(traces[layer]), f"layer {layer}: replayed {count} windows, traced {len(traces[layer])}"
-    return torch.stack(all_logits)
+    return logits
 
 
 def spy_window_starts(cache):
