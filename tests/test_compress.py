@@ -89,6 +89,22 @@ def test_compress_refuses_bad_input():
         ctx.generate([5, 6], max_new_tokens=0)
 
 
+def test_the_last_question_may_take_the_compressed_cache_itself():
+    """`ask(reuse=True)` (the eval runner's last question on a context) answers as a copy would, then the context
+    is spent: a later question is refused instead of reading a cache that holds the last one."""
+    model = tiny_model("llama")
+    context, q1, q2 = random_ids(N_CONTEXT), random_ids(N_QUESTION, seed=3), random_ids(N_QUESTION, seed=4)
+    ctx = kvsieve.compress(model, IdTokenizer(), context, kvsieve.method("snapkv", budget=24))
+    _, from_copy = ctx.ask(q1)
+    _, again = ctx.ask(q1)
+    assert torch.equal(from_copy, again)  # a copy leaves the compressed context as it was
+    _, from_copy = kvsieve.compress(model, IdTokenizer(), context, kvsieve.method("snapkv", budget=24)).ask(q2)
+    _, from_itself = ctx.ask(q2, reuse=True)
+    assert torch.equal(from_itself, from_copy)
+    with pytest.raises(RuntimeError, match="last question"):
+        ctx.ask(q1)
+
+
 def test_a_spent_cache_is_refused_for_a_second_prompt():
     model = tiny_model("llama")
     prompt = torch.tensor([random_ids(40)])

@@ -184,6 +184,12 @@ class CompressedContext:
         self.context_ids = context_ids
         self._driver = driver
 
+    @classmethod
+    def of_ids(cls, model, tokenizer, context_ids: list[int], driver: Driver) -> CompressedContext:
+        """A context already encoded and fed to ``driver`` (the eval runner's shared prefills); its questions are
+        token ids, encoded apart."""
+        return cls(model, tokenizer, list(context_ids), False, list(context_ids), driver)
+
     @property
     def method(self) -> Method:
         return self._driver.method
@@ -221,9 +227,21 @@ class CompressedContext:
         context_ids, question_ids = encode_prompt(self.tokenizer, self.context, question, self.chat)
         if context_ids != self.context_ids:  # the chat template split the turn elsewhere: never answer silently
             raise RuntimeError("the question changed how the context is tokenized; use kvsieve.generate instead")
-        driver = self._driver.copy()
-        logits = driver.question(question_ids, completes_prompt=not self.compressed)
+        driver, logits = self.ask(question_ids)
         return _answer(driver, self.tokenizer, logits, len(context_ids), len(question_ids), sampling, stream)
+
+    @torch.inference_mode()
+    def ask(self, question_ids: list[int], *, reuse: bool = False) -> tuple[Driver, torch.Tensor]:
+        """Feed ``question_ids`` as their own chunk to a copy of the compressed cache (``reuse``: to the cache itself,
+        when no question follows); returns that driver, ready to decode, and the question's last logits ``[1, V]``.
+        What `generate` answers from, and the eval runner's several questions per context."""
+        if self._driver is None:
+            raise RuntimeError("this compressed context was handed to its last question (reuse=True) already")
+        completes_prompt = not self.compressed
+        driver = self._driver if reuse else self._driver.copy()
+        if reuse:
+            self._driver = None  # spent: a later question would read a cache that holds this one
+        return driver, driver.question(question_ids, completes_prompt=completes_prompt)
 
 
 def _answer(

@@ -33,7 +33,7 @@ from kvsieve.eval.metrics import score_sample
 from kvsieve.eval.plan import LM_MODE, Unit, beyond_window_reason
 from kvsieve.eval.rundir import RowLog
 from kvsieve.eval.tasks import Sample, render
-from kvsieve.generate import decode, eos_ids
+from kvsieve.generate import CompressedContext, decode, eos_ids
 from kvsieve.methods.base import PromptLayout
 from kvsieve.models import trained_window
 from kvsieve.prefill_sharing import shared_prefill, shares_prefill
@@ -187,6 +187,10 @@ class Evaluator:
             early = list(dict.fromkeys(r for q in questions for r in live[q] if not r.method.compress_after_question))
             early = [r for r in self.runs if r in early]  # sweep order
             base = self.prepare(early, context, []) if early else {}
+            compressed = {
+                run: CompressedContext.of_ids(self.model, self.tokenizer, context, item.driver)
+                for run, item in base.items()
+            }
             remaining = {run: sum(run in live[q] for q in questions) for run in early}
             for q in questions:
                 question = encoded[q][1]
@@ -201,9 +205,7 @@ class Evaluator:
                         continue
                     item = base[run]
                     remaining[run] -= 1
-                    driver = item.driver if remaining[run] == 0 else item.driver.copy()
-                    driver.timings = Timings()
-                    logits = driver.question(question)
+                    driver, logits = compressed[run].ask(question, reuse=remaining[run] == 0)
                     used = dataclasses.replace(item, driver=driver)
                     seconds = item.prefill_s + driver.timings.question_s
                     self.finish(unit, q, run, sample, used, logits, seconds, len(context), len(question))
