@@ -1,8 +1,9 @@
 """How InfLLM's (and ActQKV's) block structure follows from a budget: the entries a decode step attends per layer.
 
-A step attends the ``n_init`` init tokens, the local window (at most ``n_local`` tokens) and ``topk`` blocks of
-``block_size`` tokens, so a budget ``b`` is split as ``n_init + n_local + topk x block_size <= b``. The rule scales
-ActQKV's released Llama-3 configuration, which is what it gives at ``b = 2048``:
+A step attends the ``n_init`` init tokens, the local window of ``n_local`` tokens and ``topk`` blocks of
+``block_size`` tokens, so a budget ``b`` is split as ``n_init + n_local + topk x block_size <= b`` (as released, a
+step also attends the block still filling, fewer than ``block_size`` entries; ``strict_budget`` cuts it first).
+The rule scales ActQKV's released Llama-3 configuration, which is what it gives at ``b = 2048``:
 
 * ``block_size``: the largest power of two whose square is at most ``b`` (32 at 2048: ``32^2 <= 2048 < 64^2``);
 * ``n_init = b // 32`` (64), the window ``b // 4`` (512), and ``topk`` blocks fill the rest
@@ -71,8 +72,8 @@ def derive_structure(budget: int, given: Mapping[str, int]) -> dict[str, int]:
         raise _conflict(budget, values, given, "")
     if block_size > n_local:
         raise ValueError(
-            f"with a budget, block_size must be <= n_local (a decode step hands whole blocks from its window to "
-            f"memory to stay within budget={budget}); got {_shown(values, given, 'block_size', 'n_local')}"
+            f"with a budget, block_size must be <= n_local (blocks are cut from the window; budget={budget}); got "
+            f"{_shown(values, given, 'block_size', 'n_local')}"
         )
     exc = given.get("exc_block_size", min(MAX_EXC_BLOCK, power_of_two_at_most(max(1, n_local // 2))))
     repr_topk = given.get("repr_topk", min(REPR_TOKENS, block_size))
