@@ -179,7 +179,7 @@ class Driver:
         if not ids:
             raise ValueError("the question is empty")
         start = self.cache.tokens_seen()
-        self.cache.layout = PromptLayout(question=(start, start + len(ids)))
+        self.cache.layout = PromptLayout.question_after(start, len(ids))
         logits, seconds = self.forward(ids, Phase.PREFILL_LAST if completes_prompt else Phase.DECODE)
         self.timings.question_s += seconds
         return logits
@@ -201,7 +201,7 @@ class Driver:
         """
         context, question = list(context), list(question)
         if question and question_in_prompt:
-            layout = PromptLayout(question=(len(context), len(context) + len(question)))
+            layout = PromptLayout.question_after(len(context), len(question))
             return self.prefill(context + question, chunk_size, layout=layout)
         late = bool(question) and self.method.compress_after_question
         logits = self.prefill(context, chunk_size, complete=not late)

@@ -116,7 +116,7 @@ class Evaluator:
         if self.config.share_prefill and (full or shared):
             layout = None
             if question_in_prompt:
-                layout = PromptLayout(question=(len(context), len(context) + len(question)))
+                layout = PromptLayout.question_after(len(context), len(question))
             result = shared_prefill(
                 self.model,
                 [r.method for r in shared],

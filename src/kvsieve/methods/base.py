@@ -78,6 +78,11 @@ class PromptLayout:
         ):
             raise ValueError(f"question must be a (start, end) pair of token positions, 0 <= start < end; got {span!r}")
 
+    @classmethod
+    def question_after(cls, n_before: int, n_question: int) -> PromptLayout:
+        """The layout of a question of ``n_question`` tokens that follows the first ``n_before`` tokens."""
+        return cls(question=(n_before, n_before + n_question))
+
 
 @dataclass
 class AttentionCall:
