@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import tiny_llama_for
-from kvsieve.bench import BenchRow, bench, bench_runs, format_bench, prompt_ids
+from kvsieve.bench import BenchRow, bench, bench_runs, floor_length, format_bench, prompt_ids
 from kvsieve.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
@@ -49,6 +49,26 @@ def test_rows_measure_every_method_and_compare_with_full(tiny):
     # 4 tokens: the first from the prefill, then 3 decode steps attending 32 kept + 1, 2, 3 new entries
     assert by["snapkv", "0.25"].attended_per_step == 34.0
     assert "snapkv" in format_bench(rows)
+
+
+def test_floor_is_the_full_cache_at_the_attended_size(tiny):
+    model, tok = tiny
+    # the full cache at n tokens attends n + new_tokens / 2 per decode step (steps 1..new_tokens - 1 attend n + t)
+    assert floor_length(34.0, 4) == 32 and floor_length(116.0, 32) == 100 and floor_length(None, 4) is None
+    assert floor_length(40.0, 1) is None  # nothing decoded
+    rows = bench(model, tok, ["snapkv", "streamingllm"], [128], budgets=[32], new_tokens=4, repeats=2, floor=True,
+                 warmup=False)  # fmt: skip
+    by = {r.method: r for r in rows}
+    full, snap = by["full"], by["snapkv"]
+    # SnapKV at 32 keeps 32 entries: its steps attend 34 on average, as the full cache on a 32-token prompt; the
+    # rolling window attends its budget at every step (33 on average here: a floor of 31 tokens)
+    assert snap.floor_tokens == 32 and full.floor_tokens == 128
+    streaming = by["streamingllm"]
+    assert streaming.floor_tokens == floor_length(streaming.attended_per_step, 4) < 32
+    assert snap.floor_decode_ms > 0 and snap.floor_ratio > 0
+    assert "x floor" in format_bench(rows)
+    without = bench(model, tok, ["snapkv"], [128], budgets=[32], new_tokens=4, repeats=1, warmup=False)
+    assert all(r.floor_ratio is None and r.floor_tokens is None for r in without)
 
 
 def test_methods_that_cannot_extrapolate_are_skipped_beyond_the_window(tiny):

@@ -29,7 +29,16 @@ from kvsieve.methods.base import check_int
 from kvsieve.models import trained_window
 from kvsieve.progress import progress_bar
 
-__all__ = ["BenchRow", "bench", "bench_runs", "format_bench", "machine_line", "noise_warnings", "prompt_ids"]
+__all__ = [
+    "BenchRow",
+    "bench",
+    "bench_runs",
+    "floor_length",
+    "format_bench",
+    "machine_line",
+    "noise_warnings",
+    "prompt_ids",
+]
 
 PROMPT_SOURCES = ("kjv", "paradise_lost")
 
@@ -57,6 +66,9 @@ class BenchRow:
     device_peak_bytes: int | None = None  # CUDA allocator peak during the run (model weights included)
     attended_per_step: float | None = None
     same_prefix_as_ref: int | None = None  # leading generated tokens equal to the reference's
+    floor_tokens: int | None = None  # the full cache's prompt length whose decode steps attend as many entries
+    floor_decode_ms: float | None = None  # the full cache's decode ms/token at floor_tokens (median)
+    floor_ratio: float | None = None  # median over repetitions of decode ms / the floor's, same repetition
     prefill_s_all: list[float] = field(default_factory=list)
     decode_ms_all: list[float] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
@@ -102,6 +114,15 @@ def _measure(model, tokenizer, ids: list[int], run: MethodRun, new_tokens: int, 
         "device_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "attended_per_step": s.attended_per_step,
     }
+
+
+def floor_length(attended_per_step: float | None, new_tokens: int) -> int | None:
+    """The prompt length whose full-cache decode steps attend ``attended_per_step`` entries on average: the full
+    cache's step ``t`` (1..new_tokens - 1, the first token comes from the prefill) attends ``n + t`` entries (the
+    prompt, the tokens fed before and its own), a mean of ``n + new_tokens / 2``. None: nothing was decoded."""
+    if attended_per_step is None or new_tokens < 2:
+        return None
+    return max(1, round(attended_per_step - new_tokens / 2))
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -154,6 +175,7 @@ def bench(
     on_run: Callable[[str], None] | None = None,
     reference: str = "full",
     progress: bool = False,
+    floor: bool = False,
 ) -> list[BenchRow]:
     """Measure every method (at every budget; the full cache always, first) at every prompt length.
 
@@ -162,9 +184,14 @@ def bench(
     reason) where the prompt plus the new tokens exceed the model's trained window. ``reference``: the method
     (its first budget) that ratios and the same-prefix count compare with, e.g. ``infllm-2k`` beyond the window.
     ``on_run(label)`` is called before each measured run; ``progress`` shows a bar with the time left on stderr.
+
+    ``floor``: also time, in every repetition, the full cache on a prompt of the length whose decode steps attend
+    as many entries as each method's (`floor_length`): nothing that attends that many entries can decode faster, so
+    ``floor_ratio`` (decode ms / the floor's, pair by pair within a repetition) says how far a method is from it.
     """
     runs = bench_runs(methods, lengths, budgets, params, new_tokens, repeats, chunk_size, reference)
     ref_run = next(r for r in runs if r.name == reference)
+    full_run = next(r for r in runs if r.name == "full")
     window = trained_window(model)
 
     def fits(run: MethodRun, n: int) -> bool:
@@ -187,6 +214,7 @@ def bench(
             else:
                 live.append(run)
         measured: dict[int, list[dict]] = {id(run): [] for run in live}
+        floor_runs: dict[int, list[dict]] = {}
         for rep in range(repeats):
             for run in live:
                 label = f"{run.name} {run.label} L{n} ({rep + 1}/{repeats})"
@@ -195,6 +223,14 @@ def bench(
                 bar.set_postfix_str(label, refresh=False)
                 measured[id(run)].append(_measure(model, tokenizer, ids, run, new_tokens, chunk_size))
                 bar.update(1)
+            if floor:
+                wanted = {floor_length(measured[id(run)][0]["attended_per_step"], new_tokens) for run in live}
+                for length in sorted(wanted - {None}):
+                    if on_run is not None:
+                        on_run(f"floor: full L{length} ({rep + 1}/{repeats})")
+                    floor_runs.setdefault(length, []).append(
+                        _measure(model, tokenizer, prompt_ids(tokenizer, length), full_run, new_tokens, chunk_size)
+                    )
         ref = measured.get(id(ref_run))
         for run in live:
             ms = measured[id(run)]
@@ -205,6 +241,8 @@ def bench(
                 same = next((i for i, (a, b) in enumerate(zip(first["tokens"], tokens)) if a != b), len(tokens))
             prefill = [m["prefill_s"] for m in ms]
             decode = [m["decode_ms"] for m in ms]
+            floor_tokens = floor_length(first["attended_per_step"], new_tokens) if floor else None
+            floor_decode = [m["decode_ms"] for m in floor_runs.get(floor_tokens, [])] or None
             rows.append(
                 BenchRow(
                     run.name,
@@ -224,6 +262,9 @@ def bench(
                     device_peak_bytes=max((m["device_peak_bytes"] or 0) for m in ms) or None,
                     attended_per_step=first["attended_per_step"],
                     same_prefix_as_ref=same,
+                    floor_tokens=floor_tokens if floor_decode else None,
+                    floor_decode_ms=None if floor_decode is None else _median(floor_decode),
+                    floor_ratio=_ratios(decode, floor_decode),
                     prefill_s_all=prefill,
                     decode_ms_all=[d for d in decode if d is not None],
                     params=run.method.params(),
@@ -281,7 +322,7 @@ def format_bench(rows: Sequence[BenchRow]) -> str:
     def mib(value: int | None) -> str:
         return "-" if value is None else f"{value / 2**20:.1f}"
 
-    header = ["tokens", "method", "budget", "prefill s", "x ref", "decode ms/tok", "x ref", "KV MiB",
+    header = ["tokens", "method", "budget", "prefill s", "x ref", "decode ms/tok", "x ref", "x floor", "KV MiB",
               "KV end MiB", "host MiB", "peak MiB", "attended", "same prefix"]  # fmt: skip
     lines = [header]
     for r in rows:
@@ -291,7 +332,8 @@ def format_bench(rows: Sequence[BenchRow]) -> str:
         lines.append(
             [
                 str(r.tokens), r.method, r.budget, num(r.prefill_s, ".2f"), num(r.prefill_ratio, ".2f", "x"),
-                num(r.decode_ms_per_token, ".1f"), num(r.decode_ratio, ".2f", "x"), mib(r.kv_bytes),
+                num(r.decode_ms_per_token, ".1f"), num(r.decode_ratio, ".2f", "x"), num(r.floor_ratio, ".2f", "x"),
+                mib(r.kv_bytes),
                 mib(r.kv_bytes_end), mib(r.host_bytes), mib(r.device_peak_bytes), num(r.attended_per_step, ".0f"),
                 "-" if r.same_prefix_as_ref is None else str(r.same_prefix_as_ref),
             ]

@@ -36,6 +36,11 @@ def add_parser(sub) -> None:
     bn.add_argument("--json", action="store_true", help="print the JSON record on standard output, not the table")
     # `bench --json FILE` wrote a file before --json meant the same as everywhere else: catch FILE to say so
     bn.add_argument("stray", nargs="?", default=None, help=argparse.SUPPRESS)
+    bn.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time the full cache at each method's attended size: the floor its decode step cannot beat",
+    )
     bn.add_argument("--no-progress", action="store_true", help="no progress bar")
     bn.add_argument(
         "--reference", default="full", help="the method the ratios compare with (default: full; e.g. infllm-2k)"
@@ -65,7 +70,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out!r} is a directory: give the JSON file to write, e.g. {args.out}/bench.json")
     model, tokenizer = kvsieve.load_model(args.model, dtype=args.dtype)
     rows = bench(model, tokenizer, args.methods, args.lengths, args.budgets, params, args.new_tokens, args.repeats,
-                 args.chunk_size, reference=args.reference, progress=not args.no_progress)  # fmt: skip
+                 args.chunk_size, reference=args.reference, progress=not args.no_progress,
+                 floor=args.floor)  # fmt: skip
     env = environment(model)
     warnings = noise_warnings(rows)
     if args.repeats == 1:
