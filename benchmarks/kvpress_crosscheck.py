@@ -467,21 +467,29 @@ def answers_table(prompts: Sequence[dict], cells: Sequence[Cell], rows: dict[str
 
 
 def timing_table(timing: Sequence[dict[str, Any]]) -> str:
-    """Median prefill, decode and K/V bytes per library and the ratios kvsieve/kvpress, per cell."""
+    """Median prefill, decode and K/V bytes per library, and the ratio kvsieve/kvpress per cell: the median of the
+    ratios paired within one prompt and repetition, with their range over the pairs."""
     lines = [
-        "| cell | budget | prefill s kvsieve / kvpress (ratio) | decode ms/token kvsieve / kvpress (ratio) "
-        "| KV MB kvsieve / kvpress |",
-        "|---|---|---|---|---|",
+        "| cell | budget | prefill s kvsieve / kvpress | ratio (range) | decode ms/token kvsieve / kvpress "
+        "| ratio (range) | KV MB kvsieve / kvpress | pairs |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+
+    def ratio(t: dict[str, Any], key: str) -> str:
+        paired = t.get("paired", {}).get(key)
+        if not paired:
+            return f"{t['kvsieve'][key] / t['kvpress'][key]:.2f}"
+        return f"{statistics.median(paired):.2f} ({min(paired):.2f}-{max(paired):.2f})"
+
     for t in timing:
         budget = "-" if t["budget"] is None else f"{t['budget']:.0%}"
         a, b = t["kvsieve"], t["kvpress"]
+        n_pairs = len(t.get("paired", {}).get("prefill_s", []))
         lines.append(
-            f"| {t['cell']} | {budget} | {a['prefill_s']:.2f} / {b['prefill_s']:.2f}"
-            f" ({a['prefill_s'] / b['prefill_s']:.2f})"
+            f"| {t['cell']} | {budget} | {a['prefill_s']:.2f} / {b['prefill_s']:.2f} | {ratio(t, 'prefill_s')}"
             f" | {1e3 * a['decode_s_per_token']:.1f} / {1e3 * b['decode_s_per_token']:.1f}"
-            f" ({a['decode_s_per_token'] / b['decode_s_per_token']:.2f})"
-            f" | {a['kv_bytes'] / 2**20:.1f} / {b['kv_bytes'] / 2**20:.1f} |"
+            f" | {ratio(t, 'decode_s_per_token')}"
+            f" | {a['kv_bytes'] / 2**20:.1f} / {b['kv_bytes'] / 2**20:.1f} | {n_pairs} |"
         )
     return "\n".join(lines)
 
@@ -538,6 +546,11 @@ def timings(
                 for key in ("prefill_s", "decode_s_per_token", "kv_bytes")
             }
             entry[side]["runs"] = len(runs)
+        pairs = list(zip(samples[i]["kvsieve"], samples[i]["kvpress"]))  # same prompt and repetition
+        entry["paired"] = {
+            key: [a[key] / b[key] for a, b in pairs if a[key] is not None and b[key]]
+            for key in ("prefill_s", "decode_s_per_token")
+        }
         out.append(entry)
     return out
 

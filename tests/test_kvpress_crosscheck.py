@@ -84,6 +84,17 @@ def test_match_positions_recovers_the_gathered_rows_in_any_order():
 
 
 @pytest.mark.skipif(not KVPRESS_PYTHON.exists(), reason="the kvpress venv (/work/venvs/kvpress) is absent")
+def test_timing_ratios_are_paired_within_a_repetition():
+    side = {"prefill_s": 2.0, "decode_s_per_token": 0.1, "kv_bytes": 2**20}
+    entry = {"cell": "snapkv", "budget": 0.2, "kvsieve": side, "kvpress": side,
+             "paired": {"prefill_s": [0.9, 1.0, 1.3], "decode_s_per_token": [1.1, 0.95, 1.0]}}  # fmt: skip
+    row = crosscheck.timing_table([entry]).splitlines()[-1]
+    # the median of the pairs with their range, not the ratio of the medians (1.00 here)
+    assert "| 1.00 (0.90-1.30) |" in row and "| 1.00 (0.95-1.10) |" in row and row.endswith("| 3 |")
+    entry["paired"]["prefill_s"] = [1.2, 1.4, 1.3]
+    assert "| 1.30 (1.20-1.40) |" in crosscheck.timing_table([entry])
+
+
 def test_the_worker_imports_in_the_kvpress_venv():
     code = "import kvpress, transformers; print(transformers.__version__)"
     done = subprocess.run([str(KVPRESS_PYTHON), "-c", code], capture_output=True, text=True, timeout=300)
