@@ -178,3 +178,16 @@ def test_cli_empty_prompt(tmp_path, capsys):
     prompt.write_text("  \n")
     assert main(["generate", str(prompt)]) == 2
     assert "prompt is empty" in capsys.readouterr().err
+
+
+def test_bfloat16_full_cache_generates_what_model_generate_does(default_model):
+    """In bfloat16 on a CPU kvsieve's decode steps take the grouped-matmul path (`ops.attention.decode_attention`),
+    not sdpa: on a real prompt the greedy tokens are still plain ``model.generate``'s."""
+    _, tok = default_model
+    bf16, _ = kvsieve.load_model(dtype="bfloat16")
+    ids = tok(passkey_text(), add_special_tokens=False)["input_ids"][:300]
+    plain = bf16.generate(
+        torch.tensor([ids]), max_new_tokens=12, do_sample=False, cache=DynamicCache(config=bf16.config)
+    )
+    out = kvsieve.generate(bf16, tok, ids, method="full", max_new_tokens=12, chat=False, stop_at_eos=False)
+    assert out.tokens == plain[0, len(ids) :].tolist()
