@@ -4,7 +4,10 @@ returns logits, and the masked full-cache reference that eviction methods must r
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import itertools
+import sys
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -198,3 +201,15 @@ def spy_observed_calls(cache: SieveCache) -> dict[int, tuple[torch.Tensor, torch
 
         layer.policy.observe = spy
     return seen
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their module's annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module

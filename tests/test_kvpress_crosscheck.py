@@ -6,28 +6,19 @@ that venv's python is skipped where it is absent.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from helpers import load_benchmark
+
 KVPRESS_PYTHON = Path("/work/venvs/kvpress/bin/python")
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve their module's annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-crosscheck = _load("kvpress_crosscheck")
-worker = _load("kvpress_worker")
+crosscheck = load_benchmark("kvpress_crosscheck")
+worker = load_benchmark("kvpress_worker")
 
 
 def test_overlap_is_the_shared_fraction_of_the_larger_set():
