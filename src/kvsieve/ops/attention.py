@@ -8,8 +8,9 @@ compressed cache correct: the mask transformers builds is sized from a single la
 
 The output goes through transformers' own ``sdpa_attention_forward`` so that with nothing evicted the result is
 bit-identical to a plain sdpa model -- except for one query in bfloat16/float16 on a CPU, where torch's sdpa is
-many times slower than two matmuls (measured with torch 2.13 on this project's machine: 43.6 ms against 0.51 ms
-for a 8,192-key decode step of 14 query / 2 KV heads; `decode_attention`). There the grouped matmuls, with the
+many times slower than two matmuls (`benchmarks/bench_decode_attention.py --threads 1`, torch 2.13, this project's
+2-core machine: 13.7 ms against 0.49 ms for a 8,192-key bfloat16 step of 14 query / 2 KV heads, 3.3 against 0.18 ms
+at 2,048; `decode_attention`). There the grouped matmuls, with the
 softmax in float32, give the output (within bfloat16 rounding of sdpa's, tested).
 """
 
