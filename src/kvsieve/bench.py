@@ -5,10 +5,7 @@ repeated if a length needs more) through `kvsieve.generate` and decodes ``new_to
 at EOS. Methods run interleaved, repetition by repetition, so that drift on a shared machine hits them alike;
 ratios to a reference (the full cache unless told otherwise) are taken pair by pair within a repetition, and
 their median is reported. Memory comes
-from the cache's tensors (`GenerationStats`) and, on CUDA, from the allocator's peak during each run; on a Linux CPU
-from the process's resident-set high-water mark, reset before each run (``RSS peak``: how far the run's transient
-tensors and cache rose above where it began; large tensors are returned to the system when freed, so runs do not
-hide in each other's memory, but it is the process's, allocator slack included).
+from the cache's tensors (`GenerationStats`) and, on CUDA, from the allocator's peak during each run.
 
 Timings are the clock around the model's forwards (`GenerationStats.prefill_s`, ``decode_s_per_token``), so
 tokenization and model loading are not in them. One warm-up run at a short length precedes the measurements.
@@ -20,7 +17,6 @@ import functools
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,7 +64,6 @@ class BenchRow:
     kv_bytes_full: int | None = None  # the same layers with the whole prompt
     host_bytes: int | None = None  # blocks kept off the device (InfLLM, ActQKV)
     device_peak_bytes: int | None = None  # CUDA allocator peak during the run (model weights included)
-    rss_peak_bytes: int | None = None  # CPU: the process's resident-set high-water mark above where the run began
     attended_per_step: float | None = None
     same_prefix_as_ref: int | None = None  # leading generated tokens equal to the reference's
     floor_tokens: int | None = None  # the full cache's prompt length whose decode steps attend as many entries
@@ -97,43 +92,11 @@ def prompt_ids(tokenizer, n_tokens: int) -> list[int]:
     return (ids * reps)[:n_tokens]
 
 
-_STATUS = Path("/proc/self/status")
-_CLEAR_REFS = Path("/proc/self/clear_refs")
-
-
-def _resident_bytes(field_name: str) -> int | None:
-    """``VmRSS`` (now) or ``VmHWM`` (high-water mark) of this process from Linux's /proc (None elsewhere)."""
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def rss_peak_start() -> int | None:
-    """Reset the kernel's resident-set high-water mark (``clear_refs`` 5) and return the resident bytes now, to
-    measure a run's CPU peak from (`rss_peak_since`); None where Linux does not allow it."""
-    try:
-        _CLEAR_REFS.write_text("5")
-    except OSError:
-        return None
-    return _resident_bytes("VmRSS")
-
-
-def rss_peak_since(start: int | None) -> int | None:
-    """Bytes the resident set rose above ``start`` at its highest since `rss_peak_start`."""
-    peak = None if start is None else _resident_bytes("VmHWM")
-    return None if peak is None else max(0, peak - start)
-
-
 def _measure(model, tokenizer, ids: list[int], run: MethodRun, new_tokens: int, chunk_size: int | None) -> dict:
     cuda = next(model.parameters()).is_cuda
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    rss_start = None if cuda else rss_peak_start()
     out = generate(
         model, tokenizer, ids, method=run.method, max_new_tokens=new_tokens, chunk_size=chunk_size, chat=False,
         stop_at_eos=False,
@@ -149,7 +112,6 @@ def _measure(model, tokenizer, ids: list[int], run: MethodRun, new_tokens: int, 
         "kv_bytes_full": s.kv_bytes_full,
         "host_bytes": sum(host) if host else None,
         "device_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-        "rss_peak_bytes": rss_peak_since(rss_start),
         "attended_per_step": s.attended_per_step,
     }
 
@@ -298,9 +260,6 @@ def bench(
                     kv_bytes_full=first["kv_bytes_full"],
                     host_bytes=first["host_bytes"],
                     device_peak_bytes=max((m["device_peak_bytes"] or 0) for m in ms) or None,
-                    rss_peak_bytes=max(
-                        (m["rss_peak_bytes"] for m in ms if m["rss_peak_bytes"] is not None), default=None
-                    ),
                     attended_per_step=first["attended_per_step"],
                     same_prefix_as_ref=same,
                     floor_tokens=floor_tokens if floor_decode else None,
@@ -364,7 +323,7 @@ def format_bench(rows: Sequence[BenchRow]) -> str:
         return "-" if value is None else f"{value / 2**20:.1f}"
 
     header = ["tokens", "method", "budget", "prefill s", "x ref", "decode ms/tok", "x ref", "x floor", "KV MiB",
-              "KV end MiB", "host MiB", "peak MiB", "RSS peak MiB", "attended", "same prefix"]  # fmt: skip
+              "KV end MiB", "host MiB", "peak MiB", "attended", "same prefix"]  # fmt: skip
     lines = [header]
     for r in rows:
         if r.status != "ok":
@@ -375,8 +334,7 @@ def format_bench(rows: Sequence[BenchRow]) -> str:
                 str(r.tokens), r.method, r.budget, num(r.prefill_s, ".2f"), num(r.prefill_ratio, ".2f", "x"),
                 num(r.decode_ms_per_token, ".1f"), num(r.decode_ratio, ".2f", "x"), num(r.floor_ratio, ".2f", "x"),
                 mib(r.kv_bytes),
-                mib(r.kv_bytes_end), mib(r.host_bytes), mib(r.device_peak_bytes), mib(r.rss_peak_bytes),
-                num(r.attended_per_step, ".0f"),
+                mib(r.kv_bytes_end), mib(r.host_bytes), mib(r.device_peak_bytes), num(r.attended_per_step, ".0f"),
                 "-" if r.same_prefix_as_ref is None else str(r.same_prefix_as_ref),
             ]
         )  # fmt: skip
