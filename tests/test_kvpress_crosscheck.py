@@ -74,7 +74,6 @@ def test_match_positions_recovers_the_gathered_rows_in_any_order():
         worker.match_positions(original, kept[:, [0, 0, 1]])
 
 
-@pytest.mark.skipif(not KVPRESS_PYTHON.exists(), reason="the kvpress venv (/work/venvs/kvpress) is absent")
 def test_timing_ratios_are_paired_within_a_repetition():
     side = {"prefill_s": 2.0, "decode_s_per_token": 0.1, "kv_bytes": 2**20}
     entry = {"cell": "snapkv", "budget": 0.2, "kvsieve": side, "kvpress": side,
@@ -86,6 +85,7 @@ def test_timing_ratios_are_paired_within_a_repetition():
     assert "| 1.30 (1.20-1.40) |" in crosscheck.timing_table([entry])
 
 
+@pytest.mark.skipif(not KVPRESS_PYTHON.exists(), reason="the kvpress venv (/work/venvs/kvpress) is absent")
 def test_the_worker_imports_in_the_kvpress_venv():
     code = "import kvpress, transformers; print(transformers.__version__)"
     done = subprocess.run([str(KVPRESS_PYTHON), "-c", code], capture_output=True, text=True, timeout=300)
