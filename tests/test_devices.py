@@ -154,3 +154,10 @@ def test_cuda_without_cuda_is_one_line_naming_the_option(monkeypatch):
 
 def test_the_driver_waits_for_every_gpu_of_a_split_model_and_for_none_on_the_cpu(model):
     assert Driver(model, SieveCache(model, kvsieve.method("full"))).cuda_devices == []
+
+
+def test_ray_workers_load_on_the_gpu_they_reserved_unless_the_sweep_asks_for_the_cpu():
+    from kvsieve.eval.distributed import worker_device
+
+    assert [worker_device(d, gpus=2) for d in ("auto", "cuda", "cuda:1", "cpu")] == ["cuda", "cuda", "cuda", "cpu"]
+    assert [worker_device(d, gpus=0) for d in ("auto", "cpu")] == ["cpu", "cpu"]
