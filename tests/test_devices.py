@@ -6,6 +6,9 @@ so that any tensor a policy creates without naming a device (``device=keys.devic
 state kept on the host on purpose) lands on ``meta``: the forward then fails where it mixes it with real tensors,
 or the tensor stays in the policy's state, where a walk of every layer's policy finds it. On a model split over
 GPUs, a tensor created without a device lands on the default device, not on its layer's; this finds each one.
+What it cannot see on one device: state that layers on different GPUs share (ActQKV's pooled activation
+statistics, in ``LayerInfo.shared``) must follow the layer that uses it; docs/architecture.md lists what waits for
+a run on two GPUs.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import pytest
 import torch
 
 import kvsieve
-from helpers import random_ids, tiny_model
+from helpers import random_ids, tiny_llama_for, tiny_model
 from kvsieve.cache import SieveCache
 from kvsieve.driver import Driver, cache_kwargs
 from kvsieve.methods.base import LayerPolicy, Method, Phase
@@ -161,3 +164,13 @@ def test_ray_workers_load_on_the_gpu_they_reserved_unless_the_sweep_asks_for_the
 
     assert [worker_device(d, gpus=2) for d in ("auto", "cuda", "cuda:1", "cpu")] == ["cuda", "cuda", "cuda", "cpu"]
     assert [worker_device(d, gpus=0) for d in ("auto", "cpu")] == ["cpu", "cpu"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback of device_map='auto'")
+def test_device_map_auto_without_gpus_loads_on_the_cpu_and_runs_a_method(smollm2_tokenizer, tmp_path):
+    tiny_llama_for(smollm2_tokenizer, 512).save_pretrained(tmp_path)
+    smollm2_tokenizer.save_pretrained(tmp_path)
+    model, tokenizer = kvsieve.load_model(tmp_path, device_map="auto")
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    out = kvsieve.generate(model, tokenizer, "The pass key is 31415. " * 8, method="snapkv", max_new_tokens=2)
+    assert out.stats.new_tokens == 2
