@@ -26,6 +26,8 @@ from kvsieve.methods.base import LayerPolicy, Method, Phase
 from kvsieve.models.devices import check_device, check_device_map, device_map_for, parse_device
 from test_conformance import NAMES, build, prompt_length
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
+
 CHUNK, N_DECODE = 40, 3
 
 
