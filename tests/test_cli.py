@@ -224,3 +224,75 @@ def test_eval_data_alone_runs_only_the_data(tmp_path):
 def test_report_out_that_is_a_directory(tmp_path, capsys):
     assert main(["report", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert f"out {str(tmp_path)!r} is a directory: give the file to write" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ --device
+@pytest.fixture(scope="module")
+def tiny_long_dir(smollm2_tokenizer, tmp_path_factory):
+    """As `tiny_dir`, with a window that holds the demo's document."""
+    path = tmp_path_factory.mktemp("tiny-long")
+    tiny_llama_for(smollm2_tokenizer, 8192).save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_device_cpu_works_for_generate_bench_and_demo(tiny_dir, tiny_long_dir, prompt_file, capsys):
+    generate = ["generate", str(prompt_file), "--model", str(tiny_dir), "--method", "snapkv", "--budget", "8",
+                "--max-new-tokens", "2", "--no-chat", "--json", "--device", "cpu"]  # fmt: skip
+    assert main(generate) == 0
+    assert json.loads(capsys.readouterr().out)["device"] == "cpu"
+    bench = ["bench", "--model", str(tiny_dir), "--methods", "snapkv", "--budgets", "8", "--lengths", "64",
+             "--new-tokens", "2", "--repeats", "1", "--no-progress", "--json", "--device", "cpu"]  # fmt: skip
+    assert main(bench) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["env"]["model"]["device"] == "cpu" and record["args"]["device"] == "cpu"
+    assert {row["method"] for row in record["rows"]} == {"full", "snapkv"}
+    demo = ["demo", "--model", str(tiny_long_dir), "--methods", "snapkv", "--budget", "64", "--max-new-tokens", "2",
+            "--device", "cpu"]  # fmt: skip
+    assert main(demo) == 0
+    out = capsys.readouterr().out
+    assert "float32 on cpu" in out and "snapkv (64)" in out
+
+
+def test_eval_device_is_recorded_and_a_run_resumes_on_another_device(tiny_dir, tmp_path, capsys):
+    import yaml
+
+    out = tmp_path / "run"
+    args = ["eval", "--model", str(tiny_dir), "--lengths", "256", "--samples", "1", "--modes", "query_aware",
+            "--methods", "snapkv", "--budgets", "32", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main([*args, "--device", "cpu"]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["device"] == "cpu"
+    rows = (out / "rows.jsonl").read_text()
+    capsys.readouterr()
+    assert main([*args, "--device", "auto"]) == 0  # the device is no part of the run's identity
+    assert "already holds this finished run" in capsys.readouterr().out
+    assert (out / "rows.jsonl").read_text() == rows
+    assert main([*args, "--dtype", "bfloat16"]) == 2  # the dtype is
+    assert "different configuration (dtype: 'float32' -> 'bfloat16')" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["generate", "bench", "demo", "eval"])
+def test_device_cuda_without_cuda_is_one_line_and_status_2(
+    command, tiny_dir, prompt_file, tmp_path, monkeypatch, capsys
+):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "run"
+    argv = {
+        "generate": ["generate", str(prompt_file), "--model", str(tiny_dir), "--device", "cuda"],
+        "bench": ["bench", "--model", str(tiny_dir), "--lengths", "64", "--device", "cuda"],
+        "demo": ["demo", "--model", str(tiny_dir), "--device", "cuda:0"],
+        "eval": ["eval", "--model", str(tiny_dir), "--lengths", "256", "--out", str(out), "--device", "cuda"],
+    }[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("kvsieve: error: ") and "Traceback" not in err, err
+    assert "asks for a CUDA device, but CUDA is not available (torch " in err
+    assert "use --device cpu or --device auto" in err or "use device='cpu' or 'auto'" in err
+    assert not out.exists()
+
+
+def test_a_device_that_is_no_device_is_named(tiny_dir, prompt_file, capsys):
+    assert main(["generate", str(prompt_file), "--model", str(tiny_dir), "--device", "gpu"]) == 2
+    assert "--device must be cpu, cuda, cuda:N or auto; got 'gpu'" in capsys.readouterr().err

@@ -80,16 +80,25 @@ def format_table(rows: Sequence[DemoRow], expected: str) -> list[str]:
     return lines
 
 
-def run_demo(model_name: str | None, dtype: str, names: Sequence[str], budget: int | float, max_new_tokens: int) -> int:
+def run_demo(
+    model_name: str | None,
+    dtype: str,
+    names: Sequence[str],
+    budget: int | float,
+    max_new_tokens: int,
+    *,
+    device_map: str | None = None,
+) -> int:
     from kvsieve.eval.tasks import demo_document
 
     document, question, expected = demo_document()
     methods = demo_methods(names, budget)  # bad names or budgets fail before the model loads
-    model, tokenizer = kvsieve.load_model(model_name, dtype=dtype)
+    model, tokenizer = kvsieve.load_model(model_name, dtype=dtype, device_map=device_map)
     prompt = f"{document}\n\n{question}"  # query-aware: the question is part of the compressed prompt
     rows = run_rows(model, tokenizer, prompt, methods, max_new_tokens)
     name = getattr(model.config, "_name_or_path", "") or type(model).__name__
-    print(f"kvsieve demo: {name}, {dtype}, {rows[0].output.stats.prompt_tokens} prompt tokens")
+    device = next(model.parameters()).device
+    print(f"kvsieve demo: {name}, {dtype} on {device}, {rows[0].output.stats.prompt_tokens} prompt tokens")
     print(f"question: {' '.join(question.split())}")
     print(f"expected: {expected}\n")
     print("\n".join(format_table(rows, expected)))

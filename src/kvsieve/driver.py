@@ -108,6 +108,8 @@ class Driver:
         self.model = model
         self.cache = cache
         self.device = model.get_input_embeddings().weight.device
+        # every GPU the model's layers are on (a model split with device_map="auto"): timings wait for all of them
+        self.cuda_devices = sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=str)
         self.timings = Timings()
 
     @classmethod
@@ -132,8 +134,8 @@ class Driver:
 
     # ------------------------------------------------------------------------------------------- forwards
     def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        for device in self.cuda_devices:
+            torch.cuda.synchronize(device)
 
     def forward(self, ids: Sequence[int], phase: Phase) -> tuple[torch.Tensor, float]:
         """One forward of ``ids`` as ``phase``: the last position's logits ``[1, V]`` and the seconds it took."""

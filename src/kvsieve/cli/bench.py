@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from kvsieve.cli.common import add_model_args, budgets, ints, method_params, names, parse_param
+from kvsieve.cli.common import add_model_args, budgets, ints, method_params, model_device_map, names, parse_param
 
 
 def add_parser(sub) -> None:
@@ -68,7 +68,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                args.reference)  # fmt: skip
     if args.out is not None and Path(args.out).is_dir():
         raise ValueError(f"--out {args.out!r} is a directory: give the JSON file to write, e.g. {args.out}/bench.json")
-    model, tokenizer = kvsieve.load_model(args.model, dtype=args.dtype)
+    device_map = model_device_map(args.device)
+    model, tokenizer = kvsieve.load_model(args.model, dtype=args.dtype, device_map=device_map)
     rows = bench(model, tokenizer, args.methods, args.lengths, args.budgets, params, args.new_tokens, args.repeats,
                  args.chunk_size, reference=args.reference, progress=not args.no_progress,
                  floor=args.floor)  # fmt: skip

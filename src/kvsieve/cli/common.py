@@ -85,6 +85,18 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--model", default=None, help="local HF directory, .gguf file or known alias (default: SmolLM2)"
     )
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
+DEVICE_HELP = "cpu | cuda | cuda:N | auto (the GPUs if any, a model too big for one split over them; else the CPU)"
+
+
+def model_device_map(device: str):
+    """``--device`` as `kvsieve.load_model`'s ``device_map``, checked before the slow model load (CUDA asked for
+    where there is none: one line, exit status 2)."""
+    from kvsieve.models.devices import device_map_for
+
+    return device_map_for(device, "--device")
 
 
 def add_method_args(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from kvsieve.cli.common import add_model_args, names, parse_budget
+from kvsieve.cli.common import add_model_args, model_device_map, names, parse_budget
 
 
 def add_parser(sub) -> None:
@@ -30,4 +30,5 @@ def add_parser(sub) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from kvsieve.demo import run_demo
 
-    return run_demo(args.model, args.dtype, args.methods, args.budget, args.max_new_tokens)
+    device_map = model_device_map(args.device)
+    return run_demo(args.model, args.dtype, args.methods, args.budget, args.max_new_tokens, device_map=device_map)

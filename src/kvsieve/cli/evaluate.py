@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from kvsieve.cli.common import budgets, floats, ints, method_params, names, parse_param
+from kvsieve.cli.common import DEVICE_HELP, budgets, floats, ints, method_params, names, parse_param
 
 
 def add_parsers(sub) -> None:
@@ -21,6 +21,11 @@ def add_parsers(sub) -> None:
     ev.add_argument("--config", help="YAML file of settings (keys as in kvsieve.eval.config.EvalConfig)")
     ev.add_argument("--model", default=None, help="local HF directory, .gguf file or known alias (default: SmolLM2)")
     ev.add_argument("--dtype", default=None, help=f"float32 | bfloat16 | float16 {d['dtype']}")
+    ev.add_argument(
+        "--device",
+        default=None,
+        help=f"{DEVICE_HELP} {d['device']}; not part of the run's identity: a run resumes on another device",
+    )
     ev.add_argument("--methods", type=names, help=f"comma-separated method names (full is always run) {d['methods']}")
     ev.add_argument(
         "--budgets", type=budgets, help=f"comma-separated budgets: ints (tokens) or fractions {d['budgets']}"
@@ -104,6 +109,7 @@ def eval_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "model": args.model,
         "dtype": args.dtype,
+        "device": args.device,
         "methods": args.methods,
         "budgets": args.budgets,
         "tasks": args.tasks,

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kvsieve.cli.common import add_method_args, add_model_args, make_method, mib, ms
+from kvsieve.cli.common import add_method_args, add_model_args, make_method, mib, model_device_map, ms
 
 
 def add_parser(sub) -> None:
@@ -97,10 +97,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import kvsieve
 
     method = make_method(args)  # validate before the slow model load
+    device_map = model_device_map(args.device)
     prompt = read_prompt(args.prompt_file)
     if not prompt.strip():
         raise ValueError("prompt is empty (give a prompt file or pipe text to standard input)")
-    model, tokenizer = kvsieve.load_model(args.model, dtype=args.dtype)
+    model, tokenizer = kvsieve.load_model(args.model, dtype=args.dtype, device_map=device_map)
 
     def stream(text: str) -> None:
         sys.stdout.write(text)

@@ -20,11 +20,13 @@ import yaml
 
 from kvsieve.budget import FULL_LABEL, Budget
 
-__all__ = ["LM_TASK", "MODES", "EvalConfig", "MethodRun", "budget_label"]
+__all__ = ["LM_TASK", "MODES", "NOT_IDENTITY", "EvalConfig", "MethodRun", "budget_label"]
 
 MODES = ("query_aware", "query_agnostic")
 LM_TASK = "lm"  # long-document language modelling (teacher-forced continuation)
 FULL = "full"
+# settings that say how a sweep runs, not what it computes: a run directory resumes whatever they are
+NOT_IDENTITY = ("device",)
 
 
 def budget_label(budget: Budget | int | float | None) -> str:
@@ -68,11 +70,14 @@ class EvalConfig:
     (e.g. ``{kv_retrieval: {n_questions: 2}}``, ``{niah_single_2: {haystack_source: kjv}}``). ``lm_continuation``:
     tokens scored after an ``lm`` context of ``length`` tokens. ``max_new_tokens`` None: each task's own. ``chat``
     None: the tokenizer's chat template when it has one. ``share_prefill``: one prefill per sample for the methods
-    that compress after it.
+    that compress after it. ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (the GPUs if any, else the CPU);
+    it is written to ``config.yaml`` but does not make another run: a run resumes on another device
+    (`NOT_IDENTITY`), where its rows would differ only by float rounding (a changed ``dtype`` does make another run).
     """
 
     model: str | None = None
     dtype: str = "float32"
+    device: str = "auto"  # where the model runs (`kvsieve.models.devices`); not part of the run's identity
     methods: list[str] = field(default_factory=lambda: ["snapkv"])
     budgets: list[int | float] = field(default_factory=lambda: [0.2])
     method_budgets: dict[str, list[int | float]] = field(default_factory=dict)
@@ -213,6 +218,9 @@ class EvalConfig:
             for depth in self.depths:
                 if isinstance(depth, bool) or not isinstance(depth, int | float) or not 0.0 <= depth <= 1.0:
                     raise ValueError(f"depths are fractions of the context in [0, 1], got {depth!r}")
+        from kvsieve.models.devices import parse_device
+
+        self.device = parse_device(self.device, "device")
         if self.chat not in (None, True, False):
             raise TypeError(f"chat must be true, false or null, got {self.chat!r}")
         for budget in self.budgets:
@@ -270,10 +278,11 @@ class EvalConfig:
         return runs
 
     def differences(self, other: Mapping[str, Any]) -> list[str]:
-        """Human-readable differences between this config and another's dict (for refusing to resume)."""
+        """Human-readable differences between this config and another's dict (for refusing to resume); the
+        `NOT_IDENTITY` settings are not compared (nor missing from a run written before they existed)."""
         mine = self.to_dict()
         out = []
-        for key in sorted(set(mine) | set(other)):
+        for key in sorted((set(mine) | set(other)) - set(NOT_IDENTITY)):
             a, b = other.get(key, "<absent>"), mine.get(key, "<absent>")
             if _canonical(a) != _canonical(b):
                 out.append(f"{key}: {a!r} -> {b!r}")

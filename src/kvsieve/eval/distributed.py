@@ -4,8 +4,10 @@ The sweep's units are split into ``N`` shards (`run_eval`'s ``shard=(k, N)``: un
 each shard is one Ray task that loads the model and runs its units into its own rows file of the one run
 directory. The directory must be reachable at the same path from every worker (the local machine, or a shared
 filesystem on a cluster). ``RAY_ADDRESS`` selects a running cluster; without it a local one is started, sized to
-this machine. With GPUs in the cluster every task takes one; otherwise each takes an equal share of the CPUs and
-sets its torch threads to it.
+this machine. With GPUs in the cluster (and ``device`` not ``cpu``) every task reserves one and loads the model on
+it: Ray shows a task only the GPU it reserved, as ``cuda``, whatever ``cuda:N`` the configuration names. Otherwise
+(no GPUs, or ``device: cpu``) each takes an equal share of the CPUs, sets its torch threads to it and loads on the
+CPU.
 
 Interrupted, the sweep resumes like any other: rerun the command, with any number of workers (or none).
 """
@@ -21,11 +23,18 @@ from kvsieve.eval.rundir import open_run_dir, run_rows
 from kvsieve.eval.runner import run_eval
 from kvsieve.eval.summary import format_summary, write_summary
 
-__all__ = ["run_eval_ray"]
+__all__ = ["run_eval_ray", "worker_device"]
+
+
+def worker_device(device: str, gpus: int) -> str:
+    """Where a Ray task loads the model: the GPU it reserved (Ray's ``CUDA_VISIBLE_DEVICES`` shows it as the only
+    ``cuda``), unless there are no GPUs or the sweep asks for the CPU."""
+    return "cuda" if gpus and device != "cpu" else "cpu"
 
 
 def _run_shard(config: dict[str, Any], out: str, k: int, n: int, threads: int | None) -> int:
-    """One Ray task: shard ``k`` of ``n``; returns how many rows the run directory holds when it ends."""
+    """One Ray task: shard ``k`` of ``n``; returns how many rows the run directory holds when it ends. ``config``
+    names the task's own device (`worker_device`)."""
     import torch
 
     if threads:
@@ -63,16 +72,18 @@ def run_eval_ray(
     try:
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
-        if gpus:
+        device = worker_device(config.device, gpus)
+        if device == "cuda":
             options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}
             threads = None
         else:
             cpus = max(1, int(resources.get("CPU", 1)) // workers)
             options, threads = {"num_cpus": cpus}, cpus
         task = ray.remote(max_retries=0, **options)(_run_shard)
-        data = config.to_dict()
+        data = {**config.to_dict(), "device": device}  # device is no part of the run's identity: shards resume it
         futures = [task.remote(data, str(out), k, workers, threads) for k in range(workers)]
-        say(f"kvsieve eval: {workers} Ray tasks ({'1 GPU' if gpus else f'{threads} CPUs'} each) into {out}")
+        each = "1 GPU" if device == "cuda" else f"{threads} CPUs"
+        say(f"kvsieve eval: {workers} Ray tasks ({each} each) into {out}")
         ray.get(futures)
     finally:
         if started:

@@ -108,8 +108,10 @@ def run_eval(
         return groups
     if model is None:
         import kvsieve
+        from kvsieve.models.devices import device_map_for
 
-        model, tokenizer = kvsieve.load_model(config.model, dtype=config.dtype)
+        device_map = device_map_for(config.device, "device")
+        model, tokenizer = kvsieve.load_model(config.model, dtype=config.dtype, device_map=device_map)
     elif tokenizer is None:
         raise ValueError("run_eval: a model was given without its tokenizer")
     # the plan builds every sample: a length too short for a task's template fails here, before any file exists

@@ -99,6 +99,8 @@ class ActivationStats:
             self.var = var_w * c / (c - 1) if c > 1 else torch.zeros_like(var_w)
             self.mean = mu_w
         else:
+            # shared by all layers (stats_scope="shared"): on a model split over GPUs they follow the layer using them
+            self.mean, self.var = self.mean.to(h.device), self.var.to(h.device)
             n = min(self.count, self.horizon)
             self.var = (self.var * (n - 1 / c) + var_w + (mu_w - self.mean) ** 2 / (1 + 1 / n)) / (n + 1 - 1 / c)
             self.mean = (self.mean * n + mu_w) / (n + 1)

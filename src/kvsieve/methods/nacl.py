@@ -96,7 +96,7 @@ def layer_generator(seed: int, layer_idx: int) -> torch.Generator:
 
 def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """Standard Gumbel noise (float64), drawn on the CPU from ``generator`` and moved to ``device``."""
-    u = torch.rand(shape, generator=generator, dtype=torch.float64)
+    u = torch.rand(shape, generator=generator, dtype=torch.float64, device="cpu")
     u = u.clamp_(min=torch.finfo(torch.float64).tiny)
     return (-torch.log(-torch.log(u))).to(device)
 

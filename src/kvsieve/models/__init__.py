@@ -7,8 +7,9 @@ transformers dequantizes a GGUF on every load (15-45 s), so each known model is 
 safetensors checkpoint in kvsieve's cache directory and read from there afterwards (about 2 s).
 
 `load_model` picks the source; the parts are `kvsieve.models.registry` (the known models, the cache directory, the
-errors), `kvsieve.models.convert` (a known model's verified one-time conversion) and `kvsieve.models.loaders`
-(checkpoint directories, GGUF files, hub ids).
+errors), `kvsieve.models.convert` (a known model's verified one-time conversion), `kvsieve.models.loaders`
+(checkpoint directories, GGUF files, hub ids) and `kvsieve.models.devices` (device specs: ``cpu``, ``cuda:N``,
+``auto``, and the one-line error where CUDA is missing).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvsieve.models.convert import MARKER_NAME, ensure_converted
+from kvsieve.models.devices import check_device_map
 from kvsieve.models.loaders import (
     LoadOptions,
-    check_device_map,
     finish,
     load_checkpoint_dir,
     load_gguf,
@@ -79,8 +80,11 @@ def load_model(
       cached, unless ``allow_download=True`` lets transformers download it.
 
     ``dtype``: a torch floating dtype or one of ``"float32"``, ``"bfloat16"``, ``"float16"``. ``device_map`` is passed
-    to transformers unchanged (``"auto"`` splits a model across devices). ``trust_remote_code`` is forwarded only
-    when True, so a checkpoint's own Python code never runs unless the caller explicitly opts in.
+    to transformers unchanged (``"auto"`` splits a model across the GPUs; every method's state is created on its
+    layer's device); one that names a CUDA device fails at once, in one line, where there is no CUDA or no such
+    device (`kvsieve.models.devices.device_map_for` turns a ``--device`` spec into a ``device_map``).
+    ``trust_remote_code`` is forwarded only when True, so a checkpoint's own Python code never runs unless the
+    caller explicitly opts in.
     ``attn_implementation`` is forwarded to ``from_pretrained``.
 
     A tokenizer without a pad token gets ``pad_token = eos_token`` so that batched calls work.

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kvsieve.models.devices import check_device_map
 from kvsieve.models.registry import KNOWN_MODELS, ModelIntegrityError, ModelNotFoundError, default_cache_dir
 
 if TYPE_CHECKING:
@@ -65,36 +66,6 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
         return _DTYPES[dtype.removeprefix("torch.")]
     raise ValueError(f"dtype must be a floating-point torch dtype or one of {allowed}; got {dtype!r}")
-
-
-def check_device_map(device_map: Any) -> None:
-    """A device map that names a CUDA device needs CUDA: say so at once instead of torch's bare AssertionError."""
-    if device_map is None or device_map == "auto":
-        return
-    values = list(device_map.values()) if isinstance(device_map, dict) else [device_map]
-    wanted = []
-    for value in values:
-        if isinstance(value, torch.device):
-            value = str(value)
-        if (isinstance(value, int) and not isinstance(value, bool)) or (
-            isinstance(value, str) and value.startswith("cuda")
-        ):
-            wanted.append(value)
-    if not wanted:
-        return
-    if not torch.cuda.is_available():
-        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-        raise ValueError(
-            f"device_map={device_map!r} asks for a CUDA device, but CUDA is not available (torch {torch.__version__}, "
-            f"{build}); use device_map=None (CPU) or 'auto' (whatever devices there are)"
-        )
-    count = torch.cuda.device_count()
-    for value in wanted:
-        index = value if isinstance(value, int) else torch.device(value).index
-        if index is not None and not 0 <= index < count:
-            raise ValueError(
-                f"device_map={device_map!r} names CUDA device {index}, but there are {count} (0-{count - 1})"
-            )
 
 
 def looks_like_path(name: str) -> bool:

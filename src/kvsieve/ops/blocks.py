@@ -265,7 +265,7 @@ class DeviceBlockCache:
             for block in blocks:
                 stamp[block] = float(self.counter) if self.strategy == "lru" else 0.0
             slots.append([cached[b] for b in blocks])
-        return torch.tensor(slots, dtype=torch.long).view(batch, -1).to(device)
+        return torch.tensor(slots, dtype=torch.long, device=device).view(batch, -1)
 
     def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[B, H_kv, k * bs, D]`` of the blocks in ``slots`` ``[B, k]``, in that order."""

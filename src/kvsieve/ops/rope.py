@@ -19,7 +19,7 @@ def _default_inv_freq(config) -> tuple[torch.Tensor, float]:
     base = config.rope_parameters["rope_theta"]
     dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     dim = int(dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim)), 1.0
 
 
 class Rotary:
@@ -34,15 +34,22 @@ class Rotary:
         if rope_type == "default":
             inv_freq, scaling = _default_inv_freq(proxy)
         else:
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](proxy)
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](proxy, device=torch.device("cpu"))
+        # built on the CPU whatever the default device; one copy per device it is used on (layers of a model split
+        # over GPUs each read their own, with no host-to-device copy per call)
         self.inv_freq = inv_freq
+        self._inv_freq_on: dict[torch.device, torch.Tensor] = {inv_freq.device: inv_freq}
         self.attention_scaling = float(scaling)
 
     def cos_sin(
         self, positions: torch.Tensor, dtype: torch.dtype, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``positions`` ``[...]`` -> cos, sin ``[..., D]`` (computed in float32, cast like the model)."""
-        freqs = positions.to(device=device, dtype=torch.float32)[..., None] * self.inv_freq.to(device)
+        device = torch.device(device)
+        inv_freq = self._inv_freq_on.get(device)
+        if inv_freq is None:
+            inv_freq = self._inv_freq_on[device] = self.inv_freq.to(device)
+        freqs = positions.to(device=device, dtype=torch.float32)[..., None] * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
 
