@@ -156,3 +156,13 @@ def test_h2o_keeps_what_the_plain_computation_keeps(arch, chunk_size):
 def _sorted_scores(store):
     order = store.positions.sort(dim=-1).indices
     return store.aux(SCORE).gather(-1, order).clone()
+
+
+def test_bench_h2o_prefill_runs_at_a_toy_size():
+    from helpers import load_benchmark
+
+    bench = load_benchmark("bench_h2o_prefill")
+    rows = bench.run(tiny_model("llama"), bench.parse_args(["--lengths", "40", "--repeats", "2", "--budget", "10"]))
+    assert [r["tokens"] for r in rows] == [40] and len(rows[0]["ratios"]) == 2
+    assert rows[0]["ratio_min"] <= rows[0]["ratio_median"] <= rows[0]["ratio_max"]
+    assert "40" in bench.table(rows)
