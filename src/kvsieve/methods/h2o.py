@@ -4,8 +4,12 @@ Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of La
 NeurIPS 2023 (arXiv 2306.14048). Every entry accumulates the softmax attention it receives from every query
 (prompt queries during prefill, then each generated token's); the cache keeps the ``budget * recent_ratio`` most
 recent tokens plus the highest-scoring others (the paper splits the budget equally), and after each decode step
-the lowest-scoring non-recent entry leaves. Prefill scores are column sums computed ``score_block`` queries at a
-time: the ``n x n`` attention matrix is never materialised. GQA: scores are reduced over each group.
+the lowest-scoring non-recent entry leaves. GQA: scores are reduced over each group.
+
+Speed: prefill scores are column sums from the attention's own log-sum-exp (`kvsieve.ops.scored_attention`: the
+output is sdpa's, bit for bit, and the scores cost one ``Q K^T`` per tile of ``score_block`` queries, never the
+``n x n`` matrix); a decode step adds one row of probabilities (its query sees every entry: no mask) and evicts by
+moving one entry per head in place.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 
 from kvsieve.methods.base import AttentionCall, check_choice, check_float, check_int, param, register
 from kvsieve.methods.eviction import PROTECTED, ROLLING_HELP, EvictionMethod, PriorityEvictionPolicy
+from kvsieve.ops.scored_attention import scored_attention
 from kvsieve.ops.scoring import attention_column_sums, attention_probs, reduce_gqa
 
 SCORE = "h2o_score"
@@ -25,6 +30,8 @@ class H2OPolicy(PriorityEvictionPolicy):
     def __init__(self, method, info, reserve=64):
         super().__init__(method, info, reserve)
         self.store.add_aux(SCORE)
+        # (call, output) of the prefill attention that `observe` computed with the scores, for `attend` to return
+        self._prefill_output: tuple[AttentionCall, torch.Tensor] | None = None
 
     def _accumulate(self, probs_sum: torch.Tensor) -> None:
         """Add per-query-head attention mass ``[B, H, S]`` to the stored entries' scores."""
@@ -32,17 +39,52 @@ class H2OPolicy(PriorityEvictionPolicy):
 
     def observe(self, call: AttentionCall) -> None:
         store = self.store
-        # nothing evicted yet: the entries are the prefix in order, and the column sums can skip invisible keys
-        positions = None if store.length == call.seen else store.positions
-        sums = attention_column_sums(
-            call.query, store.keys, call.scaling, call.first_position, self.method.score_block, positions
-        )
+        if store.length == call.seen:  # nothing evicted yet: the entries are the prefix in order
+            out, sums = scored_attention(
+                call.module,
+                call.query,
+                call.keys,
+                call.values,
+                call.scaling,
+                call.first_position,
+                self.method.score_block,
+                **call.kwargs,
+            )
+            self._prefill_output = (call, out)  # a shared prefill attends on its own: dropped at the next call
+        else:
+            sums = attention_column_sums(
+                call.query, store.keys, call.scaling, call.first_position, self.method.score_block, store.positions
+            )
         self._accumulate(sums)
 
+    def attend(self, call: AttentionCall) -> torch.Tensor:
+        computed, self._prefill_output = self._prefill_output, None
+        if computed is not None and computed[0] is call:
+            call.record(self.store.positions)
+            return computed[1]
+        return super().attend(call)
+
+    def compress(self, call: AttentionCall) -> None:
+        self._prefill_output = None
+        super().compress(call)
+
     def after_decode_attention(self, call: AttentionCall) -> None:
-        q_pos = torch.arange(call.first_position, call.seen, device=call.query.device)
-        probs = attention_probs(call.query, self.store.keys, call.scaling, q_pos, self.store.positions)
-        self._accumulate(probs.sum(dim=2))
+        if call.n_new == 1:  # the newest token sees every stored entry: no mask
+            probs = attention_probs(call.query, self.store.keys, call.scaling)[:, :, 0]
+        else:  # a chunk over the compressed cache
+            q_pos = torch.arange(call.first_position, call.seen, device=call.query.device)
+            probs = attention_probs(call.query, self.store.keys, call.scaling, q_pos, self.store.positions).sum(2)
+        self._accumulate(probs)
+
+    def evict_to_budget(self, call: AttentionCall) -> None:
+        if self.k is not None and self.store.length == self.k + 1:  # a decode step: one entry per head leaves
+            # `priority`'s argmin without its float64 pass: the recent window (never all the entries, as
+            # ``n_recent <= k``) cannot be the minimum, and among scores argmin takes the first minimum alike.
+            n_recent = round(self.k * self.method.recent_ratio)
+            recent = self.store.positions >= call.seen - n_recent
+            self.store.evict(self.store.aux(SCORE).masked_fill(recent, torch.inf).argmin(dim=-1))
+            return
+        super().evict_to_budget(call)
 
     def priority(self, call: AttentionCall) -> torch.Tensor:
         n_recent = round(self.k * self.method.recent_ratio)
@@ -66,7 +108,7 @@ class H2O(EvictionMethod):
     rolling: bool = param(True, ROLLING_HELP)
     recent_ratio: float = param(0.5, "share of the budget kept for the most recent tokens; the rest: heavy hitters")
     gqa_reduce: str = param("mean", "how a KV head combines its query heads' scores: mean, max or sum")
-    score_block: int = param(512, "prefill queries scored at a time (memory, not results)")
+    score_block: int = param(128, "prefill queries scored at a time (memory, not results)")
 
     def validate(self) -> None:
         super().validate()

@@ -149,18 +149,16 @@ class KVStore:
 
     def evict(self, slots: torch.Tensor) -> None:
         """Remove one entry per (batch, head): the entry at ``slots`` (``[B, H_kv]``) is overwritten by the last
-        stored entry and the length shrinks by one. Copies one entry per head instead of the whole layer."""
+        stored entry and the length shrinks by one. Copies one entry per head instead of the whole layer, in place
+        (one ``scatter_`` per buffer: a rolling method evicts in every layer at every decode step)."""
         last = self.length - 1
-        b, h = slots.shape
-        bi = torch.arange(b, device=slots.device)[:, None].expand(b, h)
-        hi = torch.arange(h, device=slots.device)[None, :].expand(b, h)
+        index = slots.unsqueeze(-1)  # [B, H_kv, 1]
         # The last entries are copied out first: with one batch row and one KV head (MQA, e.g. Gemma-3-270m) the
         # source view is dense inside the target and torch refuses the overlapping in-place write.
-        self._keys[bi, hi, slots] = self._keys[:, :, last].clone()
-        self._values[bi, hi, slots] = self._values[:, :, last].clone()
-        self._positions[bi, hi, slots] = self._positions[:, :, last].clone()
-        for t in self._aux.values():
-            t[bi, hi, slots] = t[:, :, last].clone()
+        for t in (self._positions, *self._aux.values()):
+            t.scatter_(2, index, t[:, :, last : last + 1].clone())
+        for t in (self._keys, self._values):
+            t.scatter_(2, index.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]), t[:, :, last : last + 1].clone())
         self.length = last
 
     # ------------------------------------------------------------------------------------ shared prefill

@@ -1,0 +1,103 @@
+"""H2O's prefill against the full cache's, on the default model: what its accumulated-attention scoring costs.
+
+For each prompt length the same prompt is prefilled (one chunk, ``logits_to_keep=1``) with kvsieve's full cache and
+with H2O, alternating within each repetition so that drift on a shared machine hits both alike; the ratio H2O / full
+is taken pair by pair (min, median, max over repetitions). H2O's extra work is the column sums of the attention
+(`kvsieve.ops.scored_attention`: one ``Q K^T`` per tile from the attention's own log-sum-exp, the output reused),
+then the selection and the gather of the kept entries.
+
+    python benchmarks/bench_h2o_prefill.py --lengths 4096 8192 --repeats 5 --threads 1 --out h2o_prefill.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+
+import kvsieve
+from kvsieve.cache import SieveCache
+from kvsieve.driver import cache_kwargs
+from kvsieve.methods.base import Phase
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--budget", type=float, default=0.2, help="H2O's budget (fraction of the prompt or tokens)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", default=None, metavar="FILE", help="write the measurements to this file (JSON)")
+    return parser.parse_args(argv)
+
+
+def prompt_ids(n: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab, (1, n), generator=g)
+
+
+@torch.inference_mode()
+def time_prefill(model, ids: torch.Tensor, method: kvsieve.Method) -> float:
+    cache = SieveCache(model, method.for_prompt(ids.shape[1]))
+    start = time.perf_counter()
+    with cache.forward_as(Phase.PREFILL_LAST):
+        model(input_ids=ids, logits_to_keep=1, **cache_kwargs(model, cache))
+    return time.perf_counter() - start
+
+
+def run(model, args: argparse.Namespace) -> list[dict]:
+    """One row per length: the full cache's and H2O's prefill seconds and their pairwise ratios."""
+    full = kvsieve.method("full")
+    budget = int(args.budget) if args.budget > 1 else args.budget
+    h2o = kvsieve.method("h2o", budget=budget)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    rows = []
+    for n in args.lengths:
+        ids = prompt_ids(n, vocab)
+        time_prefill(model, ids[:, : min(n, 256)], h2o)  # warm-up
+        full_s, h2o_s = [], []
+        for rep in range(args.repeats):
+            pair = [(full, full_s), (h2o, h2o_s)]
+            for method, times in pair if rep % 2 == 0 else pair[::-1]:  # alternate who goes first
+                times.append(time_prefill(model, ids, method))
+        ratios = [h / f for h, f in zip(h2o_s, full_s)]
+        rows.append(
+            dict(tokens=n, budget=budget, full_s=full_s, h2o_s=h2o_s, ratios=ratios,
+                 ratio_min=min(ratios), ratio_median=statistics.median(ratios), ratio_max=max(ratios),
+                 full_median_s=statistics.median(full_s), h2o_median_s=statistics.median(h2o_s))
+        )  # fmt: skip
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'tokens':>6} {'full s (median)':>15} {'h2o s (median)':>14} {'h2o/full min':>12} "
+             f"{'median':>7} {'max':>7}"]  # fmt: skip
+    for r in rows:
+        lines.append(
+            f"{r['tokens']:>6} {r['full_median_s']:>15.3f} {r['h2o_median_s']:>14.3f} {r['ratio_min']:>12.3f} "
+            f"{r['ratio_median']:>7.3f} {r['ratio_max']:>7.3f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, _ = kvsieve.load_model()
+    rows = run(model, args)
+    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    print(f"H2O prefill against the full cache, SmolLM2-135M fp32, {machine}, {args.repeats} repetitions (paired)")
+    print(table(rows))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"machine": machine, "repeats": args.repeats, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

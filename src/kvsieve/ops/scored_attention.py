@@ -1,0 +1,142 @@
+"""Prefill attention that also returns the attention mass every key receives (H2O's accumulated scores).
+
+Shapes: ``B`` batch, ``H`` query heads, ``H_kv`` KV heads (query head ``h`` reads KV head ``h // g``, ``g = H /
+H_kv``), ``q`` queries, ``S`` keys, ``D`` head dim. The keys are the prefix in order (key ``j`` is token ``j``) and
+the queries are tokens ``query_start .. query_start + q - 1``: query ``i`` sees key ``j`` iff
+``j <= query_start + i``.
+
+Two parts, so that the attention is not computed twice:
+
+* the output is exactly `kvsieve.ops.attention.attend`'s (bit for bit: a model whose cache evicts nothing, or a
+  shared prefill, must match the full cache). On a CPU it comes from the very flash kernel that sdpa dispatches to,
+  called directly because it also returns each query's log-sum-exp ``lse_i``;
+* the column sums ``sum_i exp(q_i . k_j * scale - lse_i)`` then cost one ``Q K^T`` per tile of queries x keys: the
+  ``- lse_i`` is folded into the product as one more dimension (``[q_i * scale, -lse_i] . [k_j, 1]``), the
+  exponential is taken in place, only tiles on the diagonal are masked, and the tile is summed over its queries.
+  No softmax pass, no second ``P V``, never the ``q x S`` matrix: the peak extra memory is one tile.
+
+Elsewhere (no CPU flash kernel, dropout, soft-capping) the output comes from `attend` and the log-sum-exp from a
+tiled pass of its own (`causal_lse`).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.integrations.sdpa_attention import repeat_kv
+
+from kvsieve.ops.attention import LOW_PRECISION, attend, chunk_mask
+
+KEY_TILE = 512  # keys per tile of the column-sum pass: a tile of g * block x 512 floats stays in cache
+
+_flash_for_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _flash_applies(module: torch.nn.Module, query: torch.Tensor, kwargs: dict) -> bool:
+    """Whether `attend` would run sdpa's CPU flash kernel with exactly the arguments `_flash_with_lse` passes."""
+    return (
+        query.device.type == "cpu"
+        and query.dtype in (torch.float32, *LOW_PRECISION)
+        and not (query.shape[2] == 1 and query.dtype in LOW_PRECISION)  # `attend`'s grouped matmuls, not sdpa
+        and not kwargs.get("dropout")
+        and kwargs.get("softcap") is None
+        and kwargs.get("position_bias") is None
+        and getattr(module, "is_causal", True)
+    )
+
+
+def _flash_with_lse(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sdpa's CPU flash kernel as transformers' ``sdpa_attention_forward`` calls it for `attend`'s arguments.
+
+    Returns the output ``[B, q, H, D]`` and the log-sum-exp ``[B, H, q]`` (float32).
+    """
+    q, s = query.shape[2], keys.shape[2]
+    if q == s:  # the whole prompt: sdpa's causal path, GQA inside the kernel
+        out, lse = _flash_for_cpu(query, keys, values, 0.0, True, scale=scaling)
+    elif q == 1:  # one query sees every key
+        out, lse = _flash_for_cpu(query, keys, values, 0.0, False, scale=scaling)
+    else:  # a chunk after a past: transformers repeats the KV heads and passes the boolean mask (as a float one)
+        group = query.shape[1] // keys.shape[1]
+        allowed = chunk_mask(q, s, query.device)
+        mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill_(~allowed, -torch.inf)
+        out, lse = _flash_for_cpu(
+            query, repeat_kv(keys, group), repeat_kv(values, group), 0.0, False, attn_mask=mask, scale=scaling
+        )
+    return out.transpose(1, 2).contiguous(), lse
+
+
+def causal_lse(query: torch.Tensor, keys: torch.Tensor, scaling: float, query_start: int, block: int) -> torch.Tensor:
+    """Log-sum-exp ``[B, H, q]`` (float32) of each query's causal logits, ``block`` queries at a time."""
+    b, h, q, d = query.shape
+    n_kv = keys.shape[1]
+    g = h // n_kv
+    keys_t = keys.float().transpose(-1, -2)
+    lse = torch.empty(b, n_kv, g, q, dtype=torch.float32, device=query.device)
+    for start in range(0, q, block):
+        stop = min(q, start + block)
+        n, width = stop - start, query_start + stop
+        rows = (query[:, :, start:stop].float() * scaling).reshape(b, n_kv, g * n, d)
+        logits = torch.matmul(rows, keys_t[..., :width]).view(b, n_kv, g, n, width)
+        future = torch.ones(n, n, dtype=torch.bool, device=query.device).triu_(1)
+        logits[..., query_start + start :].masked_fill_(future, -torch.inf)
+        lse[..., start:stop] = logits.logsumexp(dim=-1)
+    return lse.view(b, h, q)
+
+
+def causal_column_sums(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    scaling: float,
+    lse: torch.Tensor,
+    query_start: int,
+    block: int,
+) -> torch.Tensor:
+    """``sum_i softmax_i[j]`` over the queries ``[B, H, q, D]`` for each key ``[B, H_kv, S, D]``: ``[B, H, S]``
+    (float32), from each query's log-sum-exp ``lse`` ``[B, H, q]``; tiles of ``block`` queries x `KEY_TILE` keys."""
+    b, h, q, d = query.shape
+    n_kv, s = keys.shape[1], keys.shape[2]
+    g = h // n_kv
+    ones = torch.ones(b, n_kv, s, 1, dtype=torch.float32, device=keys.device)
+    keys_t = torch.cat([keys.float(), ones], dim=-1).transpose(-1, -2)  # [B, H_kv, D + 1, S]
+    rows_all = torch.cat([query.float() * scaling, -lse.unsqueeze(-1)], dim=-1)  # [B, H, q, D + 1]
+    total = torch.zeros(b, n_kv, g, s, dtype=torch.float32, device=query.device)
+    future = torch.ones(block, block, dtype=torch.bool, device=query.device).triu_(1)
+    for start in range(0, q, block):
+        stop = min(q, start + block)
+        n = stop - start
+        diagonal = query_start + start  # keys from here on are the block's own tokens: a causal triangle
+        rows = rows_all[:, :, start:stop].reshape(b, n_kv, g * n, d + 1)
+        for k0 in range(0, query_start + stop, KEY_TILE):
+            k1 = min(query_start + stop, k0 + KEY_TILE)
+            probs = torch.matmul(rows, keys_t[..., k0:k1]).view(b, n_kv, g, n, k1 - k0).exp_()
+            if k1 > diagonal:  # query r sees key diagonal + t iff t <= r (invisible ones may be inf: overwritten)
+                lo = max(k0, diagonal)
+                probs[..., lo - k0 :].masked_fill_(future[:n, lo - diagonal : k1 - diagonal], 0.0)
+            total[..., k0:k1] += probs.sum(dim=3)
+    return total.view(b, h, s)
+
+
+def scored_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scaling: float | None,
+    query_start: int,
+    block: int = 128,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attend`'s output ``[B, q, H, D]`` for ``query`` ``[B, H, q, D]`` over the prefix ``keys``/``values``
+    ``[B, H_kv, S, D]`` (``S = query_start + q``), and each key's attention summed over the queries ``[B, H, S]``
+    (float32), ``block`` queries at a time."""
+    q, s = query.shape[2], keys.shape[2]
+    if query_start + q != s:
+        raise ValueError(f"scored_attention: {q} queries from token {query_start} need {query_start + q} keys, got {s}")
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if _flash_applies(module, query, kwargs):
+        out, lse = _flash_with_lse(query, keys, values, scaling)
+    else:
+        out = attend(module, query, keys, values, scaling, **kwargs)
+        lse = causal_lse(query, keys, scale, query_start, block)
+    return out, causal_column_sums(query, keys, scale, lse, query_start, block)

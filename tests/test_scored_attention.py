@@ -1,0 +1,168 @@
+"""The fused prefill attention + column sums (`kvsieve.ops.scored_attention`) and H2O built on it.
+
+* Op level, on random tensors (causal, GQA, whole prompt, a chunk after a past, one query; float32 and bfloat16):
+  the output is `attend`'s bit for bit, the column sums equal the plain computation (the whole softmax matrix
+  summed over its queries) within 1e-5 relative in float32, 1e-2 in bfloat16 (its inputs' rounding), and the
+  fallback path (no CPU flash kernel) gives the same.
+* Method level: H2O through the fast op keeps, at every step, exactly the entries of a plain reference policy
+  (n x n softmax at prefill, a masked softmax row and the float64 priority's argmin at decode), with scores within
+  1e-5, and the same logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvsieve
+from helpers import greedy_with_logits, random_ids, tiny_model
+from kvsieve.cache import SieveCache
+from kvsieve.methods.base import Phase
+from kvsieve.methods.eviction import PriorityEvictionPolicy
+from kvsieve.methods.h2o import H2O, SCORE, H2OPolicy
+from kvsieve.ops import scored_attention as sa
+from kvsieve.ops.attention import attend
+from kvsieve.ops.scoring import top_indices
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class _Module(torch.nn.Module):
+    """What sdpa_attention_forward reads from an attention module."""
+
+    is_causal = True
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.num_key_value_groups = groups
+
+
+def _plain_column_sums(query, keys, scaling, query_start):
+    """The whole ``q x S`` causal softmax in float64, summed over the queries: ``[B, H, S]``."""
+    h, q = query.shape[1:3]
+    s = keys.shape[2]
+    k = keys.double().repeat_interleave(h // keys.shape[1], dim=1)
+    logits = query.double() @ k.transpose(-1, -2) * scaling
+    visible = torch.arange(s)[None, :] <= (query_start + torch.arange(q))[:, None]
+    return logits.masked_fill(~visible, -torch.inf).softmax(dim=-1).sum(dim=2)
+
+
+CASES = [(40, 0), (13, 37), (1, 49), (300, 0)]  # (queries, past keys)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("n_query, n_past", CASES)
+@pytest.mark.parametrize("flash", [True, False], ids=["flash", "fallback"])
+def test_output_is_attend_and_column_sums_are_the_plain_ones(monkeypatch, dtype, tol, n_query, n_past, flash):
+    if not flash:
+        monkeypatch.setattr(sa, "_flash_applies", lambda *args: False)
+    torch.manual_seed(n_query)
+    s, module = n_query + n_past, _Module(3)
+    query = torch.randn(2, 6, n_query, 16, dtype=dtype) * 2
+    keys, values = torch.randn(2, 2, s, 16, dtype=dtype), torch.randn(2, 2, s, 16, dtype=dtype)
+    out, sums = sa.scored_attention(module, query, keys, values, 0.3, n_past, block=8)
+    assert torch.equal(out, attend(module, query, keys, values, 0.3))
+    plain = _plain_column_sums(query, keys, 0.3, n_past)
+    assert sums.dtype == torch.float32 and sums.shape == plain.shape
+    assert ((sums.double() - plain).abs() / plain.clamp_min(1e-3)).max().item() < tol
+    assert sums.sum().item() == pytest.approx(2 * 6 * n_query, rel=1e-3)  # every query's row sums to one
+
+
+def test_tiles_cover_every_key_whatever_the_block():
+    """Blocks that do not divide the queries, tiles that do not divide the keys (`KEY_TILE`): the same sums."""
+    torch.manual_seed(0)
+    module = _Module(2)
+    query, keys = torch.randn(1, 4, 700, 8), torch.randn(1, 2, 1300, 8)
+    values = torch.randn(1, 2, 1300, 8)
+    plain = _plain_column_sums(query, keys, 0.5, 600)
+    for block in (1, 7, 128, 1000):
+        _, sums = sa.scored_attention(module, query, keys, values, 0.5, 600, block=block)
+        assert ((sums.double() - plain).abs() / plain.clamp_min(1e-3)).max().item() < 1e-5, block
+
+
+def test_keys_must_be_the_prefix_up_to_the_last_query():
+    query, keys = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 9, 8)
+    with pytest.raises(ValueError, match="4 queries from token 3 need 7 keys, got 9"):
+        sa.scored_attention(_Module(1), query, keys, keys, 0.3, 3)
+
+
+# ------------------------------------------------------------------------------------------- method level
+class _PlainH2OPolicy(H2OPolicy):
+    """H2O computed the plain way: the n x n softmax summed at prefill, a masked softmax row and the float64
+    priority at decode (the reference of the fast path)."""
+
+    def observe(self, call):
+        keys = self.store.keys
+        h, q = call.query.shape[1:3]
+        k = keys.repeat_interleave(h // keys.shape[1], dim=1)
+        logits = call.query @ k.transpose(-1, -2) * call.scaling
+        visible = self.store.positions[:, :1, None, :] <= (call.first_position + torch.arange(q))[:, None]
+        self._accumulate(logits.masked_fill(~visible, -torch.inf).softmax(dim=-1).sum(dim=2))
+
+    def attend(self, call):
+        return PriorityEvictionPolicy.attend(self, call)
+
+    def after_decode_attention(self, call):
+        keys = self.store.keys
+        h = call.query.shape[1]
+        logits = call.query @ keys.repeat_interleave(h // keys.shape[1], dim=1).transpose(-1, -2) * call.scaling
+        self._accumulate(logits.softmax(dim=-1).sum(dim=2))
+
+    def evict_to_budget(self, call):
+        if self.k is None or self.store.length <= self.k:
+            return
+        priority = self.priority(call)
+        if self.store.length == self.k + 1:
+            self.store.evict(priority.argmin(dim=-1))
+        else:
+            self.store.keep(top_indices(priority, self.k))
+
+
+class _PlainH2O(H2O):
+    policy = _PlainH2OPolicy
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("chunk_size", [None, 20])
+def test_h2o_keeps_what_the_plain_computation_keeps(arch, chunk_size):
+    model = tiny_model(arch)
+    fast = SieveCache(model, kvsieve.method("h2o", budget=20))
+    plain = SieveCache(model, _PlainH2O(budget=20))
+    steps = []
+    for cache in (fast, plain):
+        # snapshot the kept positions and scores after every decode step
+        kept = []
+        for layer in cache.sieve_layers:
+            original = layer.policy.evict_to_budget
+
+            def spy(call, original=original, policy=layer.policy, kept=kept):
+                original(call)
+                if call.phase is Phase.DECODE or call.phase is Phase.PREFILL_LAST:
+                    store = policy.store
+                    kept.append((store.positions.sort(dim=-1).values.clone(), _sorted_scores(store)))
+
+            layer.policy.evict_to_budget = spy
+        tokens, logits = greedy_with_logits(model, cache, random_ids(48), 8, chunk_size=chunk_size)
+        steps.append((tokens, logits, kept))
+    (fast_tokens, fast_logits, fast_kept), (plain_tokens, plain_logits, plain_kept) = steps
+    assert len(fast_kept) == len(plain_kept) == 3 * 8  # 3 layers: after the prompt, then 7 decode steps
+    for (fp, fs), (pp, ps) in zip(fast_kept, plain_kept):
+        assert torch.equal(fp, pp)
+        assert torch.allclose(fs, ps, rtol=1e-5, atol=1e-6)
+    assert fast_tokens == plain_tokens
+    assert (fast_logits - plain_logits).abs().max().item() < 1e-4
+
+
+def _sorted_scores(store):
+    order = store.positions.sort(dim=-1).indices
+    return store.aux(SCORE).gather(-1, order).clone()
+
+
+def test_bench_h2o_prefill_runs_at_a_toy_size():
+    from helpers import load_benchmark
+
+    bench = load_benchmark("bench_h2o_prefill")
+    rows = bench.run(tiny_model("llama"), bench.parse_args(["--lengths", "40", "--repeats", "2", "--budget", "10"]))
+    assert [r["tokens"] for r in rows] == [40] and len(rows[0]["ratios"]) == 2
+    assert rows[0]["ratio_min"] <= rows[0]["ratio_median"] <= rows[0]["ratio_max"]
+    assert "40" in bench.table(rows)
