@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from kvsieve.bench import bench_runs
+    from kvsieve.eval.config import budget_label
 
     budget: float | int = int(args.budget) if args.budget >= 1 else args.budget
     lengths = [int(x) for x in args.lengths.split(",") if x]
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                 except RuntimeError as error:
                     print(f"scaling: {error}", file=sys.stderr)
                     return 1
-                row = {"method": method, "budget": None if method == "full" else budget, "length": n,
+                row = {"method": method, "budget": budget_label(None if method == "full" else budget), "length": n,
                        "repeat": repeat, "model": args.model, "dtype": args.dtype, "threads": args.threads,
                        "chunk_size": args.chunk_size, **timed, **memory}  # fmt: skip
                 rows.append(row)
