@@ -187,7 +187,7 @@ class DeviceBlockCache:
 
     ``load(selection)`` makes the selected blocks resident (copying missing ones from the host store, evicting
     blocks that the selection does not need) and returns their slots; ``gather(slots)`` lays them out as keys and
-    values ``[B, H_kv, k * bs, D]`` for attention: one gather per tensor, contiguous per head (the layout
+    values ``[B, H_kv, k * bs, D]`` for attention: one index_select per row and tensor, contiguous per head (the layout
     attention reads), not a copy per block. The missing blocks of a step, over all rows, move in one host gather
     (into a pinned staging buffer when the host store is pinned), one host-to-device copy (asynchronous from pinned
     memory) and one scatter into their slots. Eviction order: ``"lru"`` -- each load stamps its blocks with a
@@ -305,15 +305,14 @@ class DeviceBlockCache:
         return self._staging[0][:n], self._staging[1][:n]
 
     def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[B, H_kv, k * bs, D]`` of the blocks in ``slots`` ``[B, k]``, in that order."""
-        b, h_kv, c, bs, _ = self._k.shape
-        k = slots.shape[1]
-        index = slots[:, None, :, None]
+        """Keys and values ``[B, H_kv, k * bs, D]`` of the blocks in ``slots`` ``[B, k]``, in that order: one
+        ``index_select`` per row and tensor (several times faster on a CPU than one ``gather`` over the batch)."""
+        b, k = slots.shape
 
         def take(t: torch.Tensor) -> torch.Tensor:
-            width = bs * t.shape[-1]
-            picked = t.view(b, h_kv, c, width).gather(2, index.expand(b, h_kv, k, width))
-            return picked.view(b, h_kv, k * bs, t.shape[-1])
+            rows = [t[row].index_select(1, slots[row]) for row in range(b)]  # [H_kv, k, bs, D] each
+            picked = rows[0][None] if b == 1 else torch.stack(rows)
+            return picked.view(b, t.shape[1], k * t.shape[3], t.shape[4])
 
         return take(self._k), take(self._v)
 
