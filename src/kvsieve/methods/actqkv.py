@@ -288,10 +288,9 @@ class ActQKVPolicy(InfLLMPolicy):
         return (weights[..., None] * flat).sum(dim=1)
 
     def similarity(self, probe: torch.Tensor) -> torch.Tensor:
-        reprs = self.memory.reprs
         if self.method.similarity == "dot":
-            return dot_scores(reprs, probe)
-        return dot_scores(F.normalize(reprs, dim=-1), F.normalize(probe, dim=-1))
+            return dot_scores(self.memory.reprs, probe)
+        return dot_scores(self.memory.unit_reprs, F.normalize(probe, dim=-1))
 
     def select_blocks(self, call: AttentionCall, q_mem: torch.Tensor, window: int) -> torch.Tensor | None:
         m = self.method

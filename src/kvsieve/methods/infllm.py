@@ -57,7 +57,8 @@ from kvsieve.methods.base import (
 )
 from kvsieve.methods.infllm_budget import MIN_BUDGET, derive_cache_blocks, derive_structure
 from kvsieve.ops.blocks import BlockMemory, TokenBuffer
-from kvsieve.ops.grouped import dot_scores, two_part_attention
+from kvsieve.ops.grouped import dot_scores
+from kvsieve.ops.merged import Part, merged_attention
 from kvsieve.ops.rope import Rotary
 from kvsieve.ops.scoring import top_indices
 
@@ -151,47 +152,58 @@ class InfLLMPolicy(LayerPolicy):
     def attend_window(
         self, call: AttentionCall, q_loc: torch.Tensor, q_mem: torch.Tensor, first: int, scaling: float, window: int
     ) -> torch.Tensor:
-        """One window: queries at ``first .. first + w - 1``; returns ``[B, H, w, D]``."""
+        """One window: queries at ``first .. first + w - 1``; returns ``[B, H, w, D]``.
+
+        One softmax over three parts, each attended where it lies and merged exactly (`merged_attention`): the
+        local window (the model's positions), the near memory (init tokens ; the remainder that has left some
+        query's window) and the retrieved blocks (both at the memory's fixed distance)."""
         m = self.method
         n_local, recent = m.n_local, self.recent
-        w = q_loc.shape[2]
+        b, _, w, _ = q_loc.shape
         end = first + w  # exclusive
         rs = recent.first_position
         device = q_loc.device
-        qpos = torch.arange(first, end, device=device)
 
         # local window: the n_local tokens ending at each query, with the model's own (relative) positions
         lo = max(first - n_local + 1, rs)
-        k_loc = recent.keys[:, :, lo - rs : end - rs]
-        v_loc = recent.values[:, :, lo - rs : end - rs]
-        dist = qpos[:, None] - torch.arange(lo, end, device=device)[None, :]
-        loc_mask = (dist >= 0) & (dist < n_local)
+        loc_mask = None  # one query sees all of its window
+        if w > 1:
+            dist = torch.arange(first, end, device=device)[:, None] - torch.arange(lo, end, device=device)[None, :]
+            loc_mask = (dist >= 0) & (dist < n_local)
+        local = Part(q_loc, recent.keys[:, :, lo - rs : end - rs], recent.values[:, :, lo - rs : end - rs], loc_mask)
 
-        # memory: retrieved blocks ; init tokens ; the remainder that has left some query's window
+        # near memory: init tokens (seen by all) ; the remainder, seen by the queries it is n_local or more behind
+        n_rem = max(0, end - n_local - rs)
+        near_k, near_v = self.init_k[:, :, : self.init_len], self.init_v[:, :, : self.init_len]
+        near_mask = None
+        if n_rem:
+            near_k = torch.cat([near_k, self.memory_keys(recent.keys[:, :, :n_rem], rs)], dim=2)
+            near_v = torch.cat([near_v, recent.values[:, :, :n_rem]], dim=2)
+            if w > 1:  # one query is n_local or more ahead of every remainder token
+                qpos = torch.arange(first, end, device=device)[:, None]
+                rem_dist = qpos - torch.arange(rs, rs + n_rem, device=device)[None, :]
+                seen = torch.ones(w, self.init_len, dtype=torch.bool, device=device)
+                near_mask = torch.cat([seen, rem_dist >= n_local], dim=1)
+        scored = [local] if not near_k.shape[2] else [local, Part(q_mem, near_k, near_v, near_mask)]
+
+        # retrieved blocks; lru-s credits each block with the attention mass it received
         selection = self.select_blocks(call, q_mem, window)
         n_sel = 0 if selection is None else selection.shape[1]
         (self.blocks_decode if call.phase is Phase.DECODE else self.blocks_prefill).append(n_sel)
-        b = q_loc.shape[0]
+        fused = []
         if n_sel:
             blk_k, blk_v, blk_pos = self.memory.fetch(selection)
+            fused.append(Part(q_mem, blk_k, blk_v))
         else:
-            blk_k, blk_v = k_loc[:, :, :0], v_loc[:, :, :0]
             blk_pos = torch.empty(b, 0, dtype=torch.long, device=device)
-        n_rem = max(0, end - n_local - rs)
-        rem_k = self.memory_keys(recent.keys[:, :, :n_rem], rs)
-        rem_v = recent.values[:, :, :n_rem]
-        k_mem = torch.cat([blk_k, self.init_k[:, :, : self.init_len], rem_k], dim=2)
-        v_mem = torch.cat([blk_v, self.init_v[:, :, : self.init_len], rem_v], dim=2)
-        rem_dist = qpos[:, None] - torch.arange(rs, rs + n_rem, device=device)[None, :]
+        credit = bool(n_sel) and m.cache_strategy == "lru-s"
 
-        out, p_loc_sum, p_mem_sum = two_part_attention(
-            q_loc, k_loc, v_loc, loc_mask, q_mem, k_mem, v_mem, rem_dist >= n_local, scaling
-        )
+        out, received = merged_attention(scored, fused, scaling, fused_sums=credit)
 
         # bookkeeping: local attention received (block representatives), cache scores, what was attended
-        recent.scores[:, :, lo - rs : end - rs] += p_loc_sum
-        if n_sel and m.cache_strategy == "lru-s":
-            mass = p_mem_sum[..., : n_sel * m.block_size].sum(dim=1).view(b, n_sel, m.block_size).sum(-1)
+        recent.scores[:, :, lo - rs : end - rs] += received[0]
+        if credit:
+            mass = received[-1].sum(dim=1).view(b, n_sel, m.block_size).sum(-1)
             self.memory.cache.credit(selection.tolist(), mass)
         first_recent = rs if n_rem else lo
         init_pos = torch.arange(self.init_first, self.init_first + self.init_len, device=device)

@@ -1,0 +1,179 @@
+"""InfLLM's fast window attention and block cache against the computation they replace.
+
+* `merged_attention` (each part attended where it lies, merged through log-sum-exps) equals one softmax over the
+  concatenated parts (`concatenated_reference`: the previous implementation's computation), outputs and per-key
+  probability sums, with masks, GQA, one or several queries, fp32 and bf16.
+* The fused kernel's path of `attend_with_lse` equals the grouped-matmul path.
+* The head-major device cache gathers exactly the host blocks asked for, in order, for every batch row, across
+  evictions; unit-length representatives equal `F.normalize` of the representatives.
+* In a model: InfLLM and ActQKV with the merged attention retrieve the same blocks and give the same logits as
+  with the concatenated reference (swapped in for `merged_attention` at the op level).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kvsieve
+from helpers import greedy_with_logits, random_ids, tiny_model, traces_of
+from kvsieve.cache import SieveCache
+from kvsieve.methods import infllm
+from kvsieve.ops.blocks import BlockMemory, DeviceBlockCache, HostBlockStore
+from kvsieve.ops.merged import Part, attend_with_lse, attend_with_lse_matmul, merged_attention
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}  # fp32: rounding; bf16: the output's own rounding (~8e-3 x |v|)
+SUM_TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+def concatenated_reference(scored, fused, scaling, fused_sums=False):
+    """One softmax over every part's logits (each part with its own queries), as the previous implementation
+    computed it: logits concatenated, masked, normalised together, in float32; returns what `merged_attention`
+    returns."""
+    parts = [*scored, *fused]
+    g = parts[0].query.shape[1] // parts[0].keys.shape[1]
+    logits, values = [], []
+    for p in parts:
+        keys = p.keys.float().repeat_interleave(g, dim=1)
+        part_logits = (p.query.float() * scaling) @ keys.transpose(-1, -2)
+        if p.mask is not None:
+            part_logits = part_logits.masked_fill(~p.mask, float("-inf"))
+        logits.append(part_logits)
+        values.append(p.values.float().repeat_interleave(g, dim=1))
+    probs = torch.cat(logits, dim=-1).softmax(dim=-1)
+    out = probs @ torch.cat(values, dim=2)
+    sizes = [p.keys.shape[2] for p in parts]
+    sums = [chunk.sum(dim=2) for chunk in probs.split(sizes, dim=-1)]
+    return out.to(parts[0].values.dtype), sums if fused_sums else sums[: len(scored)]
+
+
+def random_parts(w: int, dtype: torch.dtype, seed: int = 0, b: int = 2, h: int = 6, h_kv: int = 2, d: int = 16):
+    """A window of ``w`` queries: local keys with a causal band, a near-memory part with a masked tail, blocks."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    n_loc, n_near, n_blk, band = w + 9, 11, 40, 8
+    q_loc, q_mem = rand(b, h, w, d), rand(b, h, w, d)
+    qpos = torch.arange(n_loc - w, n_loc)[:, None]
+    dist = qpos - torch.arange(n_loc)[None]
+    loc_mask = (dist >= 0) & (dist < band)
+    near_mask = torch.ones(w, n_near, dtype=torch.bool)
+    near_mask[:, -4:] = torch.arange(4)[None] < torch.arange(w)[:, None] % 5  # a tail some queries do not see
+    local = Part(q_loc, rand(b, h_kv, n_loc, d), rand(b, h_kv, n_loc, d), loc_mask)
+    near = Part(q_mem, rand(b, h_kv, n_near, d), rand(b, h_kv, n_near, d), near_mask)
+    blocks = Part(q_mem, rand(b, h_kv, n_blk, d), rand(b, h_kv, n_blk, d))
+    return local, near, blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("w", [1, 7, 32])
+@pytest.mark.parametrize("blocks_scored", [False, True])
+def test_merged_attention_equals_one_softmax_over_the_concatenated_parts(dtype, w, blocks_scored):
+    local, near, blocks = random_parts(w, dtype, seed=w)
+    scored, fused = ([local, near, blocks], []) if blocks_scored else ([local, near], [blocks])
+    out, sums = merged_attention(scored, fused, 0.25, fused_sums=True)
+    ref_out, ref_sums = concatenated_reference([*scored, *fused], [], 0.25)
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    assert (out.float() - ref_out.float()).abs().max().item() < TOL[dtype]
+    if not blocks_scored:  # the fused part's sums do not change the output
+        assert torch.equal(out, merged_attention(scored, fused, 0.25)[0])
+    assert len(sums) == 3
+    for got, want in zip(sums, ref_sums):
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert (got - want).abs().max().item() < SUM_TOL[dtype] * max(1.0, w / 4)
+
+
+def test_merged_attention_is_sharp():
+    """The check above fails on a wrong merge: dropping the fused part's weight changes the output."""
+    local, near, blocks = random_parts(7, torch.float32)
+    out, _ = merged_attention([local, near], [blocks], 0.25)
+    without, _ = concatenated_reference([local, near], [], 0.25)
+    assert (out - without).abs().max().item() > 1e-2
+
+
+def test_a_scored_part_without_keys_is_refused():
+    local, near, _ = random_parts(3, torch.float32)
+    empty = Part(near.query, near.keys[:, :, :0], near.values[:, :, :0])
+    for scored, fused in (([local, empty], []), ([local], [empty])):
+        with pytest.raises(ValueError, match="no keys"):
+            merged_attention(scored, fused, 0.25)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("w", [1, 5, 64])
+def test_fused_kernel_equals_grouped_matmuls(dtype, w):
+    _, _, blocks = random_parts(w, dtype, seed=3)
+    out, lse = attend_with_lse(blocks.query, blocks.keys, blocks.values, 0.3)
+    ref_out, ref_lse = attend_with_lse_matmul(blocks.query, blocks.keys, blocks.values, 0.3)
+    assert out.shape == ref_out.shape == blocks.query.shape and lse.shape == (*blocks.query.shape[:3], 1)
+    assert lse.dtype == torch.float32 and out.dtype == dtype
+    assert (out.float() - ref_out.float()).abs().max().item() < TOL[dtype]
+    assert (lse - ref_lse).abs().max().item() < TOL[dtype] * 10
+
+
+def _store(n_blocks: int, batch: int = 2, h_kv: int = 2, bs: int = 4, d: int = 8) -> HostBlockStore:
+    host = HostBlockStore()
+    for j in range(n_blocks):
+        keys = torch.arange(batch * h_kv * bs * d, dtype=torch.float32).view(batch, h_kv, bs, d) + 1000 * j
+        host.append(keys, -keys)
+    return host
+
+
+def test_device_cache_gathers_the_host_blocks_in_order_for_every_row():
+    host = _store(9)
+    cache = DeviceBlockCache(capacity=4, strategy="lru")
+    dev = torch.device("cpu")
+    for selection in ([[0, 1, 2], [5, 3, 8]], [[7, 1], [8, 2]], [[4, 6, 0, 3], [1, 0, 8, 5]], [[2, 5], [6, 7]]):
+        slots = cache.load(selection, host, dev)
+        keys, values = cache.gather(slots)
+        for row, blocks in enumerate(selection):
+            want_k = torch.cat([host.block(row, j)[0] for j in blocks], dim=1)  # [H_kv, k * bs, D]
+            want_v = torch.cat([host.block(row, j)[1] for j in blocks], dim=1)
+            assert torch.equal(keys[row], want_k) and torch.equal(values[row], want_v)
+        assert max(cache.occupied()) <= 4 and cache.allocated_slots <= 4
+    assert cache.loads + cache.hits == 22 and cache.hits > 0  # every selected block counted once
+
+
+def test_unit_representatives_follow_the_blocks_added():
+    memory = BlockMemory(block_size=4, capacity=8, device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    for j in range(20):
+        memory.add(torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), torch.randn(1, 32, generator=gen), 4 * j)
+        if j in (0, 3, 17, 19):  # asked at irregular points: only new blocks are normalised
+            assert torch.allclose(memory.unit_reprs, F.normalize(memory.reprs, dim=-1), atol=1e-7)
+    assert memory.unit_reprs.shape == (1, 20, 32)
+
+
+SMALL = dict(n_init=4, n_local=16, block_size=4, topk=3, exc_block_size=8, repr_topk=2)
+
+
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("infllm", SMALL),
+        ("infllm", {**SMALL, "cache_strategy": "lru-s", "max_cached_block": 4}),
+        ("actqkv", {**SMALL, "min_blocks": 1, "max_blocks": 5}),
+        ("infllm", {"budget": 64}),
+    ],
+)
+def test_in_a_model_the_merged_attention_equals_the_concatenated_reference(monkeypatch, name, params):
+    model = tiny_model("llama")
+    ctx = random_ids(120, seed=4)
+
+    def run():
+        cache = SieveCache(model, kvsieve.method(name, **params), trace=True)
+        tokens, logits = greedy_with_logits(model, cache, ctx, 8, chunk_size=40)
+        return tokens, logits, traces_of(cache)
+
+    tokens, logits, traces = run()
+    monkeypatch.setattr(infllm, "merged_attention", concatenated_reference)
+    ref_tokens, ref_logits, ref_traces = run()
+    assert tokens == ref_tokens
+    assert (logits - ref_logits).abs().max().item() < 1e-4
+    assert traces.keys() == ref_traces.keys()
+    for layer in traces:  # the same entries attended, retrieved blocks included, window by window
+        assert len(traces[layer]) == len(ref_traces[layer])
+        assert all(torch.equal(a, r) for a, r in zip(traces[layer], ref_traces[layer]))
