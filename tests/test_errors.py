@@ -72,14 +72,14 @@ def test_unsupported_model():
         kvsieve.SieveCache(model, kvsieve.method("full"))
 
 
-def test_padded_batches_are_refused_not_silently_wrong():
+def test_a_batch_row_of_padding_only_is_refused():
     model = tiny_model("llama")
     ids = torch.randint(3, 200, (2, 12))
     mask = torch.ones_like(ids)
-    mask[0, :4] = 0  # left padding
+    mask[0] = 0  # nothing but padding: no prompt to compress
     cache = kvsieve.SieveCache(model, kvsieve.method("snapkv", budget=6, window_size=2))
-    with pytest.raises(NotImplementedError, match="padded batches"):
-        model.generate(ids, attention_mask=mask, **cache_kwargs(model, cache), max_new_tokens=3, do_sample=False)
+    with pytest.raises(ValueError, match="batch row 0 has no token to complete its prompt with"):
+        model(input_ids=ids, attention_mask=mask, **cache_kwargs(model, cache))
 
 
 def test_methods_lists_the_baselines_with_defaults():

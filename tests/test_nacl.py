@@ -110,21 +110,26 @@ def test_kept_counts_parts_and_protected_positions():
         assert layer.policy.kv_bytes() == 2 * k * 2 * 16 * 4  # K and V, 2 heads, head_dim 16, fp32: really freed
 
 
-def test_batch_rows_select_independently():
-    """Two identical rows: the score-driven part is the same, each row draws its own random part."""
+def test_a_rows_random_part_does_not_depend_on_its_place_in_the_batch():
+    """Each batch row draws what the prompt alone draws (its own generator per layer): two identical rows keep the
+    same set, score-driven and random parts alike, and it is the set of the prompt run alone."""
     model = tiny_model("llama")
-    ids = torch.tensor([random_ids(N_PROMPT)] * 2)
-    for budget, random_keep, same in ((14, 0, True), (24, None, False)):
+    prompt = random_ids(N_PROMPT)
+    for budget, random_keep in ((14, 0), (24, None)):
         method = kvsieve.method(
             "nacl", budget=budget, protect=4, proxy_keep=10, random_keep=random_keep, proxy_ratio=0.1
         )
-        cache = SieveCache(model, method)
-        with torch.inference_mode():
-            model(input_ids=ids, **cache_kwargs(model, cache))
-        positions = [layer.policy.store.positions for layer in cache.sieve_layers]
-        assert all(p.shape[0] == 2 and p.shape[-1] == budget for p in positions)
-        rows_equal = [torch.equal(p[0].sort(-1).values, p[1].sort(-1).values) for p in positions]
-        assert all(rows_equal) if same else not all(rows_equal)
+        kept = []
+        for rows in (2, 1):
+            cache = SieveCache(model, method)
+            with torch.inference_mode():
+                model(input_ids=torch.tensor([prompt] * rows), **cache_kwargs(model, cache))
+            kept.append(
+                [[r.policy.store.positions[0].sort(-1).values for r in layer.rows] for layer in cache.sieve_layers]
+            )
+        for both, (alone,) in zip(*kept):
+            assert all(p.shape[-1] == budget for p in both)
+            assert torch.equal(both[0], alone) and torch.equal(both[1], alone)
 
 
 def test_generation_stats_report_the_parts():

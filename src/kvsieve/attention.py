@@ -3,7 +3,8 @@
 Models that use transformers' ``AttentionInterface`` (Llama, Mistral, Qwen2/3, Gemma-3, ...) call it with the
 exact post-norm, post-RoPE query and the keys/values their ``cache.update`` returned. A `SieveLayer` tags the keys
 it returns with itself, which is how this function finds the layer's method without any global state: one cache,
-one call, one layer. Keys without the tag (a plain ``DynamicCache``, Gemma-3's sliding-window layers) go to
+one call, one layer; it reads from the attention mask only which new tokens are padding (each batch row attends
+over its own entries). Keys without the tag (a plain ``DynamicCache``, Gemma-3's sliding-window layers) go to
 transformers' sdpa unchanged.
 
 The mask function is registered too: without it transformers builds no mask at all for a custom attention name,
@@ -36,13 +37,9 @@ def sieve_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    if attention_mask is not None and not bool(attention_mask[..., -1, :].all()):
-        # The last query of a causal, unpadded batch sees every key; a masked key there means padding, which a
-        # compressed layer cannot map onto its own entries yet.
-        raise NotImplementedError(
-            "kvsieve caches do not support padded batches yet: pass one prompt at a time, or prompts of equal length"
-        )
-    return layer.attend(module, query, key, value, scaling, dict(kwargs, dropout=dropout)), None
+    # The mask only tells the layer which new tokens are padding (`kvsieve.rows.real_tokens`): each batch row
+    # attends over its own entries, with the causal rule of `kvsieve.ops.attention`.
+    return layer.attend(module, query, key, value, scaling, dict(kwargs, dropout=dropout), attention_mask), None
 
 
 def register() -> str:

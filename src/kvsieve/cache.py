@@ -13,16 +13,19 @@ Gemma-3's sliding-window layers keep transformers' own ``DynamicSlidingWindowLay
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import copy
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from kvsieve.attention import LAYER_TAG, use_sieve_attention
-from kvsieve.methods.base import AttentionCall, LayerInfo, Method, Phase, PromptLayout
+from kvsieve.methods.base import AttentionCall, LayerInfo, LayerPolicy, Method, Phase, PromptLayout
+from kvsieve.rows import LayerMeter, Row, real_tokens, row_sources
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
@@ -31,76 +34,79 @@ class UnsupportedModelError(ValueError):
     """The model's architecture is not one kvsieve has been validated on."""
 
 
-@dataclass
-class LayerMeter:
-    """What one layer measured (the layer itself only stores and dispatches): entries attended, the stored size
-    and bytes around compression, and optionally every call's attended positions (``trace``)."""
-
-    trace: list[torch.Tensor] | None = None  # per attention call: the logical positions attended, [B, H_kv, S]
-    attended_total: int = 0  # sum over attention calls of the entries attended per KV head
-    attend_calls: int = 0
-    stored_after_prefill: int | None = None
-    bytes_after_prefill: int | None = None
-    bytes_before_compress: int | None = None
-
-    def record(self, positions: torch.Tensor) -> None:
-        self.attended_total += positions.shape[-1]
-        self.attend_calls += 1
-        if self.trace is not None:
-            self.trace.append(positions.detach().clone())
-
-    def mark(self) -> tuple[int, int]:
-        """A point to measure from (`attended_since`)."""
-        return self.attended_total, self.attend_calls
-
-    def attended_since(self, mark: tuple[int, int]) -> float | None:
-        """Mean entries per KV head attended by the calls made since ``mark`` (None: no call)."""
-        calls = self.attend_calls - mark[1]
-        return (self.attended_total - mark[0]) / calls if calls else None
-
-    def take_counts(self, other: LayerMeter) -> None:
-        """Adopt ``other``'s counts and trace (a shared prefill: the full cache's attention is this layer's)."""
-        self.attended_total, self.attend_calls = other.attended_total, other.attend_calls
-        if self.trace is not None and other.trace is not None:
-            self.trace = [t.clone() for t in other.trace]
-
-
 class SieveLayer(CacheLayerMixin):
-    """A cache layer that delegates storage and attention to its method's `LayerPolicy`; its `LayerMeter` measures."""
+    """A cache layer that delegates storage and attention to its method's `LayerPolicy`, one per batch row.
+
+    A layer starts with one `Row`; the first forward of a batch of ``B`` rows adds ``B - 1`` fresh ones (each a
+    batch-1 policy of the same method, made by ``make_policy(row)``). Every forward, each row's policy is fed only
+    that row's real tokens (`kvsieve.rows.real_tokens`: left padding is dropped) and its attention output is put
+    back at the row's place in the padded batch (padding queries get zeros). ``seen`` counts the padded columns the
+    model has fed (what transformers' positions and masks are sized from); each row counts its own tokens.
+    """
 
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, policy, trace: bool = False) -> None:
+    def __init__(self, policy, trace: bool = False, make_policy: Callable[[int], LayerPolicy] | None = None) -> None:
         super().__init__()
-        self.policy = policy
-        self.meter = LayerMeter(trace=[] if trace else None)
+        self.rows: list[Row] = [Row(policy, LayerMeter(trace=[] if trace else None))]
+        self.trace = trace
+        self.make_policy = make_policy
         # Set by the owning SieveCache (no reference back to it: a cycle would keep every dropped cache's tensors
         # alive until Python's cyclic collector happens to run).
         self.next_phase: Phase | None = None  # the phase of the forward under way (None: automatic)
         self.layout = PromptLayout()
-        self.seen = 0  # logical tokens seen (prompt + generated), whatever is stored
-        self.token_bytes = 0  # K + V bytes of one token in a plain cache (all batch rows and KV heads)
+        self.seen = 0  # padded columns fed (prompt + generated, padding included), whatever is stored
+        self.row_token_bytes = 0  # K + V bytes of one token of one row in a plain cache (all KV heads)
         self._phase = Phase.DECODE
         self._first_position = 0
+
+    # ------------------------------------------------------------------------------------------- rows
+    @property
+    def policy(self) -> LayerPolicy:
+        """The policy of a one-row layer (a batch: ``rows[i].policy``)."""
+        return self._only_row().policy
+
+    @property
+    def meter(self) -> LayerMeter:
+        """The meter of a one-row layer (a batch: ``rows[i].meter``)."""
+        return self._only_row().meter
+
+    def _only_row(self) -> Row:
+        if len(self.rows) != 1:
+            raise RuntimeError(f"this layer holds a batch of {len(self.rows)} rows: read layer.rows[i] instead")
+        return self.rows[0]
+
+    def _add_rows(self, batch: int) -> None:
+        if self.make_policy is None:
+            raise RuntimeError(f"this layer cannot hold a batch ({batch} rows): it was built for one row")
+        for index in range(len(self.rows), batch):
+            self.rows.append(Row(self.make_policy(index), LayerMeter(trace=[] if self.trace else None)))
 
     # ------------------------------------------------------------------------------ CacheLayerMixin API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        rows = key_states.shape[0] * key_states.shape[1]  # batch x KV heads
         k_bytes = key_states.shape[-1] * key_states.element_size()
-        self.token_bytes = rows * (k_bytes + value_states.shape[-1] * value_states.element_size())
+        self.row_token_bytes = key_states.shape[1] * (k_bytes + value_states.shape[-1] * value_states.element_size())
         self.is_initialized = True
 
-    def uncompressed_bytes(self) -> int:
-        """Bytes a plain cache would hold for the tokens seen: the reference every method's memory is compared
-        with, including methods whose device cache never held the whole prompt (InfLLM's block memory)."""
-        return self.seen * self.token_bytes
+    def uncompressed_bytes(self, row: int | None = None) -> int:
+        """Bytes a plain cache would hold for the tokens read (padding excluded), of one row or of all: the
+        reference every method's memory is compared with, including methods whose device cache never held the whole
+        prompt (InfLLM's block memory)."""
+        rows = self.rows if row is None else [self.rows[row]]
+        return sum(r.seen for r in rows) * self.row_token_bytes
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Take the new keys/values ``[B, H_kv, q, D]``; the rows store them at the attention call, where the mask
+        says which of them are padding."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        q = key_states.shape[-2]
+        batch, q = key_states.shape[0], key_states.shape[-2]
+        if self.seen == 0 and batch > len(self.rows):
+            self._add_rows(batch)
+        if batch != len(self.rows):
+            raise RuntimeError(f"this SieveCache holds {len(self.rows)} batch rows and a batch of {batch} arrived")
         if self.next_phase is not None:
             self._phase = self.next_phase
         elif self.seen == 0:
@@ -113,17 +119,18 @@ class SieveLayer(CacheLayerMixin):
         else:
             self._phase = Phase.DECODE
         self._first_position = self.seen
-        keys, values = self.policy.update(key_states, value_states, self.seen, self._phase)
         self.seen += q
-        keys = keys[:]  # a fresh tensor object, so the tag never sticks to a buffer that outlives this call
+        keys = key_states[:]  # a fresh tensor object, so the tag never sticks to a tensor that outlives this call
         setattr(keys, LAYER_TAG, self)
-        return keys, values
+        return keys, value_states
 
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        stored = self.policy.stored_length()
+        # Only the mask's last ``query_length`` columns are read (`real_tokens`); the rest just has to fit the
+        # padded columns seen.
+        stored = min(max(row.policy.stored_length() for row in self.rows), self.seen)
         return stored + query_length, self.seen - stored
 
     def get_max_length(self) -> int:
@@ -135,19 +142,21 @@ class SieveLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a compressed cache cannot be cropped (assisted generation is not supported)")
 
+    # Batch rows move between layers together (ActQKV's layers of one row share state): `SieveCache` does it.
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.policy.select_batch(beam_idx)
+        raise NotImplementedError("reorder a SieveCache through SieveCache.reorder_cache, not layer by layer")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.policy.select_batch(indices)
+        raise NotImplementedError("select rows of a SieveCache through SieveCache.batch_select_indices")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("kvsieve caches do not support num_return_sequences > 1 or beam search yet")
+        raise NotImplementedError("repeat rows of a SieveCache through SieveCache.batch_repeat_interleave")
 
-    # back-compat views: some transformers utilities read ``layer.keys`` / ``layer.values``
+    # back-compat views of a one-row layer: some transformers utilities read ``layer.keys`` / ``layer.values``
     @property
     def keys(self) -> torch.Tensor | None:
-        return None if self.policy.store.is_empty else self.policy.store.keys
+        store = self.rows[0].policy.store if len(self.rows) == 1 else None
+        return None if store is None or store.is_empty else store.keys
 
     @keys.setter
     def keys(self, value) -> None:  # CacheLayerMixin.__init__ assigns None
@@ -155,7 +164,8 @@ class SieveLayer(CacheLayerMixin):
 
     @property
     def values(self) -> torch.Tensor | None:
-        return None if self.policy.store.is_empty else self.policy.store.values
+        store = self.rows[0].policy.store if len(self.rows) == 1 else None
+        return None if store is None or store.is_empty else store.values
 
     @values.setter
     def values(self, value) -> None:
@@ -163,12 +173,15 @@ class SieveLayer(CacheLayerMixin):
 
     # --------------------------------------------------------------------------------------- attention
     def follow(self, phase: Phase, first_position: int, seen: int) -> None:
-        """Take another layer's place in the forward under way (a shared prefill: this layer's policy observes the
-        chunk the full cache stores)."""
+        """Take another one-row layer's place in the forward under way (a shared prefill: this layer's policy
+        observes the chunk the full cache stores)."""
         self._phase, self._first_position, self.seen = phase, first_position, seen
+        self._only_row().seen = seen
 
-    def call(self, module, query, keys, values, scaling, kwargs: dict[str, Any]) -> AttentionCall:
-        """The `AttentionCall` of the forward under way, over ``keys``/``values``."""
+    def call(self, module, query, keys, values, scaling, kwargs: dict[str, Any], row: int = 0) -> AttentionCall:
+        """The `AttentionCall` of row ``row`` in the forward under way: its ``query`` ``[1, H, n, D]`` over its
+        ``keys``/``values`` (as its policy's ``update`` returned them); the row's ``seen`` includes the chunk."""
+        r = self.rows[row]
         return AttentionCall(
             module=module,
             query=query,
@@ -176,28 +189,66 @@ class SieveLayer(CacheLayerMixin):
             values=values,
             scaling=scaling,
             phase=self._phase,
-            first_position=self._first_position,
-            seen=self.seen,
+            first_position=r.seen - query.shape[2],
+            seen=r.seen,
             kwargs=kwargs,
-            record=self.meter.record,
-            layout=self.layout,
+            record=r.meter.record,
+            layout=self.layout if r.layout is None else r.layout,
         )
 
-    def attend(self, module, query, keys, values, scaling, kwargs: dict[str, Any]) -> torch.Tensor:
-        call = self.call(module, query, keys, values, scaling, kwargs)
-        if self._phase is not Phase.DECODE:
-            self.policy.observe(call)
-        out = self.policy.attend(call)
-        if self._phase is Phase.PREFILL_LAST:
-            self.complete_prompt(call)
+    def attend(
+        self, module, query, keys, values, scaling, kwargs: dict[str, Any], mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Each row stores its real new tokens and attends over what it keeps: ``query`` ``[B, H, q, D]`` and the
+        new ``keys``/``values`` ``[B, H_kv, q, D]`` (padding included); ``mask``: the forward's attention mask
+        (`real_tokens`). Returns ``[B, q, H, D]``, zeros at padding queries."""
+        n_new = query.shape[2]
+        counts = real_tokens(mask, n_new, len(self.rows))
+        if len(self.rows) == 1 and counts[0] == n_new:  # one row, no padding: no slicing, no re-assembly
+            return self._attend_row(0, module, query, keys, values, scaling, kwargs)
+        out = query.new_zeros(query.shape[0], n_new, query.shape[1], values.shape[-1])
+        for row, n in enumerate(counts):
+            if n == 0:
+                if self._phase is Phase.PREFILL_LAST:
+                    raise ValueError(f"batch row {row} has no token to complete its prompt with (only padding)")
+                continue
+            part = slice(n_new - n, n_new)
+            out[row, part] = self._attend_row(
+                row,
+                module,
+                query[row : row + 1, :, part],
+                keys[row : row + 1, :, part],
+                values[row : row + 1, :, part],
+                scaling,
+                kwargs,
+            )[0]
         return out
 
-    def complete_prompt(self, call: AttentionCall) -> None:
-        """The prompt is complete: the policy compresses, the meter notes the sizes before and after."""
-        self.meter.bytes_before_compress = self.uncompressed_bytes()
-        self.policy.compress(call)
-        self.meter.stored_after_prefill = self.policy.stored_length()
-        self.meter.bytes_after_prefill = self.policy.kv_bytes()
+    def _attend_row(self, row: int, module, query, key, value, scaling, kwargs: dict[str, Any]) -> torch.Tensor:
+        """One row's forward: store the new ``key``/``value`` ``[1, H_kv, n, D]``, then `attend_call`."""
+        r = self.rows[row]
+        keys, values = r.policy.update(key, value, r.seen, self._phase)
+        r.seen += query.shape[2]
+        return self.attend_call(self.call(module, query, keys, values, scaling, kwargs, row), row)
+
+    def attend_call(self, call: AttentionCall, row: int = 0) -> torch.Tensor:
+        """Row ``row``'s policy over ``call`` (its new tokens stored): observe (prefill), attend, compress (the
+        prompt's last chunk). Returns ``[1, n, H, D]``."""
+        policy = self.rows[row].policy
+        if self._phase is not Phase.DECODE:
+            policy.observe(call)
+        out = policy.attend(call)
+        if self._phase is Phase.PREFILL_LAST:
+            self.complete_prompt(call, row)
+        return out
+
+    def complete_prompt(self, call: AttentionCall, row: int = 0) -> None:
+        """The prompt is complete: the row's policy compresses, its meter notes the sizes before and after."""
+        r = self.rows[row]
+        r.meter.bytes_before_compress = self.uncompressed_bytes(row)
+        r.policy.compress(call)
+        r.meter.stored_after_prefill = r.policy.stored_length()
+        r.meter.bytes_after_prefill = r.policy.kv_bytes()
 
 
 class SieveCache(Cache):
@@ -225,13 +276,16 @@ class SieveCache(Cache):
         n_kv = getattr(text_config, "num_key_value_heads", None) or n_heads
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // n_heads
         layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * n_layers
+        # One shared dict per batch row: a row's layers share method state (ActQKV's block pool), rows never do.
+        self.row_shared: list[dict[str, Any]] = [self.shared]
+        rows = RowPolicies(self.method, reserve, self.row_shared)
         layers: list[CacheLayerMixin] = []
         for idx, kind in enumerate(layer_types):
             if kind == "sliding_attention":
                 layers.append(DynamicSlidingWindowLayer(sliding_window=text_config.sliding_window))
             elif kind == "full_attention":
                 info = LayerInfo(idx, n_layers, n_heads, n_kv, head_dim, text_config, shared=self.shared)
-                layers.append(SieveLayer(self.method.make_policy(info, reserve), trace))
+                layers.append(SieveLayer(rows.add_layer(info), trace, rows.for_layer(idx)))
             else:
                 raise UnsupportedModelError(f"layer type {kind!r} (layer {idx}) is not supported by kvsieve")
         super().__init__(layers=layers)
@@ -291,6 +345,54 @@ class SieveCache(Cache):
         layers = self.sieve_layers
         return layers[0].seen if layers else 0
 
+    # ------------------------------------------------------------------------------------- batch rows
+    @property
+    def batch_size(self) -> int:
+        """Rows the cache holds (1 until a first forward brings a batch)."""
+        layers = self.sieve_layers
+        return len(layers[0].rows) if layers else 1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row ``i`` becomes a copy of old row ``beam_idx[i]``."""
+        self._take_rows(beam_idx, "reorder_cache")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._take_rows(indices, "batch_select_indices")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Each row ``repeats`` times in a row (num_return_sequences); before the first forward there is nothing
+        to repeat: the rows are made from the batch that arrives."""
+        if self.tokens_seen() == 0:
+            return
+        self._take_rows(torch.arange(self.batch_size).repeat_interleave(repeats), "batch_repeat_interleave")
+
+    def _take_rows(self, indices: torch.Tensor, name: str) -> None:
+        """New rows from old ones, all layers together: an old row taken once moves, one taken again is deep-copied
+        across all its layers at once (so that what its layers share stays shared within the copy)."""
+        sieve = self.sieve_layers
+        if self.tokens_seen() == 0:
+            return  # no row state yet (transformers may reorder before the first forward)
+        sources = row_sources(indices, self.batch_size, name)
+        taken: set[int] = set()
+        new_rows: list[list[Row]] = [[] for _ in sieve]
+        new_shared: list[dict[str, Any]] = []
+        for source in sources:
+            rows = [layer.rows[source] for layer in sieve]
+            shared = self.row_shared[source]
+            if source in taken:
+                rows, shared = copy.deepcopy((rows, shared))
+            taken.add(source)
+            for per_layer, row in zip(new_rows, rows):
+                per_layer.append(row)
+            new_shared.append(shared)
+        for layer, rows in zip(sieve, new_rows):
+            layer.rows = rows
+        self.row_shared[:] = new_shared
+        index = torch.as_tensor(sources, dtype=torch.long)
+        for layer in self.layers:
+            if not isinstance(layer, SieveLayer) and layer.is_initialized:  # transformers' sliding-window layers
+                layer.reorder_cache(index)
+
     @property
     def sieve_layers(self) -> list[SieveLayer]:
         return [layer for layer in self.layers if isinstance(layer, SieveLayer)]
@@ -303,6 +405,38 @@ class SieveCache(Cache):
     def kv_bytes(self) -> int:
         """Bytes of K/V entries held now by all layers, measured from the tensors."""
         return sum(layer_kv_bytes(layer) for layer in self.layers)
+
+    def kv_bytes_of_row(self, row: int) -> int:
+        """Bytes of K/V entries held now for batch row ``row``."""
+        return sum(layer_kv_bytes(layer, row) for layer in self.layers)
+
+
+class RowPolicies:
+    """Makes the policies of a batch row, for all layers of a cache at once and in layer order (a method may tie its
+    layers together when they are built: ActQKV's block pool counts them), with the row's own shared dict."""
+
+    def __init__(self, method: Method, reserve: int, row_shared: list[dict[str, Any]]) -> None:
+        self.method, self.reserve, self.row_shared = method, reserve, row_shared
+        self.infos: list[LayerInfo] = []
+        self._built: dict[tuple[int, int], LayerPolicy] = {}  # (row, layer index) -> a policy not handed out yet
+
+    def add_layer(self, info: LayerInfo) -> LayerPolicy:
+        """Row 0's policy of a new layer (built with the cache)."""
+        self.infos.append(info)
+        return self.method.make_policy(info, self.reserve)
+
+    def for_layer(self, layer_idx: int) -> Callable[[int], LayerPolicy]:
+        return functools.partial(self.take, layer_idx)
+
+    def take(self, layer_idx: int, row: int) -> LayerPolicy:
+        if (row, layer_idx) not in self._built:
+            while len(self.row_shared) <= row:
+                self.row_shared.append({})
+            for info in self.infos:
+                self._built[(row, info.layer_idx)] = self.method.make_policy(
+                    dataclasses.replace(info, shared=self.row_shared[row]), self.reserve
+                )
+        return self._built.pop((row, layer_idx))
 
 
 def as_method(spec: Method | str | None) -> Method:
@@ -322,18 +456,23 @@ def as_method(spec: Method | str | None) -> Method:
     return spec
 
 
-def stored_entries(layer: CacheLayerMixin) -> int:
+def stored_entries(layer: CacheLayerMixin, row: int = 0) -> int:
+    """Entries per KV head that batch row ``row`` of ``layer`` stores now (a sliding-window layer: its window,
+    padding included)."""
     if isinstance(layer, SieveLayer):
-        return layer.policy.stored_length()
+        return layer.rows[row].policy.stored_length()
     return 0 if layer.keys is None else layer.keys.shape[-2]
 
 
-def layer_kv_bytes(layer: CacheLayerMixin) -> int:
+def layer_kv_bytes(layer: CacheLayerMixin, row: int | None = None) -> int:
+    """Bytes of K/V that ``layer`` holds now, for batch row ``row`` or all rows (None)."""
     if isinstance(layer, SieveLayer):
-        return layer.policy.kv_bytes()
+        rows = layer.rows if row is None else [layer.rows[row]]
+        return sum(r.policy.kv_bytes() for r in rows)
     if layer.keys is None:
         return 0
-    return layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+    total = layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+    return total if row is None else total // layer.keys.shape[0]
 
 
 def check_supported(config) -> None:

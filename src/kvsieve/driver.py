@@ -63,18 +63,19 @@ class KVSnapshot:
         return sum(self.stored) / len(self.stored)
 
     @classmethod
-    def of(cls, cache: SieveCache) -> KVSnapshot:
+    def of(cls, cache: SieveCache, row: int = 0) -> KVSnapshot:
+        """The snapshot of batch row ``row`` (its padding apart, except in sliding-window layers' windows)."""
         stored, held, full = [], 0, 0
         for layer in cache.layers:
-            meter = getattr(layer, "meter", None)
+            meter = layer.rows[row].meter if isinstance(layer, SieveLayer) else None
             if meter is not None and meter.stored_after_prefill is not None:
                 stored.append(meter.stored_after_prefill)
                 held += meter.bytes_after_prefill
                 full += meter.bytes_before_compress
             else:  # layers that do not compress once at the prompt's end, and built-in (sliding window) layers
-                stored.append(stored_entries(layer))
-                held += layer_kv_bytes(layer)
-                full += layer.uncompressed_bytes() if isinstance(layer, SieveLayer) else layer_kv_bytes(layer)
+                stored.append(stored_entries(layer, row))
+                held += layer_kv_bytes(layer, row)
+                full += layer.uncompressed_bytes(row) if isinstance(layer, SieveLayer) else layer_kv_bytes(layer, row)
         return cls(stored, held, full)
 
 
@@ -219,16 +220,17 @@ class Driver:
         return logits
 
     # ---------------------------------------------------------------------------------------- measurement
-    def snapshot(self) -> KVSnapshot:
-        """What the cache holds right after compression (`KVSnapshot`)."""
-        return KVSnapshot.of(self.cache)
+    def snapshot(self, row: int = 0) -> KVSnapshot:
+        """What the cache holds right after compression (`KVSnapshot`), for batch row ``row``."""
+        return KVSnapshot.of(self.cache, row)
 
-    def mark(self) -> list[tuple[int, int]]:
-        """A point to measure attended entries from (`attended_since`)."""
-        return [layer.meter.mark() for layer in self.cache.sieve_layers]
+    def mark(self, row: int = 0) -> list[tuple[int, int]]:
+        """A point to measure batch row ``row``'s attended entries from (`attended_since`)."""
+        return [layer.rows[row].meter.mark() for layer in self.cache.sieve_layers]
 
-    def attended_since(self, mark: list[tuple[int, int]]) -> float | None:
-        """Mean over layers of the entries per KV head one call since ``mark`` attended (measured)."""
-        per_layer = [layer.meter.attended_since(m) for layer, m in zip(self.cache.sieve_layers, mark)]
+    def attended_since(self, mark: list[tuple[int, int]], row: int = 0) -> float | None:
+        """Mean over layers of the entries per KV head one call of batch row ``row`` since ``mark`` attended
+        (measured)."""
+        per_layer = [layer.rows[row].meter.attended_since(m) for layer, m in zip(self.cache.sieve_layers, mark)]
         kept = [v for v in per_layer if v is not None]
         return sum(kept) / len(kept) if kept else None

@@ -86,22 +86,23 @@ class _FanOutLayer(SieveLayer):
         for participant in self.participants:
             yield participant, participant.cache.layers[self.index]
 
-    def attend(self, module, query, keys, values, scaling, kwargs):
+    def attend_call(self, call, row=0):
         if self._phase is Phase.DECODE or not self.participants:
-            return super().attend(module, query, keys, values, scaling, kwargs)
+            return super().attend_call(call, row)
+        module, query, scaling, kwargs = call.module, call.query, call.scaling, call.kwargs
         for participant, target in self._targets():
             start = time.perf_counter()
-            target.follow(self._phase, self._first_position, self.seen)
+            target.follow(self._phase, call.first_position, call.seen)
             target.layout = self.layout
             store = target.policy.store
             store.mirror(self.policy.store)
             target.policy.observe(target.call(module, query, store.keys, store.values, scaling, kwargs))
             participant.seconds += time.perf_counter() - start
-        out = super().attend(module, query, keys, values, scaling, kwargs)
+        out = super().attend_call(call, row)
         if self._phase is Phase.PREFILL_LAST:
             for participant, target in self._targets():
                 start = time.perf_counter()
-                self._hand_over(target, module, query, keys, values, scaling, kwargs)
+                self._hand_over(target, module, query, call.keys, call.values, scaling, kwargs)
                 participant.seconds += time.perf_counter() - start
             self.participants = []
         return out

@@ -117,11 +117,6 @@ class ActivationStats:
         uniform = torch.full_like(bias, 1.0 / bias.shape[1])
         return torch.where(total > 0, bias / total.clamp_min(torch.finfo(torch.float32).tiny), uniform)
 
-    def select_batch(self, idx: torch.Tensor) -> None:
-        if self.mean is not None:
-            self.mean = self.mean.index_select(0, idx.to(self.mean.device))
-            self.var = self.var.index_select(0, idx.to(self.var.device))
-
 
 class BlockPool:
     """The per-step block budget split across layers (code: ``adjust_tok_K`` / ``predict_current_budget``).
@@ -327,13 +322,6 @@ class ActQKVPolicy(InfLLMPolicy):
         if self.entropies:
             out["entropy_mean"] = sum(self.entropies) / len(self.entropies)
         return out
-
-    def select_batch(self, batch_indices: torch.Tensor) -> None:
-        super().select_batch(batch_indices)
-        if self.ordinal == 0 or self.method.stats_scope == "layer":
-            self.activation.select_batch(batch_indices)
-        if self.question is not None:
-            self.question = self.question.index_select(0, batch_indices.to(self.question.device))
 
 
 @register

@@ -155,9 +155,6 @@ class LayerPolicy:
         """Method-specific per-layer statistics (measured), merged into the cache's statistics."""
         return {}
 
-    def select_batch(self, batch_indices: torch.Tensor) -> None:
-        self.store.select_batch(batch_indices)
-
 
 # ------------------------------------------------------------------------------------------ the Method
 @dataclass

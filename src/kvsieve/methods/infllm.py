@@ -344,14 +344,6 @@ class InfLLMPolicy(LayerPolicy):
                 out[f"retrieved_blocks_{name}_max"] = max(values)
         return out
 
-    def select_batch(self, batch_indices: torch.Tensor) -> None:
-        self.recent.select_batch(batch_indices)
-        if self.init_k is not None:
-            self.init_k = self.init_k.index_select(0, batch_indices.to(self.init_k.device))
-            self.init_v = self.init_v.index_select(0, batch_indices.to(self.init_v.device))
-        if self.memory is not None:
-            self.memory.select_batch(batch_indices)
-
 
 def structure_param(meaning: str, rule: str, released: Any) -> Any:
     """A structural parameter: unset (None) it is derived from the budget, or the released value without one."""

@@ -268,12 +268,6 @@ class RefreshKVPolicy(LayerPolicy):
                 out["query_similarity_max"] = self.similarity_max
         return out
 
-    def select_batch(self, batch_indices: torch.Tensor) -> None:
-        self.store.select_batch(batch_indices)
-        self.partial.select_batch(batch_indices)
-        if self.reference_query is not None:
-            self.reference_query = self.reference_query.index_select(0, batch_indices)
-
 
 @register
 @dataclass

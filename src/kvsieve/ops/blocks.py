@@ -124,10 +124,6 @@ class TokenBuffer:
     def allocated_bytes(self) -> int:
         return _nbytes(self._k) + _nbytes(self._v)
 
-    def select_batch(self, idx: torch.Tensor) -> None:
-        if self._k is not None:
-            self._k, self._v, self._s = (t.index_select(0, idx.to(t.device)) for t in (self._k, self._v, self._s))
-
 
 class HostBlockStore:
     """Finished blocks in host memory: keys/values ``[B, N, H_kv, bs, D]`` (grown geometrically).
@@ -171,14 +167,6 @@ class HostBlockStore:
 
     def allocated_bytes(self) -> int:
         return _nbytes(self._k) + _nbytes(self._v)
-
-    def select_batch(self, idx: torch.Tensor) -> None:
-        if self._k is not None:
-            cpu_idx = idx.cpu()
-            self._k = self._k.index_select(0, cpu_idx)
-            self._v = self._v.index_select(0, cpu_idx)
-            if self.pin:
-                self._k, self._v = self._k.pin_memory(), self._v.pin_memory()
 
 
 class DeviceBlockCache:
@@ -338,15 +326,6 @@ class DeviceBlockCache:
     def allocated_bytes(self) -> int:
         return _nbytes(self._k) + _nbytes(self._v)
 
-    def select_batch(self, idx: torch.Tensor) -> None:
-        rows = idx.tolist()
-        self.slot_of = [dict(self.slot_of[r]) for r in rows]
-        self.stamp = [dict(self.stamp[r]) for r in rows]
-        self.free = [list(self.free[r]) for r in rows]
-        if self._k is not None:
-            self._k = self._k.index_select(0, idx.to(self._k.device))
-            self._v = self._v.index_select(0, idx.to(self._v.device))
-
 
 class BlockMemory:
     """The blocks that have left a layer's local window: host store, device cache, representative vectors.
@@ -424,11 +403,3 @@ class BlockMemory:
     def repr_bytes(self) -> int:
         """Device bytes of the representative vectors (and of their unit-length copies, once cosine asked)."""
         return 0 if self._reprs is None else _nbytes(self.reprs) * (1 if self._unit is None else 2)
-
-    def select_batch(self, idx: torch.Tensor) -> None:
-        self.host.select_batch(idx)
-        self.cache.select_batch(idx)
-        if self._reprs is not None:
-            self._reprs = self._reprs.index_select(0, idx.to(self._reprs.device))
-        if self._unit is not None:
-            self._unit = self._unit.index_select(0, idx.to(self._unit.device))

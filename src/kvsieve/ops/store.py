@@ -205,15 +205,6 @@ class KVStore:
             self._aux[name][:, :, :n] = t
         self.length = n
 
-    def select_batch(self, batch_indices: torch.Tensor) -> None:
-        """Keep the given batch rows (beam search / batch filtering)."""
-        if self._keys is None:
-            return
-        self._keys = self._keys.index_select(0, batch_indices)
-        self._values = self._values.index_select(0, batch_indices)
-        self._positions = self._positions.index_select(0, batch_indices)
-        self._aux = {n: t.index_select(0, batch_indices) for n, t in self._aux.items()}
-
     def clone(self) -> KVStore:
         other = KVStore(self.reserve)
         other.length = self.length
