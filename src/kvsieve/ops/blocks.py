@@ -265,7 +265,7 @@ class DeviceBlockCache:
 
     def _copy_in(self, moves: list[tuple[int, int, int]], host: HostBlockStore, device: torch.device) -> None:
         """Copy blocks from the host store into their slots: one gather, one transfer and one scatter per tensor."""
-        rows, blocks, slots = (torch.tensor(column, dtype=torch.long) for column in zip(*moves))
+        rows, blocks, slots = (torch.tensor(column, dtype=torch.long, device=host._k.device) for column in zip(*moves))
         flat = rows * host._k.shape[1] + blocks  # index into the store viewed as [B * N, H_kv, bs, D]
         keys, values = host._k.flatten(0, 1), host._v.flatten(0, 1)
         if host.pin:  # gather into pinned memory, so the transfer is asynchronous
