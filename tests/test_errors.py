@@ -122,9 +122,8 @@ def test_sieve_cache_takes_a_method_name():
     ("prompt", "error", "message"),
     [
         (None, TypeError, r"prompt must be a string, a list of token ids, a list of chat messages .*got None"),
-        (["first prompt", "second"], ValueError, r"list of strings \(a batch\?\).*batches are not supported yet"),
-        ([[5, 6], [7, 8]], ValueError, r"list of sequences \(a batch\?\).*one prompt per call"),
-        (torch.tensor([[5, 6], [7, 8]]), ValueError, r"tensor of shape \[2, 2\].*batches are not supported yet"),
+        ([[5, 6], [7, "x"]], ValueError, r"list of sequences \(a batch\?\).*a batch is a list of such prompts"),
+        (torch.tensor([[[5, 6]]]), ValueError, r"tensor of shape \[1, 1, 2\].*or a 2-D tensor"),
         ([5, 6.5], TypeError, r"token ids must be ints, got 6.5"),
     ],
 )

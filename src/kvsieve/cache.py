@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -264,11 +264,24 @@ class SieveCache(Cache):
     tests and analysis.
     """
 
-    def __init__(self, model_or_config, method: Method | str | None = None, *, reserve: int = 64, trace: bool = False):
+    def __init__(
+        self,
+        model_or_config,
+        method: Method | str | None = None,
+        *,
+        reserve: int = 64,
+        trace: bool = False,
+        row_methods: Sequence[Method] | None = None,
+    ):
         config = getattr(model_or_config, "config", model_or_config)
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         check_supported(text_config)
         self.method = as_method(method)
+        # A batch made up front (`kvsieve.generate` on several prompts): row i runs row_methods[i], the method
+        # resolved for its own prompt (a fractional InfLLM budget). Otherwise rows come with the first batch.
+        self.row_methods: list[Method] = [self.method] if row_methods is None else [as_method(m) for m in row_methods]
+        if not self.row_methods or any(m.name != self.method.name for m in self.row_methods):
+            raise ValueError(f"row_methods must be one or more {self.method.name!r} methods, one per batch row")
         self.trace = trace
         self.shared: dict[str, Any] = {}  # per-cache state that a method shares across its layers (LayerInfo.shared)
         n_layers = text_config.num_hidden_layers
@@ -278,7 +291,7 @@ class SieveCache(Cache):
         layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * n_layers
         # One shared dict per batch row: a row's layers share method state (ActQKV's block pool), rows never do.
         self.row_shared: list[dict[str, Any]] = [self.shared]
-        rows = RowPolicies(self.method, reserve, self.row_shared)
+        rows = RowPolicies(self.row_methods, reserve, self.row_shared)
         layers: list[CacheLayerMixin] = []
         for idx, kind in enumerate(layer_types):
             if kind == "sliding_attention":
@@ -289,6 +302,8 @@ class SieveCache(Cache):
             else:
                 raise UnsupportedModelError(f"layer type {kind!r} (layer {idx}) is not supported by kvsieve")
         super().__init__(layers=layers)
+        for layer in self.sieve_layers:
+            layer._add_rows(len(self.row_methods))
         if isinstance(model_or_config, torch.nn.Module):
             use_sieve_attention(model_or_config)
 
@@ -318,6 +333,29 @@ class SieveCache(Cache):
             raise TypeError(f"layout must be a kvsieve PromptLayout, got {type(layout).__name__}")
         for layer in self.sieve_layers:
             layer.layout = layout
+
+    def set_layouts(self, layouts: Sequence[PromptLayout]) -> None:
+        """One layout per batch row (a single row: the cache's `layout`); rows' questions start where each row's
+        own tokens end."""
+        if len(layouts) != self.batch_size:
+            raise ValueError(f"layouts: {len(layouts)} given for a batch of {self.batch_size} rows")
+        if len(layouts) == 1:
+            self.layout = layouts[0]
+            return
+        for layer in self.sieve_layers:
+            for row, layout in zip(layer.rows, layouts):
+                if not isinstance(layout, PromptLayout):
+                    raise TypeError(f"layout must be a kvsieve PromptLayout, got {type(layout).__name__}")
+                row.layout = layout
+
+    def row_method(self, row: int) -> Method:
+        """The method batch row ``row`` runs (resolved for its own prompt when the rows were made up front)."""
+        return self.row_methods[row] if row < len(self.row_methods) else self.method
+
+    def row_tokens_seen(self, row: int) -> int:
+        """Tokens batch row ``row`` has read (its padding apart): the logical position of its next token."""
+        layers = self.sieve_layers
+        return layers[0].rows[row].seen if layers else 0
 
     @property
     def question_span(self) -> tuple[int, int] | None:
@@ -388,6 +426,8 @@ class SieveCache(Cache):
         for layer, rows in zip(sieve, new_rows):
             layer.rows = rows
         self.row_shared[:] = new_shared
+        if len(self.row_methods) > 1:
+            self.row_methods = [self.row_methods[source] for source in sources]
         index = torch.as_tensor(sources, dtype=torch.long)
         for layer in self.layers:
             if not isinstance(layer, SieveLayer) and layer.is_initialized:  # transformers' sliding-window layers
@@ -415,15 +455,15 @@ class RowPolicies:
     """Makes the policies of a batch row, for all layers of a cache at once and in layer order (a method may tie its
     layers together when they are built: ActQKV's block pool counts them), with the row's own shared dict."""
 
-    def __init__(self, method: Method, reserve: int, row_shared: list[dict[str, Any]]) -> None:
-        self.method, self.reserve, self.row_shared = method, reserve, row_shared
+    def __init__(self, methods: list[Method], reserve: int, row_shared: list[dict[str, Any]]) -> None:
+        self.methods, self.reserve, self.row_shared = methods, reserve, row_shared
         self.infos: list[LayerInfo] = []
         self._built: dict[tuple[int, int], LayerPolicy] = {}  # (row, layer index) -> a policy not handed out yet
 
     def add_layer(self, info: LayerInfo) -> LayerPolicy:
         """Row 0's policy of a new layer (built with the cache)."""
         self.infos.append(info)
-        return self.method.make_policy(info, self.reserve)
+        return self.methods[0].make_policy(info, self.reserve)
 
     def for_layer(self, layer_idx: int) -> Callable[[int], LayerPolicy]:
         return functools.partial(self.take, layer_idx)
@@ -432,8 +472,9 @@ class RowPolicies:
         if (row, layer_idx) not in self._built:
             while len(self.row_shared) <= row:
                 self.row_shared.append({})
+            method = self.methods[row] if row < len(self.methods) else self.methods[0]
             for info in self.infos:
-                self._built[(row, info.layer_idx)] = self.method.make_policy(
+                self._built[(row, info.layer_idx)] = method.make_policy(
                     dataclasses.replace(info, shared=self.row_shared[row]), self.reserve
                 )
         return self._built.pop((row, layer_idx))

@@ -8,16 +8,16 @@ decode steps; and both measure the same `GenerationStats`. ``compress(...).gener
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from kvsieve.cache import SieveCache
+from kvsieve.cache import SieveCache, SieveLayer
 from kvsieve.driver import Driver, KVSnapshot
 from kvsieve.methods.base import Method, check_float, check_int
-from kvsieve.prompts import PromptInput, TokenInput, encode_context, encode_prompt
+from kvsieve.prompts import PromptBatch, PromptInput, TokenInput, encode_context, encode_prompt, split_batch
 
 __all__ = ["CompressedContext", "GenerationOutput", "GenerationStats", "compress", "decode", "eos_ids", "generate"]
 
@@ -111,10 +111,10 @@ class Sampling:
 def generate(
     model,
     tokenizer,
-    prompt: PromptInput,
+    prompt: PromptInput | PromptBatch,
     method: Method | str | None = None,
     max_new_tokens: int = 64,
-    question: TokenInput | None = None,
+    question: TokenInput | Sequence[TokenInput] | None = None,
     chunk_size: int | None = None,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -122,25 +122,35 @@ def generate(
     stream: Callable[[str], None] | None = None,
     chat: bool | None = None,
     stop_at_eos: bool = True,
-) -> GenerationOutput:
+) -> GenerationOutput | list[GenerationOutput]:
     """Generate from ``prompt`` with ``method``'s cache and measure it.
 
     ``prompt``: a string, token ids, or a conversation (a list of ``{"role", "content"}`` messages, rendered by
-    the tokenizer's chat template); one prompt per call. ``question``: fed after the prompt is compressed (the
-    query-agnostic use; a fractional budget is a fraction of the prompt without it). ``method``: a `Method`, a
-    registered name (default parameters) or None (the full cache). ``chunk_size``: prefill the prompt that many
-    tokens at a time. ``temperature=0`` is greedy; otherwise nucleus sampling with ``top_p`` from a generator
-    seeded with ``seed``. ``stream`` receives the text as it is produced. ``out.stop_reason`` says why generation
-    stopped: ``"eos"`` or ``"max_new_tokens"``.
+    the tokenizer's chat template). A batch -- a list of such prompts, or a 2-D tensor of token ids (one prompt per
+    row) -- returns a list of outputs, one per prompt, each what that prompt alone returns (greedy: the same
+    tokens; sampled: the same draws, each row's generator seeded with ``seed``); its times are the batch's.
+    ``question``: fed after the prompt is compressed (the query-agnostic use; a fractional budget is a fraction of
+    the prompt without it); for a batch, one question for all or a list with one per prompt. ``method``: a
+    `Method`, a registered name (default parameters) or None (the full cache). ``chunk_size``: prefill the prompt
+    that many tokens at a time. ``temperature=0`` is greedy; otherwise nucleus sampling with ``top_p`` from a
+    generator seeded with ``seed``. ``stream`` receives the text as it is produced (one prompt only).
+    ``out.stop_reason`` says why generation stopped: ``"eos"`` or ``"max_new_tokens"``.
     """
     sampling = Sampling(max_new_tokens, temperature, top_p, seed, stop_at_eos)
     if chunk_size is not None:
         check_int("chunk_size", chunk_size, 1)
     _check_model(model, tokenizer)
-    context_ids, question_ids = encode_prompt(tokenizer, prompt, question, chat)
-    driver = Driver.new(model, method, len(context_ids), reserve=max_new_tokens + len(question_ids) + 1)
-    logits = driver.prompt(context_ids, question_ids, chunk_size=chunk_size)
-    return _answer(driver, tokenizer, logits, len(context_ids), len(question_ids), sampling, stream)
+    batch = split_batch(prompt, question)
+    if batch is not None and stream is not None:
+        raise ValueError("stream takes one prompt: a batch returns its outputs when every row has finished")
+    pairs = [encode_prompt(tokenizer, p, q, chat) for p, q in (batch or [(prompt, question)])]
+    contexts, questions = [c for c, _ in pairs], [q for _, q in pairs]
+    reserve = max_new_tokens + max(map(len, questions)) + 1
+    lengths = [len(c) for c in contexts]
+    driver = Driver.new(model, method, lengths if batch is not None else lengths[0], reserve=reserve)
+    logits = driver.prompt_rows(contexts, questions, chunk_size=chunk_size)
+    outputs = _answer(driver, tokenizer, logits, lengths, [len(q) for q in questions], sampling, stream)
+    return outputs if batch is not None else outputs[0]
 
 
 @torch.inference_mode()
@@ -228,7 +238,7 @@ class CompressedContext:
         if context_ids != self.context_ids:  # the chat template split the turn elsewhere: never answer silently
             raise RuntimeError("the question changed how the context is tokenized; use kvsieve.generate instead")
         driver, logits = self.ask(question_ids)
-        return _answer(driver, self.tokenizer, logits, len(context_ids), len(question_ids), sampling, stream)
+        return _answer(driver, self.tokenizer, logits, [len(context_ids)], [len(question_ids)], sampling, stream)[0]
 
     @torch.inference_mode()
     def ask(self, question_ids: list[int], *, reuse: bool = False) -> tuple[Driver, torch.Tensor]:
@@ -248,16 +258,20 @@ def _answer(
     driver: Driver,
     tokenizer,
     logits: torch.Tensor,
-    n_prompt: int,
-    n_question: int,
+    n_prompt: list[int],
+    n_question: list[int],
     sampling: Sampling,
     stream: Callable[[str], None] | None,
-) -> GenerationOutput:
-    """Decode from the prompt's last ``logits`` and measure (what `generate` and `CompressedContext` share)."""
-    after_prefill = driver.snapshot()
-    mark = driver.mark()
+) -> list[GenerationOutput]:
+    """Decode every batch row from the prompt's last ``logits`` ``[B, V]`` and measure each (what `generate` and
+    `CompressedContext` share)."""
+    rows = range(driver.batch_size)
+    after_prefill = [driver.snapshot(row) for row in rows]
+    marks = [driver.mark(row) for row in rows]
     stops = eos_ids(driver.model, tokenizer) if sampling.stop_at_eos else set()
-    generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+    generators = [
+        None if sampling.seed is None else torch.Generator().manual_seed(sampling.seed) for _ in rows
+    ]  # one per row, so that a row draws what it draws alone
     emitted = ""
 
     def on_token(tokens: list[int]) -> None:
@@ -267,24 +281,29 @@ def _answer(
             stream(text[len(emitted) :])
             emitted = text
 
-    tokens = decode(
+    tokens = decode_rows(
         driver,
         logits,
         sampling.max_new_tokens,
         temperature=sampling.temperature,
         top_p=sampling.top_p,
-        generator=generator,
+        generators=generators,
         stop_ids=stops,
         on_token=None if stream is None else on_token,
     )
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
-    if stream is not None and len(text) > len(emitted):
-        stream(text[len(emitted) :])
-    stats = _stats(driver, after_prefill, mark, n_prompt, n_question, tokens)
-    stopped_at_eos = bool(tokens) and tokens[-1] in stops
-    return GenerationOutput(
-        text=text, tokens=tokens, stats=stats, stop_reason="eos" if stopped_at_eos else "max_new_tokens"
-    )
+    outputs = []
+    for row in rows:
+        text = tokenizer.decode(tokens[row], skip_special_tokens=True)
+        if stream is not None and len(text) > len(emitted):
+            stream(text[len(emitted) :])
+        stats = _stats(driver, after_prefill[row], marks[row], n_prompt[row], n_question[row], tokens[row], row)
+        stopped_at_eos = bool(tokens[row]) and tokens[row][-1] in stops
+        outputs.append(
+            GenerationOutput(
+                text=text, tokens=tokens[row], stats=stats, stop_reason="eos" if stopped_at_eos else "max_new_tokens"
+            )
+        )
+    return outputs
 
 
 def decode(
@@ -301,16 +320,46 @@ def decode(
     """Choose up to ``max_new_tokens`` tokens, starting from ``logits`` ``[1, V]`` (the prompt's last position) and
     feeding each chosen token through the driver; stops after a token in ``stop_ids``. The last token is never
     fed (the driver's `Timings` count the steps). ``on_token(tokens)`` is called after each token is chosen."""
-    tokens: list[int] = []
+    return decode_rows(
+        driver,
+        logits,
+        max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        generators=[generator],
+        stop_ids=stop_ids,
+        on_token=on_token,
+    )[0]
+
+
+def decode_rows(
+    driver: Driver,
+    logits: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generators: Sequence[torch.Generator | None],
+    stop_ids: Collection[int] = (),
+    on_token: Callable[[list[int]], None] | None = None,
+) -> list[list[int]]:
+    """`decode` for a batch: ``logits`` ``[B, V]``, one generator per row; a row stops on its own (after a token in
+    ``stop_ids`` or ``max_new_tokens``) and is fed nothing after that. ``on_token``: one-row batches only."""
+    tokens: list[list[int]] = [[] for _ in generators]
+    live = list(range(len(generators)))
     while True:
-        next_token = sample_next(logits, temperature, top_p, generator)
-        token = int(next_token[0, 0])
-        tokens.append(token)
-        if on_token is not None:
-            on_token(tokens)
-        if token in stop_ids or len(tokens) >= max_new_tokens:
+        fed: list[int | None] = [None] * len(generators)
+        for row in live:
+            token = int(sample_next(logits[row : row + 1], temperature, top_p, generators[row])[0, 0])
+            tokens[row].append(token)
+            if on_token is not None:
+                on_token(tokens[row])
+            if token not in stop_ids and len(tokens[row]) < max_new_tokens:
+                fed[row] = token
+        live = [row for row in live if fed[row] is not None]
+        if not live:
             return tokens
-        logits = driver.step(token)
+        logits = driver.step_rows(fed)
 
 
 def _stats(
@@ -320,20 +369,23 @@ def _stats(
     n_prompt: int,
     n_question: int,
     tokens: list[int],
+    row: int = 0,
 ) -> GenerationStats:
-    cache, method, timings = driver.cache, driver.method, driver.timings
+    """Batch row ``row``'s statistics (the timings are the batch's)."""
+    cache, timings = driver.cache, driver.timings
+    method = cache.row_method(row)
     per_step = []
     layers = []
     sieve = iter(zip(cache.sieve_layers, mark))
     for idx, layer in enumerate(cache.layers):
         entry: dict[str, Any] = {"layer": idx, "stored_after_prefill": after_prefill.stored[idx]}
-        if hasattr(layer, "policy"):
+        if isinstance(layer, SieveLayer):
             _, layer_mark = next(sieve)
-            attended = layer.meter.attended_since(layer_mark)
+            attended = layer.rows[row].meter.attended_since(layer_mark)
             if attended is not None:
                 per_step.append(attended)
                 entry["attended_per_step"] = attended
-            entry.update(layer.policy.stats())
+            entry.update(layer.rows[row].policy.stats())
         else:
             entry["kind"] = "sliding_window"
         layers.append(entry)
@@ -347,7 +399,7 @@ def _stats(
         kv_stored_tokens_per_layer=after_prefill.stored,
         kv_bytes=after_prefill.bytes,
         kv_bytes_full=after_prefill.bytes_full,
-        kv_bytes_end=cache.kv_bytes(),
+        kv_bytes_end=cache.kv_bytes_of_row(row),
         attended_per_step=sum(per_step) / len(per_step) if per_step else None,
         prefill_s=timings.prefill_s + timings.question_s,
         decode_s_per_token=timings.decode_s_per_token,

@@ -12,7 +12,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["SPLIT_MARK", "Messages", "PromptInput", "TokenInput", "encode_context", "encode_prompt"]
+__all__ = [
+    "SPLIT_MARK",
+    "Messages",
+    "PromptBatch",
+    "PromptInput",
+    "TokenInput",
+    "encode_context",
+    "encode_prompt",
+    "split_batch",
+]
 
 SPLIT_MARK = "<<kvsieve-question-split>>"
 
@@ -20,6 +29,47 @@ TokenInput = str | Sequence[int] | torch.Tensor
 # A conversation: ``[{"role": "user", "content": "..."}, ...]``, rendered by the tokenizer's chat template.
 Messages = Sequence[dict[str, str]]
 PromptInput = TokenInput | Messages
+# Several prompts: a list of prompts, or a 2-D tensor of token ids (one prompt per row).
+PromptBatch = Sequence[PromptInput] | torch.Tensor
+
+
+def split_batch(prompt: Any, question: Any) -> list[tuple[PromptInput, TokenInput | None]] | None:
+    """``(prompt, question)`` per row when ``prompt`` is a batch, else None (one prompt).
+
+    A batch is a 2-D tensor of token ids (its rows) or a list whose items are each a prompt: a string, a list of
+    token ids, a 1-D tensor or a conversation. A list of ints is one prompt, a list of messages one conversation.
+    ``question``: None, one question for every row (a string, or a list of ints), or a list of one per row.
+    """
+    if isinstance(prompt, torch.Tensor) and prompt.dim() == 2:
+        prompts: list[Any] = list(prompt)
+    elif isinstance(prompt, list | tuple) and prompt and all(_is_prompt_item(p) for p in prompt):
+        prompts = list(prompt)
+    else:
+        return None
+    if question is None or isinstance(question, str | torch.Tensor) or _is_id_list(question):
+        return [(p, question) for p in prompts]
+    if not isinstance(question, list | tuple) or not all(
+        isinstance(q, str | list | tuple | torch.Tensor) for q in question
+    ):
+        raise TypeError(f"question must be a string, token ids or a list of one per prompt, got {question!r:.40}")
+    if len(question) != len(prompts):
+        raise ValueError(
+            f"question: {len(question)} questions for a batch of {len(prompts)} prompts, give one per prompt"
+        )
+    return list(zip(prompts, question))
+
+
+def _is_prompt_item(item: Any) -> bool:
+    """One prompt of a batch: a string, token ids (a list or a 1-D tensor) or a conversation."""
+    if isinstance(item, str):
+        return True
+    if isinstance(item, torch.Tensor):
+        return item.dim() == 1
+    return isinstance(item, list | tuple) and bool(item) and (_is_id_list(item) or _is_conversation(item))
+
+
+def _is_id_list(value: Any) -> bool:
+    return isinstance(value, list | tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
 def encode_prompt(
@@ -30,8 +80,8 @@ def encode_prompt(
     Strings go through the tokenizer's chat template when it has one (``chat=None``) as one user turn
     ``prompt + "\\n\\n" + question``, split right after the prompt so the two parts can be fed separately.
     A list of ``{"role", "content"}`` messages is a conversation, rendered by the chat template (the question, if
-    any, ends the last user turn). Token ids (a list of ints, or a tensor with one row) are used as given. One
-    prompt per call: a batch (a list of strings or of id lists, a tensor of several rows) is refused.
+    any, ends the last user turn). Token ids (a list of ints, or a 1-D tensor) are used as given. One prompt: a
+    batch is split into its prompts first (`split_batch`).
     """
     if isinstance(prompt, str) and not prompt.strip():
         raise ValueError("prompt is empty")
@@ -114,15 +164,15 @@ def _question_ids(tokenizer, question: TokenInput) -> list[int]:
 
 
 _ONE_PROMPT = (
-    "kvsieve.generate takes one prompt per call: a string, a list of token ids, or a list of "
-    "{'role', 'content'} messages (one conversation); batches are not supported yet"
+    "a prompt is a string, a list of token ids, a 1-D tensor or a list of {'role', 'content'} messages (a "
+    "conversation); a batch is a list of such prompts (each of one kind) or a 2-D tensor"
 )
 
 
 def _as_ids(ids: Any, name: str) -> list[int]:
     """Token ids as a list of ints; anything else (None, a batch, strings) is an error saying what is expected."""
     if isinstance(ids, torch.Tensor):
-        if ids.dim() > 2 or (ids.dim() == 2 and ids.shape[0] != 1):
+        if ids.dim() != 1:
             raise ValueError(f"{name} is a tensor of shape {list(ids.shape)}: {_ONE_PROMPT}")
         if ids.is_floating_point() or ids.is_complex():
             raise TypeError(f"{name} must hold integer token ids, got a {ids.dtype} tensor")
