@@ -32,7 +32,7 @@ Choices the paper leaves open (spec/methods.md §3.2 [ASSUMPTION]s and kvsieve's
   ``C_f`` (causally), ``C_p`` is rebuilt from its last token's attention, the reference query becomes that token's
   and the step counter restarts. ``K`` stays the value resolved from the prompt. With ``refresh=False`` the chunk
   attends ``C_p`` plus itself and its tokens enter ``C_p`` like generated ones.
-* Batches: a layer takes a full step if any row's similarity is at or below the threshold (one decision per layer).
+* Batches: every batch row has its own policy (`kvsieve.rows`), so each row of each layer decides for itself.
 * ``threshold=None`` picks the paper's value by model family: 0.85 for Llama (and Mistral, Gemma-3: untuned
   assumption), 0.95 for Qwen2/Qwen3.
 
