@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks are s
 
 import kvsieve
 import long_decode
+from kvsieve.eval.config import budget_label
 from kvsieve.eval.environment import environment
 from kvsieve.models.devices import check_device
 
@@ -141,7 +142,7 @@ def measure_length(model, n: int, args: argparse.Namespace, methods: dict[str, k
             {
                 "tokens": n,
                 "method": name,
-                "budget": None if name == "full" else args.budget,
+                "budget": budget_label(None if name == "full" else args.budget),  # as every run directory
                 "prefill_s": prefill_s,
                 "decode_ms_all": decode_ms[name],
                 "decode_ms": ms,

@@ -29,6 +29,7 @@ import torch
 import kvsieve
 from kvsieve.bench import floor_length, prompt_ids
 from kvsieve.driver import Driver
+from kvsieve.eval.config import budget_label
 from kvsieve.eval.environment import environment
 from kvsieve.generate import decode
 from kvsieve.prefill_sharing import shared_prefill, shares_prefill
@@ -101,7 +102,7 @@ def measure_length(model, tokenizer, n: int, args, methods: dict[str, kvsieve.Me
             {
                 "tokens": n,
                 "method": name,
-                "budget": None if name == "full" else args.budget,
+                "budget": budget_label(None if name == "full" else args.budget),  # as every run directory
                 "prefill_s": prefill_s,
                 "decode_ms_all": ms,
                 "decode_ms": statistics.median(ms),
