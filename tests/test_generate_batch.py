@@ -92,7 +92,8 @@ def test_a_row_stops_at_its_end_of_sequence_and_the_others_go_on():
     prompts = [random_ids(40, seed=1), random_ids(25, seed=2)]
     kwargs = dict(method=build("h2o", 16), max_new_tokens=8)
     free = kvsieve.generate(model, IdTokenizer(), prompts, stop_at_eos=False, **kwargs)
-    assert free[1].tokens[2] == model.generation_config.eos_token_id and 2 not in free[0].tokens
+    eos = model.generation_config.eos_token_id
+    assert free[1].tokens[2] == eos and eos not in free[0].tokens
     outputs = kvsieve.generate(model, IdTokenizer(), prompts, **kwargs)
     assert outputs[0].tokens == free[0].tokens and outputs[0].stop_reason == "max_new_tokens"
     assert outputs[1].tokens == free[1].tokens[:3] and outputs[1].stop_reason == "eos"

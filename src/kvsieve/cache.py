@@ -339,13 +339,14 @@ class SieveCache(Cache):
         own tokens end."""
         if len(layouts) != self.batch_size:
             raise ValueError(f"layouts: {len(layouts)} given for a batch of {self.batch_size} rows")
+        bad = next((layout for layout in layouts if not isinstance(layout, PromptLayout)), None)
+        if bad is not None:
+            raise TypeError(f"layout must be a kvsieve PromptLayout, got {type(bad).__name__}")
         if len(layouts) == 1:
             self.layout = layouts[0]
             return
         for layer in self.sieve_layers:
             for row, layout in zip(layer.rows, layouts):
-                if not isinstance(layout, PromptLayout):
-                    raise TypeError(f"layout must be a kvsieve PromptLayout, got {type(layout).__name__}")
                 row.layout = layout
 
     def row_method(self, row: int) -> Method:
@@ -426,8 +427,8 @@ class SieveCache(Cache):
         for layer, rows in zip(sieve, new_rows):
             layer.rows = rows
         self.row_shared[:] = new_shared
-        if len(self.row_methods) > 1:
-            self.row_methods = [self.row_methods[source] for source in sources]
+        if len(self.row_methods) > 1:  # in place: the RowPolicies of this cache read the same list
+            self.row_methods[:] = [self.row_methods[source] for source in sources]
         index = torch.as_tensor(sources, dtype=torch.long)
         for layer in self.layers:
             if not isinstance(layer, SieveLayer) and layer.is_initialized:  # transformers' sliding-window layers
