@@ -122,19 +122,30 @@ def _store(n_blocks: int, batch: int = 2, h_kv: int = 2, bs: int = 4, d: int = 8
     return host
 
 
-def test_device_cache_gathers_the_host_blocks_in_order_for_every_row():
+def test_device_cache_lays_out_the_selected_host_blocks_for_every_row_copying_only_new_ones():
     host = _store(9)
     cache = DeviceBlockCache(capacity=4, strategy="lru")
     dev = torch.device("cpu")
-    for selection in ([[0, 1, 2], [5, 3, 8]], [[7, 1], [8, 2]], [[4, 6, 0, 3], [1, 0, 8, 5]], [[2, 5], [6, 7]]):
+    selections = ([[0, 1, 2], [5, 3, 8]], [[7, 1], [8, 2]], [[4, 6, 0, 3], [1, 0, 8, 5]], [[2, 5], [6, 7]])
+    selections += ([[2, 5], [6, 7]], [[5, 2, 3], [7, 6, 1]])  # the same blocks again, then one more per row
+    copies = []
+    for selection in selections:
+        before = cache.buffer_copies
         slots = cache.load(selection, host, dev)
-        keys, values = cache.gather(slots)
+        keys, values, order = cache.gather(slots, selection)
+        copies.append(cache.buffer_copies - before)
         for row, blocks in enumerate(selection):
-            want_k = torch.cat([host.block(row, j)[0] for j in blocks], dim=1)  # [H_kv, k * bs, D]
-            want_v = torch.cat([host.block(row, j)[1] for j in blocks], dim=1)
+            assert sorted(order[row].tolist()) == sorted(blocks)  # every selected block once, in some place
+            want_k = torch.cat([host.block(row, j)[0] for j in order[row].tolist()], dim=1)  # [H_kv, k * bs, D]
+            want_v = torch.cat([host.block(row, j)[1] for j in order[row].tolist()], dim=1)
             assert torch.equal(keys[row], want_k) and torch.equal(values[row], want_v)
+        assert keys.data_ptr() == cache._buf_k.data_ptr()  # a view of the buffer, not a copy
         assert max(cache.occupied()) <= 4 and cache.allocated_slots <= 4
-    assert cache.loads + cache.hits == 22 and cache.hits > 0  # every selected block counted once
+    assert cache.loads + cache.hits == 32 and cache.hits > 0  # every selected block counted once
+    # a block that stays selected within the step's places keeps its place: [0, 1, 2] -> [7, 1] keeps 1 (place 1),
+    # [5, 3, 8] -> [8, 2] copies both (8 was at place 2, beyond 2 places); [8, 2] -> [1, 0, 8, 5] keeps 8; the
+    # repeated step copies nothing; the last adds one block per row
+    assert copies == [6, 3, 7, 4, 0, 2]
 
 
 def test_unit_representatives_follow_the_blocks_added():

@@ -297,7 +297,8 @@ def test_device_cache_lru_and_lru_s():
     cache.load([[2]], host, dev)
     slots = cache.load([[1, 3]], host, dev)  # full: evicts the least recently used block not selected: 0
     assert sorted(cache.slot_of[0]) == [1, 2, 3]
-    keys, values = cache.gather(slots)
+    keys, values, order = cache.gather(slots, [[1, 3]])
+    assert order.tolist() == [[1, 3]]  # the first layout follows the selection
     assert keys[0, 0, :4, 0].tolist() == [1.0] * 4 and keys[0, 0, 4:, 0].tolist() == [3.0] * 4
     assert values[0, 1, 4:, 0].tolist() == [-3.0] * 4
     assert (cache.loads, cache.hits) == (4, 1)

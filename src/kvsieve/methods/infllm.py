@@ -192,7 +192,7 @@ class InfLLMPolicy(LayerPolicy):
         (self.blocks_decode if call.phase is Phase.DECODE else self.blocks_prefill).append(n_sel)
         fused = []
         if n_sel:
-            blk_k, blk_v, blk_pos = self.memory.fetch(selection)
+            blk_k, blk_v, blk_pos, order = self.memory.fetch(selection)
             fused.append(Part(q_mem, blk_k, blk_v))
         else:
             blk_pos = torch.empty(b, 0, dtype=torch.long, device=device)
@@ -204,7 +204,7 @@ class InfLLMPolicy(LayerPolicy):
         recent.scores[:, :, lo - rs : end - rs] += received[0]
         if credit:
             mass = received[-1].sum(dim=1).view(b, n_sel, m.block_size).sum(-1)
-            self.memory.cache.credit(selection.tolist(), mass)
+            self.memory.cache.credit(order.tolist(), mass)  # the mass is in the keys' order
         first_recent = rs if n_rem else lo
         init_pos = torch.arange(self.init_first, self.init_first + self.init_len, device=device)
         attended = torch.cat(
@@ -334,6 +334,7 @@ class InfLLMPolicy(LayerPolicy):
             "host_blocks": 0 if mem is None else mem.n_blocks,
             "cached_blocks": 0 if mem is None else max(mem.cache.occupied(), default=0),
             "cache_loads": 0 if mem is None else mem.cache.loads,
+            "buffer_copies": 0 if mem is None else mem.cache.buffer_copies,
             "cache_hits": 0 if mem is None else mem.cache.hits,
             "attended_max": self.attended_max,
         }

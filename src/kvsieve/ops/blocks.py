@@ -174,13 +174,13 @@ class DeviceBlockCache:
     up to capacity.
 
     ``load(selection)`` makes the selected blocks resident (copying missing ones from the host store, evicting
-    blocks that the selection does not need) and returns their slots; ``gather(slots)`` lays them out as keys and
-    values ``[B, H_kv, k * bs, D]`` for attention: one index_select per row and tensor, contiguous per head (the layout
-    attention reads), not a copy per block. The missing blocks of a step, over all rows, move in one host gather
-    (into a pinned staging buffer when the host store is pinned), one host-to-device copy (asynchronous from pinned
-    memory) and one scatter into their slots. Eviction order: ``"lru"`` -- each load stamps its blocks with a
-    counter; ``"lru-s"`` -- a block's score decays by ``decay`` per step and grows by the attention mass it
-    receives (`credit`); the lowest stamp or score goes first.
+    blocks that the selection does not need) and returns their slots; ``gather(slots, blocks)`` lays them out as
+    keys and values ``[B, H_kv, k * bs, D]`` for attention in a persistent attended buffer where a block that stays
+    selected keeps its place, so a step copies only the blocks newly selected. The missing blocks of a step, over all
+    rows, move in one host gather (into a pinned staging buffer when the host store is pinned), one host-to-device
+    copy (asynchronous from pinned memory) and one scatter into their slots. Eviction order: ``"lru"`` -- each load
+    stamps its blocks with a counter; ``"lru-s"`` -- a block's score decays by ``decay`` per step and grows by the
+    attention mass it receives (`credit`); the lowest stamp or score goes first.
     """
 
     def __init__(self, capacity: int, strategy: CacheStrategy = "lru", decay: float = 0.1) -> None:
@@ -197,6 +197,10 @@ class DeviceBlockCache:
         self.hits = 0  # selected blocks already resident
         self._staging: tuple[torch.Tensor, torch.Tensor] | None = None  # pinned host buffers of the copies
         self._copied: torch.cuda.Event | None = None  # the last asynchronous copy out of the staging buffers
+        self._buf_k: torch.Tensor | None = None  # the attended buffer [B, H_kv, k_max, bs, D] (see `gather`)
+        self._buf_v: torch.Tensor | None = None
+        self.placed: list[list[int]] = []  # per row: the block in each place of the attended buffer
+        self.buffer_copies = 0  # blocks copied into the attended buffer
 
     @property
     def allocated_slots(self) -> int:
@@ -292,17 +296,53 @@ class DeviceBlockCache:
             )
         return self._staging[0][:n], self._staging[1][:n]
 
-    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[B, H_kv, k * bs, D]`` of the blocks in ``slots`` ``[B, k]``, in that order: one
-        ``index_select`` per row and tensor (several times faster on a CPU than one ``gather`` over the batch)."""
+    def gather(self, slots: torch.Tensor, blocks: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys and values ``[B, H_kv, k * bs, D]`` of ``blocks`` (per row, the same count ``k``) resident in
+        ``slots`` ``[B, k]``, and the block of each of their ``k`` places ``[B, k]`` (long).
+
+        The blocks are laid out in a persistent attended buffer, head-major like the slots: a block that stays
+        selected keeps its place, and only newly selected blocks are copied in (one indexed copy per tensor for the
+        step), so a decode whose selection barely changes copies nothing. The places follow the buffer, not
+        ``blocks``' order: attention is the same in any order of its keys (one softmax; the memory's keys share one
+        position), up to float rounding."""
         b, k = slots.shape
+        if self._buf_k is None or self._buf_k.shape[2] < k:
+            self._grow_buffer(k)
+        moves: list[tuple[int, int, int]] = []  # (row, place, slot)
+        slot_rows = slots.tolist()
+        for row, (wanted, row_slots) in enumerate(zip(blocks, slot_rows)):
+            placed = self.placed[row]
+            del placed[k:]  # places beyond this step's count are not attended: their blocks must move in again
+            placed.extend([-1] * (k - len(placed)))
+            slot_of = dict(zip(wanted, row_slots))
+            kept = {block for block in placed if block in slot_of}
+            incoming = (block for block in wanted if block not in kept)
+            for place, block in enumerate(placed):
+                if block not in kept:
+                    placed[place] = new = next(incoming)
+                    moves.append((row, place, slot_of[new]))
+        if moves:
+            rows, places, from_slots = (torch.tensor(c, dtype=torch.long, device=slots.device) for c in zip(*moves))
+            self._buf_k[rows, :, places] = self._k[rows, :, from_slots]
+            self._buf_v[rows, :, places] = self._v[rows, :, from_slots]
+            self.buffer_copies += len(moves)
+        h_kv, bs = self._k.shape[1], self._k.shape[3]
+        keys = self._buf_k[:, :, :k].reshape(b, h_kv, k * bs, self._k.shape[4])  # views: one head's places are adjacent
+        values = self._buf_v[:, :, :k].reshape(b, h_kv, k * bs, self._v.shape[4])
+        order = torch.tensor([row[:k] for row in self.placed[:b]], dtype=torch.long, device=slots.device)
+        return keys, values, order
 
-        def take(t: torch.Tensor) -> torch.Tensor:
-            rows = [t[row].index_select(1, slots[row]) for row in range(b)]  # [H_kv, k, bs, D] each
-            picked = rows[0][None] if b == 1 else torch.stack(rows)
-            return picked.view(b, t.shape[1], k * t.shape[3], t.shape[4])
-
-        return take(self._k), take(self._v)
+    def _grow_buffer(self, k: int) -> None:
+        b, h_kv, _, bs, d = self._k.shape
+        size = min(self.capacity, max(k, 2 * (0 if self._buf_k is None else self._buf_k.shape[2])))
+        buf_k = self._k.new_empty(b, h_kv, size, bs, d)
+        buf_v = self._v.new_empty(b, h_kv, size, bs, self._v.shape[4])
+        if self._buf_k is not None:
+            old = self._buf_k.shape[2]
+            buf_k[:, :, :old], buf_v[:, :, :old] = self._buf_k, self._buf_v
+        self._buf_k, self._buf_v = buf_k, buf_v
+        while len(self.placed) < b:
+            self.placed.append([])
 
     def credit(self, selection: list[list[int]], mass: torch.Tensor) -> None:
         """``"lru-s"``: decay every resident block's score, then add the attention mass ``[B, k]`` each received."""
@@ -324,7 +364,8 @@ class DeviceBlockCache:
         return per_slot * sum(self.occupied())
 
     def allocated_bytes(self) -> int:
-        return _nbytes(self._k) + _nbytes(self._v)
+        """The slots and the attended buffer (K and V)."""
+        return _nbytes(self._k) + _nbytes(self._v) + _nbytes(self._buf_k) + _nbytes(self._buf_v)
 
 
 class BlockMemory:
@@ -390,15 +431,16 @@ class BlockMemory:
         self._first[n] = first_position
         self.host.append(keys, values)
 
-    def fetch(self, selection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys, values ``[B, H_kv, k * bs, D]`` and positions ``[B, k * bs]`` of the selected blocks ``[B, k]``."""
+    def fetch(self, selection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values ``[B, H_kv, k * bs, D]`` and positions ``[B, k * bs]`` of the selected blocks ``[B, k]``,
+        and the block of each of the ``k`` places ``[B, k]``: the order of the keys (see `DeviceBlockCache.gather`)."""
         chosen = selection.tolist()
         slots = self.cache.load(chosen, self.host, self.device)
-        keys, values = self.cache.gather(slots)
-        first = self._first[selection.to(self.device)]  # [B, k]
+        keys, values, order = self.cache.gather(slots, chosen)
+        first = self._first[order]  # [B, k]
         offsets = torch.arange(self.block_size, device=self.device)
         positions = (first[..., None] + offsets).reshape(selection.shape[0], -1)
-        return keys, values, positions
+        return keys, values, positions, order
 
     def repr_bytes(self) -> int:
         """Device bytes of the representative vectors (and of their unit-length copies, once cosine asked)."""
