@@ -295,11 +295,28 @@ def test_local_directory_loads_and_forwards_options(converted, monkeypatch):
     assert calls[-1]["attn_implementation"] == "eager"
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_auto_dtype_is_bf16_only_where_the_cpu_computes_it_natively(converted, monkeypatch, native_bf16):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native_bf16)
+    want = torch.bfloat16 if native_bf16 else torch.float32
+    assert models.devices.fastest_dtype(None) == want
+    model, _ = load_model(str(converted.dir), dtype="auto")
+    assert model.dtype == want  # not the checkpoint's dtype (transformers' "auto")
+
+
+def test_bench_runs_in_the_fastest_dtype_by_default_and_the_others_keep_float32():
+    from kvsieve.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["bench"]).dtype == "auto"
+    assert parser.parse_args(["generate", "hello"]).dtype == "float32"
+
+
 @pytest.mark.parametrize("dtype", ["fp8", "int8", "float64", torch.int8, 32])
 def test_bad_dtype_raises_value_error_naming_dtype(dtype):
     with pytest.raises(ValueError, match="dtype") as info:
         load_model("kvsieve-tests/not-a-cached-model", dtype=dtype)  # dtype is checked before anything else
-    assert "'bfloat16'" in str(info.value)
+    assert "'bfloat16'" in str(info.value) and "'auto'" in str(info.value)
 
 
 def test_default_cache_dir_follows_the_environment(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
         "Prints a table and warns where repetitions disagree by more than a difference; --out FILE writes the rows "
         "and the machine as JSON, --json prints that JSON instead of the table.",
     )
-    add_model_args(bn)
+    add_model_args(bn, dtype="auto")  # the fastest: every table states the dtype it ran in
     bn.add_argument("--methods", type=names, default=["snapkv"], help="comma-separated method names")
     bn.add_argument("--budgets", type=budgets, default=[0.2], help="comma-separated budgets: ints or fractions")
     bn.add_argument(

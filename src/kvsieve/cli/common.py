@@ -80,11 +80,16 @@ def floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser, dtype: str = "float32") -> None:
     parser.add_argument(
         "--model", default=None, help="local HF directory, .gguf file or known alias (default: SmolLM2)"
     )
-    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    parser.add_argument(
+        "--dtype",
+        default=dtype,
+        help=f"float32 | bfloat16 | float16 | auto (bf16 where the hardware computes it natively, else fp32); default"
+        f" {dtype}",
+    )
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvsieve.models.convert import MARKER_NAME, ensure_converted
-from kvsieve.models.devices import check_device_map
+from kvsieve.models.devices import check_device_map, fastest_dtype
 from kvsieve.models.loaders import (
     LoadOptions,
     finish,
@@ -79,7 +79,9 @@ def load_model(
     - a Hugging Face hub id, read from the local HF cache only. It raises ``ModelNotFoundError`` at once when not
       cached, unless ``allow_download=True`` lets transformers download it.
 
-    ``dtype``: a torch floating dtype or one of ``"float32"``, ``"bfloat16"``, ``"float16"``. ``device_map`` is passed
+    ``dtype``: a torch floating dtype or one of ``"float32"``, ``"bfloat16"``, ``"float16"``, or ``"auto"``: the
+    fastest on the hardware (`kvsieve.models.devices.fastest_dtype`: bf16 where it is native, else fp32; unlike
+    transformers' ``"auto"``, not the checkpoint's dtype); the dtype used is ``model.dtype``. ``device_map`` is passed
     to transformers unchanged (``"auto"`` splits a model across the GPUs; every method's state is created on its
     layer's device); one that names a CUDA device fails at once, in one line, where there is no CUDA or no such
     device (`kvsieve.models.devices.device_map_for` turns a ``--device`` spec into a ``device_map``).
@@ -89,8 +91,8 @@ def load_model(
 
     A tokenizer without a pad token gets ``pad_token = eos_token`` so that batched calls work.
     """
-    torch_dtype = resolve_dtype(dtype)
     check_device_map(device_map)
+    torch_dtype = fastest_dtype(device_map) if dtype == "auto" else resolve_dtype(dtype)
     if not isinstance(attn_implementation, str) or not attn_implementation:
         raise ValueError(f"attn_implementation must be a non-empty string, got {attn_implementation!r}")
     options = LoadOptions(torch_dtype, device_map, trust_remote_code, attn_implementation)

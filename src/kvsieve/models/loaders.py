@@ -58,7 +58,7 @@ class LoadOptions:
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     """A torch floating dtype, from itself or its name (``"bfloat16"``, ``"torch.bfloat16"``)."""
-    allowed = ", ".join(repr(name) for name in _DTYPES)
+    allowed = ", ".join(repr(name) for name in _DTYPES) + " or 'auto' (the fastest on the hardware)"
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point torch dtype or one of {allowed}; got {dtype}")
