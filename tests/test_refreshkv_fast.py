@@ -7,7 +7,7 @@ import torch
 
 from helpers import load_benchmark, tiny_llama_for
 from kvsieve.methods.eviction import PROTECTED
-from kvsieve.methods.refreshkv import rank_keys, select_top
+from kvsieve.methods.refreshkv import rank_keys, select_top, top_in_slot_order
 
 bench = load_benchmark("bench_refreshkv_decode")
 
@@ -71,3 +71,13 @@ def test_benchmark_rows_split_partial_and_full_steps(smollm2_tokenizer, capsys):
     assert spread["min"] <= spread["median"] <= spread["max"]
     bench.print_table(rows, "toy")
     assert "partial-only" in capsys.readouterr().out
+
+
+def test_top_in_slot_order_equals_select_top_on_ordered_positions():
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.randint(0, 5, (2, 3, 50), generator=gen).float()
+    positions = torch.arange(50, dtype=torch.int32).expand(2, 3, 50)
+    for k in (1, 17, 50):
+        expected = select_top(scores, positions, k)
+        got = top_in_slot_order(scores, k)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])

@@ -93,6 +93,13 @@ def select_top(scores: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[t
     return slots, rank
 
 
+def top_in_slot_order(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`select_top` for entries stored in position order (C_f, append-only): no sort by position first."""
+    ranked = scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    slots, rank = ranked.sort(dim=-1)
+    return slots, rank
+
+
 def rank_keys(rank: torch.Tensor) -> torch.Tensor:
     """C_p's eviction keys (float64) of selected entries from their `select_top` ranks: ``-rank``, unique, so that
     the lowest key is the worst entry in `select_top`'s order (lowest score, ties to the newer position) and one
@@ -194,7 +201,7 @@ class RefreshKVPolicy(LayerPolicy):
         pooled = pool_scores(probs, self.method.kernel_size, "max")
         scores = reduce_gqa(pooled, self.info.n_kv_heads, self.method.gqa_reduce)  # [B, H_kv, S]
         # everything fits: the slots are 0..S-1, C_f's order (bit-identical attention to the full cache)
-        slots, rank = select_top(scores, cf.positions, min(self.k, cf.length))
+        slots, rank = top_in_slot_order(scores, min(self.k, cf.length))  # C_f's slots are in position order
         d, dv = cf.keys.shape[-1], cf.values.shape[-1]
         cp = self.partial
         cp.length = 0  # reuse C_p's buffer: refreshes happen every few steps
