@@ -27,7 +27,8 @@ Choices the paper leaves open (spec/methods.md §3.2 [ASSUMPTION]s and kvsieve's
   so the lowest-scored *selected* entry always leaves first, and once every selected entry is gone the oldest
   generated token leaves (a rolling window). No extra sink or recent window.
 * Ties in the pooled scores (max-pooling copies a peak onto its neighbours) are broken by position: the older entry
-  ranks higher, in the top-``K`` selection and in the eviction alike, so the kept set is deterministic.
+  ranks higher, in the top-``K`` selection and in the eviction alike, so the kept set is deterministic. ``C_p``
+  stores each selected entry's rank in that order (`rank_keys`), so a partial step's eviction is one ``argmin``.
 * A multi-token chunk after compression (a question fed separately) is treated as the end of the prompt: it attends
   ``C_f`` (causally), ``C_p`` is rebuilt from its last token's attention, the reference query becomes that token's
   and the step counter restarts. ``K`` stays the value resolved from the prompt. With ``refresh=False`` the chunk
@@ -68,7 +69,7 @@ from kvsieve.ops.rope import Rotary
 from kvsieve.ops.scoring import attention_probs, pool_scores, reduce_gqa
 from kvsieve.ops.store import KVStore
 
-SCORE = "refreshkv_score"  # per C_p entry: pooled attention score (selected) or PROTECTED + position (generated)
+SCORE = "refreshkv_score"  # per C_p entry, its eviction key: -rank (selected, `rank_keys`) or PROTECTED + position
 PARTIAL_RESERVE = 16  # spare C_p slots: a partial step holds K + 1 entries between its append and its eviction
 # The paper's thresholds (Table 3, tuned on Book): Llama-3.1-8B and Qwen2-7B. Other families: an assumption.
 THRESHOLDS = {"llama": 0.85, "mistral": 0.85, "gemma3_text": 0.85, "qwen2": 0.95, "qwen3": 0.95}
@@ -80,20 +81,30 @@ def default_threshold(config) -> float:
     return THRESHOLDS.get(getattr(config, "model_type", None), DEFAULT_THRESHOLD)
 
 
-def select_top(scores: torch.Tensor, positions: torch.Tensor, k: int) -> torch.Tensor:
-    """Slots ``[B, H_kv, k]`` (ascending) of the ``k`` best entries by score, ties to the older position.
+def select_top(scores: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best entries by score, ties to the older position: their slots ``[B, H_kv, k]`` (ascending) and
+    the rank of each (``[B, H_kv, k]``, 0 the best).
 
     ``scores`` ``[B, H_kv, S]``, ``positions`` ``[B, H_kv, S]`` (unique per head, any order).
     """
     by_position = positions.argsort(dim=-1)
     ranked = scores.gather(-1, by_position).sort(dim=-1, descending=True, stable=True).indices[..., :k]
-    return by_position.gather(-1, ranked).sort(dim=-1).values
+    slots, rank = by_position.gather(-1, ranked).sort(dim=-1)
+    return slots, rank
 
 
-def lowest_slot(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Slot ``[B, H_kv]`` of the worst entry in `select_top`'s order: lowest score, ties to the newer position."""
-    tied = scores == scores.amin(dim=-1, keepdim=True)
-    return torch.where(tied, positions, -1).argmax(dim=-1)
+def top_in_slot_order(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`select_top` for entries stored in position order (C_f, append-only): no sort by position first."""
+    ranked = scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    slots, rank = ranked.sort(dim=-1)
+    return slots, rank
+
+
+def rank_keys(rank: torch.Tensor) -> torch.Tensor:
+    """C_p's eviction keys (float64) of selected entries from their `select_top` ranks: ``-rank``, unique, so that
+    the lowest key is the worst entry in `select_top`'s order (lowest score, ties to the newer position) and one
+    ``argmin`` finds it. Generated tokens get ``PROTECTED + position``, above every selected entry."""
+    return rank.to(torch.float64).neg_()
 
 
 class RefreshKVPolicy(LayerPolicy):
@@ -160,16 +171,16 @@ class RefreshKVPolicy(LayerPolicy):
         """Attention over ``C_p`` plus the new tokens; they stay in ``C_p``, which then shrinks back to ``K``."""
         q, cp = call.n_new, self.partial
         cp.append(self.store.keys[:, :, -q:], self.store.values[:, :, -q:], call.first_position)
-        new_positions = cp.positions[:, :, -q:]
-        cp.aux(SCORE)[:, :, -q:] = PROTECTED + new_positions.double()
+        first = PROTECTED + call.first_position  # exact in float64 (below 2**53)
+        cp.aux(SCORE)[:, :, -q:] = torch.arange(first, first + q, dtype=torch.float64, device=cp.positions.device)
         call.record(cp.positions)
         self.attended_sum += cp.length
         out = attend(call.module, call.query, cp.keys, cp.values, call.scaling, **call.kwargs)
         excess = cp.length - self.k
         if excess == 1:  # the decode step: move one entry, no gather
-            cp.evict(lowest_slot(cp.aux(SCORE), cp.positions))
+            cp.evict(cp.aux(SCORE).argmin(dim=-1))  # the keys are unique: no tie to break
         elif excess > 1:
-            cp.keep(select_top(cp.aux(SCORE), cp.positions, self.k), reserve=PARTIAL_RESERVE)
+            cp.keep(select_top(cp.aux(SCORE), cp.positions, self.k)[0], reserve=PARTIAL_RESERVE)
         return out
 
     def _after_full_chunk(self, call: AttentionCall) -> None:
@@ -189,11 +200,8 @@ class RefreshKVPolicy(LayerPolicy):
         probs = attention_probs(query, cf.keys, scaling)[:, :, 0]  # the newest token sees every entry
         pooled = pool_scores(probs, self.method.kernel_size, "max")
         scores = reduce_gqa(pooled, self.info.n_kv_heads, self.method.gqa_reduce)  # [B, H_kv, S]
-        k = min(self.k, cf.length)
-        if k == cf.length:  # everything fits: keep C_f's order (bit-identical attention to the full cache)
-            slots = torch.arange(k, device=scores.device).expand(scores.shape[0], scores.shape[1], k)
-        else:
-            slots = select_top(scores, cf.positions, k)
+        # everything fits: the slots are 0..S-1, C_f's order (bit-identical attention to the full cache)
+        slots, rank = top_in_slot_order(scores, min(self.k, cf.length))  # C_f's slots are in position order
         d, dv = cf.keys.shape[-1], cf.values.shape[-1]
         cp = self.partial
         cp.length = 0  # reuse C_p's buffer: refreshes happen every few steps
@@ -203,7 +211,7 @@ class RefreshKVPolicy(LayerPolicy):
             0,
         )
         cp.positions.copy_(cf.positions.gather(2, slots))
-        cp.aux(SCORE).copy_(scores.gather(2, slots))
+        cp.aux(SCORE).copy_(rank_keys(rank))
 
     # ---------------------------------------------------------------------------------------- schedule
     def _full_step_due(self, call: AttentionCall) -> torch.Tensor | bool | None:
