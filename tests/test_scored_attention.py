@@ -215,4 +215,6 @@ def test_bench_h2o_prefill_runs_at_a_toy_size():
     rows = bench.run(tiny_model("llama"), bench.parse_args(["--lengths", "40", "--repeats", "2", "--budget", "10"]))
     assert [r["tokens"] for r in rows] == [40] and len(rows[0]["ratios"]) == 2
     assert rows[0]["ratio_min"] <= rows[0]["ratio_median"] <= rows[0]["ratio_max"]
+    share, cost = rows[0]["attention_share"], rows[0]["colsum_over_attention"]
+    assert share > 0 and cost > 0 and rows[0]["expected_ratio"] == pytest.approx(1 + share * cost)
     assert "40" in bench.table(rows)
