@@ -111,7 +111,7 @@ def causal_column_sums(
     g = h // n_kv
     low_precision = query.dtype in LOW_PRECISION
     if low_precision:  # logits in the model's dtype, softmax in float32 (H2O's release)
-        keys_t = keys.transpose(-1, -2)  # [B, H_kv, D, S]
+        keys_t = keys.transpose(-1, -2).contiguous()  # [B, H_kv, D, S]
         rows_all = query
         neg_lse = -lse.unsqueeze(-1)  # [B, H, q, 1]
     else:
@@ -131,8 +131,9 @@ def causal_column_sums(
         for k0 in range(0, query_start + stop, KEY_TILE):
             k1 = min(query_start + stop, k0 + KEY_TILE)
             logits = torch.matmul(rows, keys_t[..., k0:k1])  # [B, H_kv, g * n, k1 - k0]
-            # float32 either way: a low-precision tile is scaled and shifted by -lse on its way to float32
-            probs = torch.add(tile_neg_lse, logits, alpha=scaling).exp_() if low_precision else logits.exp_()
+            if low_precision:  # in place on a float32 copy (a mixed-dtype add is 10x slower than the three passes)
+                logits = logits.float().mul_(scaling).add_(tile_neg_lse)
+            probs = logits.exp_()  # float32
             if k1 > diagonal:  # query r sees key diagonal + t iff t <= r (invisible ones may be inf: overwritten)
                 lo = max(k0, diagonal)
                 visible = probs.view(b, n_kv, g, n, k1 - k0)[..., lo - k0 :]
