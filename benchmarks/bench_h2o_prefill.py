@@ -6,7 +6,13 @@ is taken pair by pair (min, median, max over repetitions). H2O's extra work is t
 (`kvsieve.ops.scored_attention`: one ``Q K^T`` per tile from the attention's own log-sum-exp, the output reused),
 then the selection and the gather of the kept entries.
 
+The ratio is explained per length by the ops alone, on random tensors of the model's layer shapes: the attention
+(sdpa's causal flash kernel, once per layer) as a share of Full's prefill, and the column sums' cost against the
+attention's (`causal_column_sums` as H2O's default ``gqa_reduce="mean"`` calls it), so that the expected
+overhead is ``1 + attention_share * colsum_over_attention`` (plus H2O's selection and gather).
+
     python benchmarks/bench_h2o_prefill.py --lengths 4096 8192 --repeats 5 --threads 1 --out h2o_prefill.json
+    python benchmarks/bench_h2o_prefill.py --dtype bfloat16 --model PATH_OR_NAME --lengths 16384
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import kvsieve
 from kvsieve.cache import SieveCache
 from kvsieve.driver import cache_kwargs
 from kvsieve.methods.base import Phase
+from kvsieve.ops.scored_attention import causal_column_sums
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -31,6 +38,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--budget", type=float, default=0.2, help="H2O's budget (fraction of the prompt or tokens)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the model's dtype")
+    parser.add_argument("--model", default=None, help="model name or path (default: kvsieve's default model)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default=None, metavar="FILE", help="write the measurements to this file (JSON)")
     return parser.parse_args(argv)
@@ -50,6 +59,29 @@ def time_prefill(model, ids: torch.Tensor, method: kvsieve.Method) -> float:
     return time.perf_counter() - start
 
 
+@torch.inference_mode()
+def time_ops(model, n: int, repeats: int) -> tuple[float, float]:
+    """Median seconds of one layer's causal attention and of its column sums (mean/sum: per KV head), on random
+    tensors of the model's shapes and dtype: ``(attention_s, column_sums_s)``."""
+    config = model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    dtype = next(model.parameters()).dtype
+    g = torch.Generator().manual_seed(1)
+    query = torch.randn(1, heads, n, dim, generator=g).to(dtype)
+    keys, values = (torch.randn(1, kv_heads, n, dim, generator=g).to(dtype) for _ in range(2))
+    scale = dim**-0.5
+    attention_s, sums_s = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, keys, values, 0.0, True, scale=scale)
+        attention_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        causal_column_sums(query, keys, scale, lse, 0, 128, per_query_head=False)
+        sums_s.append(time.perf_counter() - start)
+    return statistics.median(attention_s), statistics.median(sums_s)
+
+
 def run(model, args: argparse.Namespace) -> list[dict]:
     """One row per length: the full cache's and H2O's prefill seconds and their pairwise ratios."""
     full = kvsieve.method("full")
@@ -66,21 +98,26 @@ def run(model, args: argparse.Namespace) -> list[dict]:
             for method, times in pair if rep % 2 == 0 else pair[::-1]:  # alternate who goes first
                 times.append(time_prefill(model, ids, method))
         ratios = [h / f for h, f in zip(h2o_s, full_s)]
+        attention_s, sums_s = time_ops(model, n, args.repeats)
+        share = attention_s * model.config.num_hidden_layers / statistics.median(full_s)
         rows.append(
             dict(tokens=n, budget=budget, full_s=full_s, h2o_s=h2o_s, ratios=ratios,
                  ratio_min=min(ratios), ratio_median=statistics.median(ratios), ratio_max=max(ratios),
-                 full_median_s=statistics.median(full_s), h2o_median_s=statistics.median(h2o_s))
+                 full_median_s=statistics.median(full_s), h2o_median_s=statistics.median(h2o_s),
+                 layer_attention_s=attention_s, layer_column_sums_s=sums_s, attention_share=share,
+                 colsum_over_attention=sums_s / attention_s, expected_ratio=1 + share * sums_s / attention_s)
         )  # fmt: skip
     return rows
 
 
 def table(rows: list[dict]) -> str:
     lines = [f"{'tokens':>6} {'full s (median)':>15} {'h2o s (median)':>14} {'h2o/full min':>12} "
-             f"{'median':>7} {'max':>7}"]  # fmt: skip
+             f"{'median':>7} {'max':>7} {'attn share':>10} {'colsum/attn':>11} {'expected':>8}"]  # fmt: skip
     for r in rows:
         lines.append(
             f"{r['tokens']:>6} {r['full_median_s']:>15.3f} {r['h2o_median_s']:>14.3f} {r['ratio_min']:>12.3f} "
-            f"{r['ratio_median']:>7.3f} {r['ratio_max']:>7.3f}"
+            f"{r['ratio_median']:>7.3f} {r['ratio_max']:>7.3f} {r['attention_share']:>10.3f} "
+            f"{r['colsum_over_attention']:>11.3f} {r['expected_ratio']:>8.3f}"
         )
     return "\n".join(lines)
 
@@ -89,14 +126,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, _ = kvsieve.load_model()
+    model, _ = kvsieve.load_model(args.model, dtype=getattr(torch, args.dtype))
     rows = run(model, args)
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-    print(f"H2O prefill against the full cache, SmolLM2-135M fp32, {machine}, {args.repeats} repetitions (paired)")
+    name = model.config.name_or_path
+    print(f"H2O prefill against the full cache, {name} {args.dtype}, {machine}, {args.repeats} repetitions (paired)")
     print(table(rows))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"machine": machine, "repeats": args.repeats, "rows": rows}, f, indent=1)
+            record = {"machine": machine, "model": name, "dtype": args.dtype, "repeats": args.repeats, "rows": rows}
+            json.dump(record, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -37,9 +37,15 @@ class H2OPolicy(PriorityEvictionPolicy):
         """Add per-query-head attention mass ``[B, H, S]`` to the stored entries' scores."""
         self.store.aux(SCORE).add_(reduce_gqa(probs_sum, self.info.n_kv_heads, self.method.gqa_reduce))
 
+    def _accumulate_group_sums(self, group_sums: torch.Tensor) -> None:
+        """Add attention mass already summed over each KV head's query heads ``[B, H_kv, S]`` (mean or sum)."""
+        group = self.info.group_size
+        self.store.aux(SCORE).add_(group_sums / group if self.method.gqa_reduce == "mean" else group_sums)
+
     def observe(self, call: AttentionCall) -> None:
         store = self.store
         if store.length == call.seen:  # nothing evicted yet: the entries are the prefix in order
+            per_query_head = self.method.gqa_reduce == "max"  # mean and sum: the op sums each group itself
             out, sums = scored_attention(
                 call.module,
                 call.query,
@@ -48,9 +54,13 @@ class H2OPolicy(PriorityEvictionPolicy):
                 call.scaling,
                 call.first_position,
                 self.method.score_block,
+                per_query_head,
                 **call.kwargs,
             )
             self._prefill_output = (call, out)  # a shared prefill attends on its own: dropped at the next call
+            if not per_query_head:
+                self._accumulate_group_sums(sums)
+                return
         else:
             sums = attention_column_sums(
                 call.query, store.keys, call.scaling, call.first_position, self.method.score_block, store.positions

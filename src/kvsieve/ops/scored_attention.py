@@ -14,6 +14,11 @@ Two parts, so that the attention is not computed twice:
   ``- lse_i`` is folded into the product as one more dimension (``[q_i * scale, -lse_i] . [k_j, 1]``), the
   exponential is taken in place, only tiles on the diagonal are masked, and the tile is summed over its queries.
   No softmax pass, no second ``P V``, never the ``q x S`` matrix: the peak extra memory is one tile.
+  With ``per_query_head=False`` (H2O's ``gqa_reduce`` mean or sum) a tile is summed over all ``g * block`` rows of
+  its KV head at once, one contiguous reduction;
+* in bfloat16/float16 the column sums follow H2O's release: the logits ``q . k`` are taken in the model's dtype
+  (a bfloat16 matmul), the scaling, ``- lse_i`` and the exponential in float32. ``lse_i`` is the flash kernel's
+  (float32 accumulation), so a row sums to one only up to the logits' bfloat16 rounding.
 
 Elsewhere (no CPU flash kernel, dropout, soft-capping) the output comes from `attend` and the log-sum-exp from a
 tiled pass of its own (`causal_lse`).
@@ -91,30 +96,53 @@ def causal_column_sums(
     lse: torch.Tensor,
     query_start: int,
     block: int,
+    per_query_head: bool = True,
 ) -> torch.Tensor:
     """``sum_i softmax_i[j]`` over the queries ``[B, H, q, D]`` for each key ``[B, H_kv, S, D]``: ``[B, H, S]``
-    (float32), from each query's log-sum-exp ``lse`` ``[B, H, q]``; tiles of ``block`` queries x `KEY_TILE` keys."""
-    b, h, q, d = query.shape
+    (float32), from each query's log-sum-exp ``lse`` ``[B, H, q]``; tiles of ``block`` queries x `KEY_TILE` keys.
+
+    ``per_query_head=False`` sums over each KV head's ``g`` query heads as well: ``[B, H_kv, S]`` (one contiguous
+    reduction over the tile's ``g * block`` rows instead of ``g`` reductions). A float32 tile folds ``-lse`` into
+    the product; a low-precision one takes ``Q K^T`` in the model's dtype, then scales, subtracts ``lse`` and
+    exponentiates in float32 (an ``lse`` folded into a bfloat16 dimension would be off by ~0.04 in the exponent).
+    """
+    b, h, q = query.shape[:3]
     n_kv, s = keys.shape[1], keys.shape[2]
     g = h // n_kv
-    ones = torch.ones(b, n_kv, s, 1, dtype=torch.float32, device=keys.device)
-    keys_t = torch.cat([keys.float(), ones], dim=-1).transpose(-1, -2)  # [B, H_kv, D + 1, S]
-    rows_all = torch.cat([query.float() * scaling, -lse.unsqueeze(-1)], dim=-1)  # [B, H, q, D + 1]
-    total = torch.zeros(b, n_kv, g, s, dtype=torch.float32, device=query.device)
+    low_precision = query.dtype in LOW_PRECISION
+    if low_precision:  # logits in the model's dtype, softmax in float32 (H2O's release)
+        keys_t = keys.transpose(-1, -2).contiguous()  # [B, H_kv, D, S]
+        rows_all = query
+        neg_lse = -lse.unsqueeze(-1)  # [B, H, q, 1]
+    else:
+        ones = torch.ones(b, n_kv, s, 1, dtype=torch.float32, device=keys.device)
+        keys_t = torch.cat([keys.float(), ones], dim=-1).transpose(-1, -2)  # [B, H_kv, D + 1, S]
+        rows_all = torch.cat([query.float() * scaling, -lse.unsqueeze(-1)], dim=-1)  # [B, H, q, D + 1]
+    width_d = rows_all.shape[-1]
+    total = torch.zeros(b, n_kv, g if per_query_head else 1, s, dtype=torch.float32, device=query.device)
     future = torch.ones(block, block, dtype=torch.bool, device=query.device).triu_(1)
     for start in range(0, q, block):
         stop = min(q, start + block)
         n = stop - start
         diagonal = query_start + start  # keys from here on are the block's own tokens: a causal triangle
-        rows = rows_all[:, :, start:stop].reshape(b, n_kv, g * n, d + 1)
+        rows = rows_all[:, :, start:stop].reshape(b, n_kv, g * n, width_d)
+        if low_precision:
+            tile_neg_lse = neg_lse[:, :, start:stop].reshape(b, n_kv, g * n, 1)
         for k0 in range(0, query_start + stop, KEY_TILE):
             k1 = min(query_start + stop, k0 + KEY_TILE)
-            probs = torch.matmul(rows, keys_t[..., k0:k1]).view(b, n_kv, g, n, k1 - k0).exp_()
+            logits = torch.matmul(rows, keys_t[..., k0:k1])  # [B, H_kv, g * n, k1 - k0]
+            if low_precision:  # in place on a float32 copy (a mixed-dtype add is 10x slower than the three passes)
+                logits = logits.float().mul_(scaling).add_(tile_neg_lse)
+            probs = logits.exp_()  # float32
             if k1 > diagonal:  # query r sees key diagonal + t iff t <= r (invisible ones may be inf: overwritten)
                 lo = max(k0, diagonal)
-                probs[..., lo - k0 :].masked_fill_(future[:n, lo - diagonal : k1 - diagonal], 0.0)
-            total[..., k0:k1] += probs.sum(dim=3)
-    return total.view(b, h, s)
+                visible = probs.view(b, n_kv, g, n, k1 - k0)[..., lo - k0 :]
+                visible.masked_fill_(future[:n, lo - diagonal : k1 - diagonal], 0.0)
+            if per_query_head:
+                total[..., k0:k1] += probs.view(b, n_kv, g, n, k1 - k0).sum(dim=3)
+            else:
+                total[:, :, 0, k0:k1] += probs.sum(dim=2)
+    return total.view(b, -1, s)
 
 
 def scored_attention(
@@ -125,11 +153,13 @@ def scored_attention(
     scaling: float | None,
     query_start: int,
     block: int = 128,
+    per_query_head: bool = True,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`attend`'s output ``[B, q, H, D]`` for ``query`` ``[B, H, q, D]`` over the prefix ``keys``/``values``
     ``[B, H_kv, S, D]`` (``S = query_start + q``), and each key's attention summed over the queries ``[B, H, S]``
-    (float32), ``block`` queries at a time."""
+    (float32; ``[B, H_kv, S]`` summed over each KV head's query heads too if not ``per_query_head``), ``block``
+    queries at a time."""
     q, s = query.shape[2], keys.shape[2]
     if query_start + q != s:
         raise ValueError(f"scored_attention: {q} queries from token {query_start} need {query_start + q} keys, got {s}")
@@ -139,4 +169,4 @@ def scored_attention(
     else:
         out = attend(module, query, keys, values, scaling, **kwargs)
         lse = causal_lse(query, keys, scale, query_start, block)
-    return out, causal_column_sums(query, keys, scale, lse, query_start, block)
+    return out, causal_column_sums(query, keys, scale, lse, query_start, block, per_query_head)
