@@ -308,24 +308,26 @@ class DeviceBlockCache:
         b, k = slots.shape
         if self._buf_k is None or self._buf_k.shape[2] < k:
             self._grow_buffer(k)
-        moves: list[tuple[int, int, int]] = []  # (row, place, slot)
-        slot_rows = slots.tolist()
-        for row, (wanted, row_slots) in enumerate(zip(blocks, slot_rows)):
+        for row, (wanted, row_slots) in enumerate(zip(blocks, slots.tolist())):
             placed = self.placed[row]
             del placed[k:]  # places beyond this step's count are not attended: their blocks must move in again
             placed.extend([-1] * (k - len(placed)))
             slot_of = dict(zip(wanted, row_slots))
             kept = {block for block in placed if block in slot_of}
             incoming = (block for block in wanted if block not in kept)
+            places, sources = [], []
             for place, block in enumerate(placed):
                 if block not in kept:
                     placed[place] = new = next(incoming)
-                    moves.append((row, place, slot_of[new]))
-        if moves:
-            rows, places, from_slots = (torch.tensor(c, dtype=torch.long, device=slots.device) for c in zip(*moves))
-            self._buf_k[rows, :, places] = self._k[rows, :, from_slots]
-            self._buf_v[rows, :, places] = self._v[rows, :, from_slots]
-            self.buffer_copies += len(moves)
+                    places.append(place)
+                    sources.append(slot_of[new])
+            if places:  # per row: an index_copy_ along the places is several times faster than an index_put
+                places_t, sources_t = (
+                    torch.tensor(c, dtype=torch.long, device=slots.device) for c in (places, sources)
+                )
+                self._buf_k[row].index_copy_(1, places_t, self._k[row].index_select(1, sources_t))
+                self._buf_v[row].index_copy_(1, places_t, self._v[row].index_select(1, sources_t))
+                self.buffer_copies += len(places)
         h_kv, bs = self._k.shape[1], self._k.shape[3]
         keys = self._buf_k[:, :, :k].reshape(b, h_kv, k * bs, self._k.shape[4])  # views: one head's places are adjacent
         values = self._buf_v[:, :, :k].reshape(b, h_kv, k * bs, self._v.shape[4])
