@@ -6,16 +6,19 @@ fast as trained ones, and no checkpoint is needed. The prompt is random token id
 
 The measurement is `long_decode.py`'s, reused: per prompt length one shared prefill in ``--chunk-size`` chunks
 (`kvsieve.prefill_sharing`) builds the full cache and those of the methods that compress after a plain prefill
-(SnapKV, StreamingLLM, NACL, RefreshKV); InfLLM and ActQKV prefill on their own. Then each method decodes
-``--new-tokens`` greedy tokens from a copy of its cache, ``--repeats`` times (the first step of each is the
-prompt's own logits, so ``new_tokens - 1`` steps are timed, device-synchronised, by the driver).
+(SnapKV, PyramidKV, H2O, StreamingLLM, NACL, RefreshKV); InfLLM and ActQKV prefill on their own. Then, repetition
+by repetition, each method decodes ``--new-tokens`` greedy tokens from a copy of its cache (the first step of each
+is the prompt's own logits, so ``new_tokens - 1`` steps are timed, device-synchronised, by the driver), and so
+does the full cache of a random prompt whose steps attend as many entries as the method's: the floor. The
+speed-up over the full cache and the floor ratio are paired within a repetition (medians over them).
 
 Per row, beside `long_decode.py`'s columns:
 
 * ``peak_bytes``: what one decode of this method holds on the device at its peak -- the weights plus
   ``torch.cuda.max_memory_allocated()`` during its decode above what was allocated before it (its copy of the cache,
   the entries it adds, activations); the other methods' caches waiting their turn are not counted.
-  ``prefill_peak_bytes``: ``max_memory_allocated()`` over the length's prefills (all of them, shared and own).
+  ``prefill_peak_bytes``: ``max_memory_allocated()`` over the length's prefills (all of them, shared and own;
+  the floors' short prefills come later and are not counted).
 * ``bytes_per_step``: the weights a decode step reads (every parameter but the input embedding, of which one row
   is read) plus the K/V it attends (``attended_per_step`` entries per KV head and layer, keys and values);
   ``bandwidth_fraction``: ``bytes_per_step / (decode_ms / 1000) / (--bandwidth-gbs * 1e9)``. Host-to-device block
@@ -35,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks are s
 
 import kvsieve
 import long_decode
-from kvsieve.eval.config import budget_label
 from kvsieve.eval.environment import environment
 from kvsieve.models.devices import check_device
 
-DEFAULT_METHODS = "snapkv,streamingllm,nacl,refreshkv,infllm,actqkv"
+DEFAULT_METHODS = long_decode.DEFAULT_METHODS
 H200_BANDWIDTH_GBS = 4800.0
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -104,58 +105,49 @@ def _cuda(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def random_ids(args: argparse.Namespace) -> long_decode.IdsOf:
+    """A random prompt of each length (seeded by ``--seed`` and the length)."""
+
+    def ids_of(n: int) -> list[int]:
+        return torch.randint(0, args.vocab, (n,), generator=torch.Generator().manual_seed(args.seed + n)).tolist()
+
+    return ids_of
+
+
 @torch.inference_mode()
 def measure_length(model, n: int, args: argparse.Namespace, methods: dict[str, kvsieve.Method]) -> list[dict]:
-    """Prefill ``n`` random tokens for every method (shared where it can be), then time each one's decode."""
+    """`long_decode.measure_length` on a random prompt (the full cache, every method and their floors, paired per
+    repetition), with each decode's CUDA peak and the bytes a step reads."""
     device = model.get_input_embeddings().weight.device
-    ids = torch.randint(0, args.vocab, (n,), generator=torch.Generator().manual_seed(args.seed + n)).tolist()
-    reserve = args.new_tokens + 8
+    all_weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    peaks: dict[str, int] = {}
+    prefill_peak: list[int] = []
+
+    def timer(name: str, driver, logits, new_tokens: int) -> tuple[float, float | None]:
+        if not _cuda(device):
+            return long_decode.time_decode(driver, logits, new_tokens)
+        torch.cuda.synchronize(device)
+        if not prefill_peak:  # the first decode: every prefill of this length is done
+            prefill_peak.append(torch.cuda.max_memory_allocated(device))
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        ms, attended = long_decode.time_decode(driver, logits, new_tokens)
+        peaks[name] = max(peaks.get(name, 0), all_weights + torch.cuda.max_memory_allocated(device) - before)
+        return ms, attended
+
     if _cuda(device):
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    caches = long_decode.build_caches(model, ids, methods, args.chunk_size, reserve)
-    prefill_peak = torch.cuda.max_memory_allocated(device) if _cuda(device) else None
-    print(f"{n} tokens: prefills done in {time.perf_counter() - start:.0f} s", flush=True)
+    rows = long_decode.measure_length(model, n, random_ids(args), args, methods, timer)
     weights = weight_bytes_per_step(model)
-    all_weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    decode_ms: dict[str, list[float]] = {name: [] for name in caches}
-    attended: dict[str, float | None] = {}
-    peaks: dict[str, int] = {}
-    for rep in range(args.repeats):
-        for name, (driver, logits, _) in caches.items():
-            if _cuda(device):
-                torch.cuda.synchronize(device)
-                before = torch.cuda.memory_allocated(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            ms, att = long_decode.time_decode(driver, logits, args.new_tokens)
-            if _cuda(device):
-                above = torch.cuda.max_memory_allocated(device) - before
-                peaks[name] = max(peaks.get(name, 0), all_weights + above)
-            decode_ms[name].append(ms)
-            attended.setdefault(name, att)
-        print(f"{n} tokens: repetition {rep + 1}/{args.repeats} done", flush=True)
-    rows = []
-    for name, (driver, _, prefill_s) in caches.items():
-        ms = sorted(decode_ms[name])[len(decode_ms[name]) // 2]
-        per_step = weights + kv_bytes_per_step(model, attended[name])
-        rows.append(
-            {
-                "tokens": n,
-                "method": name,
-                "budget": budget_label(None if name == "full" else args.budget),  # as every run directory
-                "prefill_s": prefill_s,
-                "decode_ms_all": decode_ms[name],
-                "decode_ms": ms,
-                "attended_per_step": attended[name],
-                "kv_bytes": driver.cache.kv_bytes(),
-                "peak_bytes": peaks.get(name),
-                "prefill_peak_bytes": prefill_peak,
-                "weight_bytes_per_step": weights,
-                "bytes_per_step": per_step,
-                "bandwidth_gbs": args.bandwidth_gbs,
-                "bandwidth_fraction": per_step / (ms / 1e3) / (args.bandwidth_gbs * 1e9),
-                "params": None if name == "full" else methods[name].params(),
-            }
+    for row in rows:
+        per_step = weights + kv_bytes_per_step(model, row["attended_per_step"])
+        row.update(
+            peak_bytes=peaks.get(row["method"]),
+            prefill_peak_bytes=prefill_peak[0] if prefill_peak else None,
+            weight_bytes_per_step=weights,
+            bytes_per_step=per_step,
+            bandwidth_gbs=args.bandwidth_gbs,
+            bandwidth_fraction=per_step / (row["decode_ms"] / 1e3) / (args.bandwidth_gbs * 1e9),
         )
     return rows
 
@@ -165,14 +157,17 @@ def table(rows: list[dict[str, Any]]) -> str:
         return "-" if value is None else f"{value / 2**30:.1f}"
 
     lines = [
-        "| tokens | method | prefill s | decode ms/token | attended/step | KV MiB | peak GiB | GB read/step "
-        "| HBM bandwidth |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| tokens | method | prefill s | decode ms/token (range) | speed-up over full | floor ratio | attended/step "
+        "| KV MiB | peak GiB | GB read/step | HBM bandwidth |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         attended = "-" if r["attended_per_step"] is None else f"{r['attended_per_step']:.0f}"
+        floor = "-" if r["floor_ratio"] is None else f"{r['floor_ratio']:.2f}"
+        spread = f"{r['decode_ms']:.2f} ({min(r['decode_ms_all']):.2f}-{max(r['decode_ms_all']):.2f})"
         lines.append(
-            f"| {r['tokens']} | {r['method']} | {r['prefill_s']:.1f} | {r['decode_ms']:.2f} | {attended} "
+            f"| {r['tokens']} | {r['method']} | {r['prefill_s']:.1f} | {spread} | {r['speedup_over_full']:.2f}x "
+            f"| {floor} | {attended} "
             f"| {r['kv_bytes'] / 2**20:.1f} | {gib(r['peak_bytes'])} | {r['bytes_per_step'] / 1e9:.2f} "
             f"| {r['bandwidth_fraction']:.1%} |"
         )

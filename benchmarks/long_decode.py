@@ -21,6 +21,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,16 +65,24 @@ def time_decode(driver: Driver, logits: torch.Tensor, new_tokens: int) -> tuple[
     return 1e3 * twin.timings.decode_s_per_token, twin.attended_since(mark)
 
 
-def floor_driver(model, tokenizer, length: int, reserve: int) -> tuple[Driver, torch.Tensor]:
-    driver = Driver.new(model, "full", length, reserve=reserve)
-    return driver, driver.prefill(prompt_ids(tokenizer, length))
+IdsOf = Callable[[int], list[int]]  # prompt length -> token ids
+DecodeTimer = Callable[[str, Driver, torch.Tensor, int], tuple[float, float | None]]
+
+
+def timed(name: str, driver: Driver, logits: torch.Tensor, new_tokens: int) -> tuple[float, float | None]:
+    """The plain `DecodeTimer`: `time_decode`, whatever the method (``name``; the floor's is ``"floor"``)."""
+    return time_decode(driver, logits, new_tokens)
 
 
 @torch.inference_mode()
-def measure_length(model, tokenizer, n: int, args, methods: dict[str, kvsieve.Method]) -> list[dict[str, Any]]:
+def measure_length(
+    model, n: int, ids_of: IdsOf, args, methods: dict[str, kvsieve.Method], timer: DecodeTimer = timed
+) -> list[dict[str, Any]]:
+    """Prefill ``ids_of(n)`` for the full cache and every method, then per repetition decode each one and the full
+    cache at each method's floor length (a prompt of ``ids_of(length)``): rows with the paired ratios."""
     reserve = args.new_tokens + 8
     start = time.perf_counter()
-    caches = build_caches(model, prompt_ids(tokenizer, n), methods, args.chunk_size, reserve)
+    caches = build_caches(model, ids_of(n), methods, args.chunk_size, reserve)
     print(f"{n} tokens: prefills done in {time.perf_counter() - start:.0f} s", flush=True)
     decode_ms: dict[str, list[float]] = {name: [] for name in caches}
     attended: dict[str, float | None] = {}
@@ -81,16 +90,16 @@ def measure_length(model, tokenizer, n: int, args, methods: dict[str, kvsieve.Me
     floor_ms: dict[int, list[float]] = {}
     for rep in range(args.repeats):
         for name, (driver, logits, _) in caches.items():
-            ms, att = time_decode(driver, logits, args.new_tokens)
+            ms, att = timer(name, driver, logits, args.new_tokens)
             decode_ms[name].append(ms)
             attended.setdefault(name, att)
-        for name in caches:
-            length = floor_length(attended[name], args.new_tokens)
-            if length is None or length > n:
+        for length in sorted({floor_length(attended[name], args.new_tokens) or n + 1 for name in caches}):
+            if length > n:  # nothing decoded, or as long as the prompt: the full cache itself
                 continue
             if length not in floors:
-                floors[length] = floor_driver(model, tokenizer, length, reserve)
-            floor_ms.setdefault(length, []).append(time_decode(*floors[length], args.new_tokens)[0])
+                driver = Driver.new(model, "full", length, reserve=reserve)
+                floors[length] = (driver, driver.prefill(ids_of(length), args.chunk_size))
+            floor_ms.setdefault(length, []).append(timer("floor", *floors[length], args.new_tokens)[0])
         print(f"{n} tokens: repetition {rep + 1}/{args.repeats} done", flush=True)
     rows = []
     full_ms = decode_ms["full"]
@@ -175,7 +184,7 @@ def run(model, tokenizer, args: argparse.Namespace) -> list[dict[str, Any]]:
         if any(r["tokens"] == n for r in done):
             print(f"{n} tokens: already in {out}/rows.jsonl, skipped", flush=True)
             continue
-        new = measure_length(model, tokenizer, n, args, methods)
+        new = measure_length(model, n, lambda length: prompt_ids(tokenizer, length), args, methods)
         rows.extend(new)
         if out is not None:
             with (out / "rows.jsonl").open("a") as f:

@@ -22,7 +22,9 @@ TOY = ["--layers", "2", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "
 def test_the_default_model_is_llama_3_1_8b_in_bf16_at_32k_and_128k():
     args = gpu_decode.parse_args(["--device", "cpu"])
     assert args.lengths == [32768, 131072] and args.budget == 2048 and args.bandwidth_gbs == 4800.0
-    assert args.methods.split(",") == ["snapkv", "streamingllm", "nacl", "refreshkv", "infllm", "actqkv"]
+    assert args.methods.split(",") == [
+        "snapkv", "pyramidkv", "h2o", "streamingllm", "nacl", "refreshkv", "infllm", "actqkv"
+    ]  # fmt: skip
     model = gpu_decode.llama_shaped(args, torch.device("meta"))  # shapes only
     assert sum(p.numel() for p in model.parameters()) == 8_030_261_248  # Llama-3.1-8B's parameter count
     assert next(model.parameters()).dtype == torch.bfloat16
@@ -48,6 +50,14 @@ def test_toy_rows_for_every_method_with_bytes_and_bandwidth_and_resume(tmp_path,
         assert r["bytes_per_step"] == weights + r["attended_per_step"] * entry
         assert r["bandwidth_fraction"] == pytest.approx(r["bytes_per_step"] / (r["decode_ms"] / 1e3) / 4.8e12)
         assert r["peak_bytes"] is None and r["prefill_peak_bytes"] is None  # CUDA only
+        ms, full_ms = r["decode_ms_all"], by["full"]["decode_ms_all"]
+        ratios = [f / m for f, m in zip(full_ms, ms)]  # paired within a repetition; two: their median is the mean
+        assert r["speedup_over_full"] == pytest.approx(sum(ratios) / 2)
+    # the floor: the full cache of a random prompt whose 3 steps attend as many entries as the method's: SnapKV's
+    # 33-35 -> a prompt of 32; the full cache's own 97-99 -> a second full cache of 96 (a ratio near 1, as a check)
+    assert by["snapkv"]["floor_tokens"] == 32 and by["full"]["floor_tokens"] == 96
+    for r in rows:
+        assert r["floor_decode_ms"] > 0 and r["floor_ratio"] > 0
     assert "| 96 | nacl |" in gpu_decode.table(rows)
     lines = (tmp_path / "rows.jsonl").read_text().splitlines()
     assert [json.loads(line)["method"] for line in lines] == list(by)
