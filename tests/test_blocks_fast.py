@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -188,3 +190,34 @@ def test_in_a_model_the_merged_attention_equals_the_concatenated_reference(monke
     for layer in traces:  # the same entries attended, retrieved blocks included, window by window
         assert len(traces[layer]) == len(ref_traces[layer])
         assert all(torch.equal(a, r) for a, r in zip(traces[layer], ref_traces[layer]))
+
+
+class _PendingTransfer:
+    """Stands in for the CUDA event of an asynchronous copy: it cannot be deep-copied, as a real one cannot."""
+
+    waited = False
+
+    def synchronize(self) -> None:
+        self.waited = True
+
+    def __deepcopy__(self, memo):
+        raise TypeError("cannot pickle 'Event' object")
+
+
+def test_a_copy_of_the_device_cache_waits_for_the_pending_transfer_and_then_goes_its_own_way():
+    host = _store(6)
+    cache = DeviceBlockCache(capacity=3)
+    dev = torch.device("cpu")
+    cache.gather(cache.load([[0, 1], [2, 3]], host, dev), [[0, 1], [2, 3]])
+    pending = cache._copied = _PendingTransfer()  # a CUDA model's copy in flight (Driver.copy of InfLLM on a GPU)
+    cache._staging = (torch.empty(1), torch.empty(1))
+    twin = copy.deepcopy(cache)
+    assert pending.waited and twin._copied is None and twin._staging is None  # its own buffers at its first copy
+    assert twin.slot_of == cache.slot_of and twin.slot_of is not cache.slot_of
+    assert torch.equal(twin._k, cache._k) and twin._k.data_ptr() != cache._k.data_ptr()
+    selection = [[4, 5], [0, 1]]  # the copy moves on; the original's blocks and stamps stay as they were
+    keys, _, order = twin.gather(twin.load(selection, host, dev), selection)
+    for row in range(2):
+        want = torch.cat([host.block(row, j)[0] for j in order[row].tolist()], dim=1)
+        assert torch.equal(keys[row], want)
+    assert sorted(cache.slot_of[0]) == [0, 1] and set(twin.slot_of[0]) >= {4, 5} and cache.loads == 4

@@ -20,6 +20,7 @@ Shapes: ``B`` batch, ``H`` query heads, ``H_kv`` KV heads, ``D`` head dim, ``bs`
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
@@ -201,6 +202,18 @@ class DeviceBlockCache:
         self._buf_v: torch.Tensor | None = None
         self.placed: list[list[int]] = []  # per row: the block in each place of the attended buffer
         self.buffer_copies = 0  # blocks copied into the attended buffer
+
+    def __deepcopy__(self, memo: dict) -> DeviceBlockCache:
+        """A copy (`Driver.copy`) without the transfer state: a CUDA event cannot be copied, so the last transfer is
+        waited for instead, and the copy allocates its own pinned staging buffers at its first transfer."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        twin = DeviceBlockCache.__new__(DeviceBlockCache)
+        memo[id(self)] = twin
+        skip = {"_copied": None, "_staging": None}
+        for name, value in vars(self).items():
+            setattr(twin, name, skip[name] if name in skip else copy.deepcopy(value, memo))
+        return twin
 
     @property
     def allocated_slots(self) -> int:
