@@ -161,6 +161,17 @@ class KVStore:
             t.scatter_(2, index.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]), t[:, :, last : last + 1].clone())
         self.length = last
 
+    def evict_slot(self, slot: int) -> None:
+        """`evict` of the same ``slot`` in every (batch, head), known on the host: one copy per buffer and no index
+        tensor (StreamingLLM's rolling window, whose victim's slot follows a ring)."""
+        last = self.length - 1
+        if not 0 <= slot <= last:
+            raise IndexError(f"evict_slot: slot {slot} outside the {self.length} stored entries")
+        if slot != last:  # distinct entries: the views do not overlap
+            for t in (self._keys, self._values, self._positions, *self._aux.values()):
+                t[:, :, slot].copy_(t[:, :, last])
+        self.length = last
+
     # ------------------------------------------------------------------------------------ shared prefill
     def mirror(self, source: KVStore) -> None:
         """Become a read-only view of ``source``'s entries while keeping this store's own auxiliary tensors.
