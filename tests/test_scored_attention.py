@@ -131,6 +131,27 @@ def test_tiles_cover_every_key_whatever_the_block():
         assert ((sums.double() - plain).abs() / plain.clamp_min(1e-3)).max().item() < 1e-5, block
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_accelerator_tiling_one_key_tile_and_large_blocks_gives_the_same_sums(monkeypatch, dtype):
+    """Off the CPU (`tiling`): every key in one tile, query blocks grown to ~`ACCELERATOR_TILE_ELEMENTS` floats --
+    here 2,000 floats: blocks of 2000 // (4 heads x 1,300 keys) -> the method's 3 at least."""
+    torch.manual_seed(0)
+    query, keys = torch.randn(1, 4, 700, 8, dtype=dtype), torch.randn(1, 2, 1300, 8, dtype=dtype)
+    lse = sa.causal_lse(query, keys, 0.5, 600, 64)
+    cpu = sa.causal_column_sums(query, keys, 0.5, lse, 600, 64)
+    one_tile = sa.causal_column_sums(query, keys, 0.5, lse, 600, 300, True, 1300)
+    grouped = sa.causal_column_sums(query, keys, 0.5, lse, 600, 300, False, 1300)
+    assert torch.allclose(one_tile, cpu, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(grouped, cpu.view(1, 2, 2, 1300).sum(dim=2), rtol=1e-5, atol=1e-5)
+    assert sa.tiling(query, 1300, 128) == (128, sa.KEY_TILE)  # a CPU: cache-sized tiles
+    monkeypatch.setattr(sa, "ACCELERATOR_TILE_ELEMENTS", 2000)
+    on_meta = query.to("meta")  # any device but the CPU
+    assert sa.tiling(on_meta, 1300, 3) == (3, 1300)  # 2000 // 5200 = 0 queries: the method's block
+    monkeypatch.setattr(sa, "ACCELERATOR_TILE_ELEMENTS", 2**20)
+    assert sa.tiling(on_meta, 1300, 3) == (201, 1300)  # 2**20 // 5200
+    assert sa.tiling(on_meta, 10, 3) == (700, 10)  # never more than the queries
+
+
 def test_keys_must_be_the_prefix_up_to_the_last_query():
     query, keys = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 9, 8)
     with pytest.raises(ValueError, match="4 queries from token 3 need 7 keys, got 9"):

@@ -9,8 +9,9 @@ the lowest-scoring non-recent entry leaves. GQA: scores are reduced over each gr
 Speed: prefill scores are column sums from the attention's own log-sum-exp (`kvsieve.ops.scored_attention`: the
 output is sdpa's, bit for bit, and the scores cost one ``Q K^T`` per tile of ``score_block`` queries, never the
 ``n x n`` matrix; in a bf16/fp16 model the tiles' ``Q K^T`` is in the model's dtype and the softmax in float32,
-as H2O's release computes them); a decode step adds one row of probabilities (its query sees every entry: no
-mask) and evicts by moving one entry per head in place.
+as H2O's release computes them; off the CPU the tiles hold every key and as many queries as fit ~2^28 floats,
+`kvsieve.ops.scored_attention.tiling`); a decode step adds one row of probabilities (its query sees every entry:
+no mask) and evicts by moving one entry per head in place.
 """
 
 from __future__ import annotations

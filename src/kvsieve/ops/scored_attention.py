@@ -31,7 +31,21 @@ from transformers.integrations.sdpa_attention import repeat_kv
 
 from kvsieve.ops.attention import LOW_PRECISION, attend, chunk_mask
 
-KEY_TILE = 512  # keys per tile of the column-sum pass: a tile of g * block x 512 floats stays in cache
+KEY_TILE = 512  # keys per tile of the column-sum pass on a CPU: a tile of g * block x 512 floats stays in cache
+# On an accelerator the loop's cost is its launches, not its cache misses (an H200 spent 30 s in ~260,000 CPU-sized
+# tiles of a 32K prefill, docs/results/gpu_decode.md): one key tile, queries blocked to about this many floats.
+ACCELERATOR_TILE_ELEMENTS = 2**28
+
+
+def tiling(query: torch.Tensor, n_keys: int, block: int) -> tuple[int, int]:
+    """``(queries per block, keys per tile)`` of the passes over ``query`` ``[B, H, q, D]`` and ``n_keys`` keys:
+    ``block`` x `KEY_TILE` on a CPU; elsewhere every key in one tile and blocks of at least ``block`` queries, as
+    many as keep a tile near `ACCELERATOR_TILE_ELEMENTS`. Memory, not results: the sums agree up to rounding."""
+    if query.device.type == "cpu":
+        return block, KEY_TILE
+    b, h, q = query.shape[:3]
+    return min(q, max(block, ACCELERATOR_TILE_ELEMENTS // max(1, b * h * n_keys))), max(1, n_keys)
+
 
 _flash_for_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -97,9 +111,10 @@ def causal_column_sums(
     query_start: int,
     block: int,
     per_query_head: bool = True,
+    key_tile: int = KEY_TILE,
 ) -> torch.Tensor:
     """``sum_i softmax_i[j]`` over the queries ``[B, H, q, D]`` for each key ``[B, H_kv, S, D]``: ``[B, H, S]``
-    (float32), from each query's log-sum-exp ``lse`` ``[B, H, q]``; tiles of ``block`` queries x `KEY_TILE` keys.
+    (float32), from each query's log-sum-exp ``lse`` ``[B, H, q]``; tiles of ``block`` queries x ``key_tile`` keys.
 
     ``per_query_head=False`` sums over each KV head's ``g`` query heads as well: ``[B, H_kv, S]`` (one contiguous
     reduction over the tile's ``g * block`` rows instead of ``g`` reductions). A float32 tile folds ``-lse`` into
@@ -128,8 +143,8 @@ def causal_column_sums(
         rows = rows_all[:, :, start:stop].reshape(b, n_kv, g * n, width_d)
         if low_precision:
             tile_neg_lse = neg_lse[:, :, start:stop].reshape(b, n_kv, g * n, 1)
-        for k0 in range(0, query_start + stop, KEY_TILE):
-            k1 = min(query_start + stop, k0 + KEY_TILE)
+        for k0 in range(0, query_start + stop, key_tile):
+            k1 = min(query_start + stop, k0 + key_tile)
             logits = torch.matmul(rows, keys_t[..., k0:k1])  # [B, H_kv, g * n, k1 - k0]
             if low_precision:  # in place on a float32 copy (a mixed-dtype add is 10x slower than the three passes)
                 logits = logits.float().mul_(scaling).add_(tile_neg_lse)
@@ -164,9 +179,10 @@ def scored_attention(
     if query_start + q != s:
         raise ValueError(f"scored_attention: {q} queries from token {query_start} need {query_start + q} keys, got {s}")
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    block, key_tile = tiling(query, s, block)
     if _flash_applies(module, query, kwargs):
         out, lse = _flash_with_lse(query, keys, values, scaling)
     else:
         out = attend(module, query, keys, values, scaling, **kwargs)
         lse = causal_lse(query, keys, scale, query_start, block)
-    return out, causal_column_sums(query, keys, scale, lse, query_start, block, per_query_head)
+    return out, causal_column_sums(query, keys, scale, lse, query_start, block, per_query_head, key_tile)
