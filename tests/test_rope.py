@@ -43,3 +43,22 @@ def test_yarn_scaling_is_inverted():
     x = torch.randn(1, 1, 3, 16)
     positions = torch.tensor([3, 1500, 2000])
     assert torch.allclose(rotary.unrotate(rotary.rotate(x, positions), positions), x, atol=1e-5)
+
+
+@pytest.mark.parametrize("rope", [None, {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 1024}])
+def test_move_is_unrotate_then_rotate_in_one_rotation(rope):
+    """InfLLM's memory queries: a post-RoPE query at its own position, re-rotated at one fixed position. With
+    YaRN's attention scaling s, rotate multiplies by s and unrotate divides by it: the move carries no factor."""
+    from transformers import LlamaConfig
+
+    params = {"rope_theta": 10000.0, **(rope or {"rope_type": "default"})}
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=2048, rope_parameters=params)
+    rotary = Rotary(config)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 16)
+    positions, target = torch.tensor([0, 7, 300, 1500, 2040]), 127
+    two_steps = rotary.rotate(rotary.unrotate(x, positions), torch.tensor(target))
+    moved = rotary.move(x, positions, target)
+    assert torch.allclose(moved, two_steps, atol=2e-6)  # the model's angles, not rounded anew
+    assert torch.allclose(moved.norm(dim=-1), x.norm(dim=-1), atol=1e-5)  # a rotation: norms kept
+    assert not torch.allclose(moved, x, atol=1e-2)

@@ -129,9 +129,8 @@ class InfLLMPolicy(LayerPolicy):
         query = call.query  # [B, H, c, D] post-RoPE at first_position ..
         c = query.shape[2]
         positions = torch.arange(call.first_position, call.first_position + c, device=query.device)
-        # Memory queries: pre-RoPE, rotated by the single angle of position n_local - 1.
-        pre = self.rotary.unrotate(query, positions)
-        q_mem = self.rotary.rotate(pre, torch.tensor(self.method.n_local - 1, device=query.device))
+        # Memory queries: pre-RoPE, rotated by the single angle of position n_local - 1 (one rotation: composed).
+        q_mem = self.rotary.move(query, positions, self.method.n_local - 1)
         self.on_chunk(call, q_mem)
         windows = window_bounds(c, self.method.exc_block_size, split_last=ends_prompt(call))
         self.begin_call(call, len(windows))
@@ -177,7 +176,7 @@ class InfLLMPolicy(LayerPolicy):
         near_k, near_v = self.init_k[:, :, : self.init_len], self.init_v[:, :, : self.init_len]
         near_mask = None
         if n_rem:
-            near_k = torch.cat([near_k, self.memory_keys(recent.keys[:, :, :n_rem], rs)], dim=2)
+            near_k = torch.cat([near_k, recent.derived_keys(n_rem, self.memory_keys)], dim=2)
             near_v = torch.cat([near_v, recent.values[:, :, :n_rem]], dim=2)
             if w > 1:  # one query is n_local or more ahead of every remainder token
                 qpos = torch.arange(first, end, device=device)[:, None]
@@ -262,7 +261,7 @@ class InfLLMPolicy(LayerPolicy):
                 self.init_first = recent.first_position
             if take > 0:
                 self.on_leave(recent.first_position, recent.scores[:, :, :take])
-                keys = self.memory_keys(recent.keys[:, :, :take], recent.first_position)
+                keys = recent.derived_keys(take, self.memory_keys)
                 self.init_k[:, :, self.init_len : self.init_len + take] = keys
                 self.init_v[:, :, self.init_len : self.init_len + take] = recent.values[:, :, :take]
                 self.init_len += take
@@ -273,7 +272,7 @@ class InfLLMPolicy(LayerPolicy):
         """Move the first ``block_size`` recent tokens into a block with its representative vector."""
         m, recent, info = self.method, self.recent, self.info
         bs, first = m.block_size, self.recent.first_position
-        keys = self.memory_keys(recent.keys[:, :, :bs], first)  # [B, H_kv, bs, D]
+        keys = recent.derived_keys(bs, self.memory_keys)  # [B, H_kv, bs, D]: computed once per token
         scores = recent.scores[:, :, :bs]  # [B, H, bs]
         self.on_leave(first, scores)
         chosen = scores.topk(m.repr_topk, dim=-1).indices  # [B, H, r]

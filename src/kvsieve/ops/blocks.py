@@ -21,6 +21,7 @@ Shapes: ``B`` batch, ``H`` query heads, ``H_kv`` KV heads, ``D`` head dim, ``bs`
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -50,6 +51,8 @@ class TokenBuffer:
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self._s: torch.Tensor | None = None
+        self._d: torch.Tensor | None = None  # derived keys (`derived_keys`), valid in [_start, _d_end)
+        self._d_end = 0
 
     @property
     def length(self) -> int:
@@ -96,7 +99,23 @@ class TokenBuffer:
         if n > self.length:
             raise ValueError(f"cannot drop {n} of {self.length} tokens")
         self._start += n
+        self._d_end = max(self._d_end, self._start)
         self.first_position += n
+
+    def derived_keys(self, n: int, derive: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+        """``derive(keys, first_position)`` of the first ``n`` live tokens, ``[B, H_kv, n, D]`` (a view, valid until
+        the next `append`): each token's derived key is computed once and kept while the token stays (InfLLM's
+        memory keys of the tokens that have left the window, read by every later window until they leave)."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"derived_keys: {n} of {self.length} tokens")
+        stop = self._start + n
+        if stop > self._d_end:
+            fresh = derive(self._k[:, :, self._d_end : stop], self.first_position + self._d_end - self._start)
+            if self._d is None or self._d.shape != self._k.shape or self._d.dtype != fresh.dtype:
+                self._d = fresh.new_empty(*self._k.shape[:3], fresh.shape[-1])
+            self._d[:, :, self._d_end : stop] = fresh
+            self._d_end = stop
+        return self._d[:, :, self._start : stop]
 
     def shrink(self) -> None:
         """Release spare capacity left by a long chunk (keeps ``spare`` entries for the next appends)."""
@@ -114,8 +133,15 @@ class TokenBuffer:
             k[:, :, :n] = self.keys
             v[:, :, :n] = self.values
             s[:, :, :n] = self.scores
+        derived = self._d_end - self._start
+        if self._d is not None and derived:
+            d_new = self._d.new_empty(*k.shape[:3], self._d.shape[-1])
+            d_new[:, :, :derived] = self._d[:, :, self._start : self._d_end]
+            self._d = d_new
+        else:
+            self._d = None
         self._k, self._v, self._s = k, v, s
-        self._start, self._end = 0, n
+        self._start, self._end, self._d_end = 0, n, derived
 
     def used_bytes(self) -> int:
         if self._k is None:

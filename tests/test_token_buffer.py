@@ -1,0 +1,47 @@
+"""`TokenBuffer.derived_keys`: each live token's derived key computed once, kept through drops and reallocations,
+and equal to deriving the slice directly (InfLLM's memory keys of the tokens that have left the window)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvsieve.ops.blocks import TokenBuffer
+
+
+def _derive_counting(calls: list[tuple[int, int]]):
+    def derive(keys: torch.Tensor, first_position: int) -> torch.Tensor:
+        calls.append((first_position, keys.shape[2]))
+        positions = torch.arange(first_position, first_position + keys.shape[2], dtype=keys.dtype)
+        return keys * 2 + positions[:, None]  # depends on each token's position, as an un-rotation does
+
+    return derive
+
+
+def test_each_token_is_derived_once_and_the_result_equals_deriving_the_slice():
+    torch.manual_seed(0)
+    buf = TokenBuffer(n_heads=4, spare=3)
+    keys = torch.randn(1, 2, 40, 8)
+    calls: list[tuple[int, int]] = []
+    derive = _derive_counting(calls)
+    buf.append(keys[:, :, :10], keys[:, :, :10], 100)
+    out = buf.derived_keys(4, derive)
+    assert torch.equal(out, derive(keys[:, :, :4], 100)) and calls[0] == (100, 4)
+    calls.clear()
+    assert torch.equal(buf.derived_keys(6, derive), _derive_counting([])(keys[:, :, :6], 100))
+    assert calls == [(104, 2)]  # only the two new tokens
+    buf.drop_front(5)  # tokens 100..104 leave: 105 is derived already, 106.. not
+    calls.clear()
+    assert torch.equal(buf.derived_keys(3, derive), _derive_counting([])(keys[:, :, 5:8], 105))
+    assert calls == [(106, 2)]
+    for start in range(10, 40, 6):  # appends that reallocate: what was derived moves with the tokens
+        buf.append(keys[:, :, start : start + 6], keys[:, :, start : start + 6], 100 + start)
+    assert buf.capacity >= buf.length
+    calls.clear()
+    got = buf.derived_keys(buf.length, derive)
+    assert torch.equal(got, _derive_counting([])(keys[:, :, 5:40], 105))
+    assert calls == [(108, 32)]  # 105..107 kept through the reallocations; the rest derived now, once
+    buf.drop_front(buf.length)
+    assert buf.derived_keys(0, derive).shape[2] == 0
+    with pytest.raises(ValueError, match="derived_keys: 1 of 0 tokens"):
+        buf.derived_keys(1, derive)
