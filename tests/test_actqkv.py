@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -73,6 +74,24 @@ def test_warmup_retrieves_exactly_what_infllm_retrieves():
     policy, _ = _policy(kvsieve.method("actqkv", **SMALL))
     q_mem = torch.randn(1, 4, 8, 16)
     assert torch.equal(policy.probe(q_mem), q_mem.float().mean(dim=2).reshape(1, -1))
+
+
+def test_a_one_token_window_probes_with_its_query_exactly_as_the_weighted_formula_does():
+    """A decode step's window holds one token: its weight ``b / b`` is exactly 1, so the probe is its query (the
+    statistics are updated all the same) -- bit for bit the general weighted sum."""
+    policy, _ = _policy(kvsieve.method("actqkv", **SMALL, warmup_calls=3))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        policy.probe(torch.randn(1, 4, 16, 16, generator=g))
+    twin = copy.deepcopy(policy.activation)
+    for _ in range(3):
+        q_mem = torch.randn(1, 4, 1, 16, generator=g) * 3
+        flat = q_mem.permute(0, 2, 1, 3).reshape(1, 1, 64)
+        assert twin.update(flat)  # past warm-up: weighted
+        general = (twin.bias_weights(flat)[..., None] * flat).sum(dim=1)
+        assert torch.equal(policy.probe(q_mem), general)
+        assert torch.equal(policy.activation.mean, twin.mean) and torch.equal(policy.activation.var, twin.var)
+    assert policy.weighted_windows == 3
 
 
 def test_after_warmup_a_deviating_token_dominates_the_probe():

@@ -90,6 +90,12 @@ class ActivationStats:
         self.count = 0
 
     def token_weights(self, h: torch.Tensor) -> torch.Tensor | None:
+        """`update` with the window, then its `bias_weights`; None while warming up."""
+        return self.bias_weights(h) if self.update(h) else None
+
+    def update(self, h: torch.Tensor) -> bool:
+        """Fold the window ``h`` ``[B, c, H * D]`` into the statistics; whether its tokens are to be weighted (False
+        while warming up: ``count <= warmup`` before this window)."""
         h = h.float()
         c = h.shape[1]
         mu_w = h.mean(dim=1)
@@ -105,9 +111,7 @@ class ActivationStats:
             self.var = (self.var * (n - 1 / c) + var_w + (mu_w - self.mean) ** 2 / (1 + 1 / n)) / (n + 1 - 1 / c)
             self.mean = (self.mean * n + mu_w) / (n + 1)
         self.count += 1
-        if warming:
-            return None
-        return self.bias_weights(h)
+        return not warming
 
     def bias_weights(self, h: torch.Tensor) -> torch.Tensor:
         """``b_t / sum_t b_t`` with ``b_t`` the mean over channels of the standardised squared deviation."""
@@ -276,11 +280,12 @@ class ActQKVPolicy(InfLLMPolicy):
         """Activation-Bias-weighted mean of the window's memory queries ``[B, H, w, D]`` -> ``[B, H * D]``."""
         b, h, w, d = q_mem.shape
         flat = q_mem.float().permute(0, 2, 1, 3).reshape(b, w, h * d)  # [B, w, H * D]
-        weights = self.activation.token_weights(flat)
-        if weights is None:  # warm-up: exactly InfLLM's probe
+        if not self.activation.update(flat):  # warm-up: exactly InfLLM's probe
             return q_mem.float().mean(dim=2).reshape(b, -1)
         self.weighted_windows += 1
-        return (weights[..., None] * flat).sum(dim=1)
+        if w == 1:  # a decode step: the one token's weight b / b is exactly 1, so the probe is its query
+            return flat[:, 0]
+        return (self.activation.bias_weights(flat)[..., None] * flat).sum(dim=1)
 
     def similarity(self, probe: torch.Tensor) -> torch.Tensor:
         if self.method.similarity == "dot":
