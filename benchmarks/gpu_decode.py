@@ -25,7 +25,7 @@ Per row, beside `long_decode.py`'s columns:
   loads (InfLLM, ActQKV) and small tensors (queries, scores) are not counted.
 
 Resumable: each prompt length is a unit; its rows are appended to ``OUT/rows.jsonl`` when it is done, and a rerun
-with the same ``--out`` skips the lengths already there. Not yet run on a GPU (docs/results/gpu_decode.md):
+with the same ``--out`` skips the lengths already there. Run on an H200 (docs/results/gpu_decode.md):
 
     python benchmarks/gpu_decode.py --out docs/results/gpu_decode
 
