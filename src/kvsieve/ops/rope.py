@@ -71,7 +71,8 @@ class Rotary:
         cos_p, sin_p = self.cos_sin(positions, torch.float32, x.device, scaled=False)
         key = (target, x.device)
         if key not in self._target_cos_sin:
-            self._target_cos_sin[key] = self.cos_sin(torch.tensor(target), torch.float32, x.device, scaled=False)
+            target_t = torch.tensor(target, device=x.device)  # never on the default device (tests/test_devices.py)
+            self._target_cos_sin[key] = self.cos_sin(target_t, torch.float32, x.device, scaled=False)
         cos_t, sin_t = self._target_cos_sin[key]
         cos, sin = cos_t * cos_p + sin_t * sin_p, sin_t * cos_p - cos_t * sin_p
         return (x.float() * cos + _rotate_half(x.float()) * sin).to(x.dtype)
