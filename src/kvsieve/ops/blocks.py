@@ -111,7 +111,7 @@ class TokenBuffer:
         stop = self._start + n
         if stop > self._d_end:
             fresh = derive(self._k[:, :, self._d_end : stop], self.first_position + self._d_end - self._start)
-            if self._d is None or self._d.shape != self._k.shape or self._d.dtype != fresh.dtype:
+            if self._d is None:  # `_reallocate` keeps it the keys' size
                 self._d = fresh.new_empty(*self._k.shape[:3], fresh.shape[-1])
             self._d[:, :, self._d_end : stop] = fresh
             self._d_end = stop
