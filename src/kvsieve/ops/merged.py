@@ -91,6 +91,8 @@ def merged_attention(
     """
     if not all(part.keys.shape[2] for part in (*scored, *fused)):
         raise ValueError("merged_attention: a part has no keys (leave it out)")
+    if scored[0].query.shape[2] == 1:
+        return _one_query(scored, fused, scaling, fused_sums)
     logits = []
     for part in scored:
         part_logits = grouped_logits(part.query * scaling, part.keys).float()
@@ -115,6 +117,36 @@ def merged_attention(
         probs += [_shifted_exp(grouped_logits(p.query * scaling, p.keys).float(), peak, None) for p in fused]
     sums = [torch.matmul(inv_t, p).squeeze(-2) for p in probs]
     return (out / z).to(scored[0].values.dtype), sums
+
+
+def _one_query(
+    scored: Sequence[Part], fused: Sequence[Part], scaling: float, fused_sums: bool
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`merged_attention` for one query (a decode step): its logits over every part are one short row, so they are
+    concatenated and normalised by one softmax, and the probability sums are the row itself. Dispatches about half
+    the ops of the log-sum-exp merge (one softmax, no per-part peak, exp and normaliser), which at one query cost
+    more than the arithmetic (measured: 190 us against 380 us a layer at 2K entries, SmolLM2-135M's heads)."""
+    parts = [*scored, *fused]
+    scaled: dict[int, torch.Tensor] = {}  # parts sharing a query (the memory's) scale it once
+    logits = []
+    for part in parts:
+        query = scaled.get(id(part.query))
+        if query is None:
+            query = scaled[id(part.query)] = part.query * scaling
+        part_logits = grouped_logits(query, part.keys).float()
+        if part.mask is not None:
+            part_logits.masked_fill_(~part.mask, _NEG)  # exp(_NEG - peak) is exactly 0
+        logits.append(part_logits)
+    probs = torch.cat(logits, dim=-1).softmax(dim=-1)  # [B, H, 1, S_total]
+    pieces = probs.split([part.keys.shape[2] for part in parts], dim=-1)
+    out = sum(grouped_weighted_sum(_cast(p, part.values.dtype), part.values).float() for p, part in zip(pieces, parts))
+    kept = len(parts) if fused_sums else len(scored)
+    return _cast(out, scored[0].values.dtype), [p.squeeze(-2) for p in pieces[:kept]]
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)``, skipping the dispatch when it is one already (most calls in float32)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _shifted_exp(logits: torch.Tensor, peak: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
