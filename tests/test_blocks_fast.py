@@ -137,9 +137,9 @@ def test_device_cache_lays_out_the_selected_host_blocks_for_every_row_copying_on
         keys, values, order = cache.gather(slots, selection)
         copies.append(cache.buffer_copies - before)
         for row, blocks in enumerate(selection):
-            assert sorted(order[row].tolist()) == sorted(blocks)  # every selected block once, in some place
-            want_k = torch.cat([host.block(row, j)[0] for j in order[row].tolist()], dim=1)  # [H_kv, k * bs, D]
-            want_v = torch.cat([host.block(row, j)[1] for j in order[row].tolist()], dim=1)
+            assert sorted(order[row]) == sorted(blocks)  # every selected block once, in some place
+            want_k = torch.cat([host.block(row, j)[0] for j in order[row]], dim=1)  # [H_kv, k * bs, D]
+            want_v = torch.cat([host.block(row, j)[1] for j in order[row]], dim=1)
             assert torch.equal(keys[row], want_k) and torch.equal(values[row], want_v)
         assert keys.data_ptr() == cache._buf_k.data_ptr()  # a view of the buffer, not a copy
         assert max(cache.occupied()) <= 4 and cache.allocated_slots <= 4
@@ -221,6 +221,6 @@ def test_a_copy_of_the_device_cache_waits_for_the_pending_transfer_and_then_goes
     selection = [[4, 5], [0, 1]]  # the copy moves on; the original's blocks and stamps stay as they were
     keys, _, order = twin.gather(twin.load(selection, host, dev), selection)
     for row in range(2):
-        want = torch.cat([host.block(row, j)[0] for j in order[row].tolist()], dim=1)
+        want = torch.cat([host.block(row, j)[0] for j in order[row]], dim=1)
         assert torch.equal(keys[row], want)
     assert sorted(cache.slot_of[0]) == [0, 1] and set(twin.slot_of[0]) >= {4, 5} and cache.loads == 4

@@ -24,6 +24,7 @@ from kvsieve.driver import cache_kwargs
 from kvsieve.methods.base import LayerInfo, Phase
 from kvsieve.ops.blocks import DeviceBlockCache, HostBlockStore
 from kvsieve.ops.rope import Rotary
+from kvsieve.rows import LayerMeter
 
 N_PROMPT, N_NEW = 48, 10
 LOGIT_TOL = 1e-4  # fp32; explicit softmax vs sdpa / vs the replay: measured ~2e-6
@@ -215,6 +216,41 @@ def test_attended_entries_and_positions():
 
 
 @pytest.mark.parametrize("name", ["infllm", "actqkv"])
+def test_attended_counts_do_not_depend_on_tracing(name):
+    """The positions a window attended are built only when the cache traces; the counts are the same either way
+    and equal the traced positions' (a lazy record whose count were off would fail here, or in `LayerMeter`)."""
+    model = tiny_model("llama")
+    meters = []
+    for trace in (False, True):
+        cache = SieveCache(model, kvsieve.method(name, **SMALL), trace=trace)
+        greedy_with_logits(model, cache, random_ids(120), N_NEW, chunk_size=40)
+        meters.append([layer.meter for layer in cache.sieve_layers])
+    for plain, traced in zip(*meters):
+        assert plain.trace is None and (plain.attended_total, plain.attend_calls) == (
+            traced.attended_total,
+            traced.attend_calls,
+        )
+        assert traced.attended_total == sum(t.shape[-1] for t in traced.trace) > 0
+
+
+def test_a_lazy_record_is_built_only_when_tracing_and_must_match_its_count():
+    built = []
+
+    def positions():
+        built.append(1)
+        return torch.arange(5)[None, None]
+
+    plain, traced = LayerMeter(), LayerMeter(trace=[])
+    plain.record(positions, 5)
+    traced.record(positions, 5)
+    assert built == [1] and plain.attended_total == traced.attended_total == 5 and len(traced.trace) == 1
+    with pytest.raises(ValueError, match="4 counted"):
+        traced.record(positions, 4)
+    with pytest.raises(ValueError, match="needs their count"):
+        plain.record(positions)
+
+
+@pytest.mark.parametrize("name", ["infllm", "actqkv"])
 def test_batch_rows_are_independent(name):
     """Two prompts in one batch get what each gets alone: retrieval, cache and statistics are per row."""
     model = tiny_model("llama")
@@ -298,7 +334,7 @@ def test_device_cache_lru_and_lru_s():
     slots = cache.load([[1, 3]], host, dev)  # full: evicts the least recently used block not selected: 0
     assert sorted(cache.slot_of[0]) == [1, 2, 3]
     keys, values, order = cache.gather(slots, [[1, 3]])
-    assert order.tolist() == [[1, 3]]  # the first layout follows the selection
+    assert order == [[1, 3]]  # the first layout follows the selection
     assert keys[0, 0, :4, 0].tolist() == [1.0] * 4 and keys[0, 0, 4:, 0].tolist() == [3.0] * 4
     assert values[0, 1, 4:, 0].tolist() == [-3.0] * 4
     assert (cache.loads, cache.hits) == (4, 1)

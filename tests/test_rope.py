@@ -6,7 +6,9 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+import kvsieve
 from helpers import tiny_model
+from kvsieve.cache import SieveCache
 from kvsieve.ops.rope import Rotary
 
 
@@ -62,3 +64,33 @@ def test_move_is_unrotate_then_rotate_in_one_rotation(rope):
     assert torch.allclose(moved, two_steps, atol=2e-6)  # the model's angles, not rounded anew
     assert torch.allclose(moved.norm(dim=-1), x.norm(dim=-1), atol=1e-5)  # a rotation: norms kept
     assert not torch.allclose(moved, x, atol=1e-2)
+
+
+@pytest.mark.parametrize("rope", [None, {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 1024}])
+def test_a_range_of_positions_gives_what_the_tensor_gives_and_its_angles_are_kept(rope):
+    """Decode steps pass ``range``s: their angles are computed once and reused (all layers of a cache share the
+    `Rotary`), with the same results as positions given as a tensor, however often asked."""
+    from transformers import LlamaConfig
+
+    params = {"rope_theta": 10000.0, **(rope or {"rope_type": "default"})}
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=2048, rope_parameters=params)
+    rotary = Rotary(config)
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 2, 16)
+    for first in (0, 1500, 1500, 7):
+        span, tensor = range(first, first + 2), torch.arange(first, first + 2)
+        assert torch.equal(rotary.rotate(x, span), rotary.rotate(x, tensor))
+        assert torch.equal(rotary.unrotate(x, span), rotary.unrotate(x, tensor))
+        assert torch.equal(rotary.move(x, span, 127), rotary.move(x, tensor, 127))
+    assert len(rotary._memo) == 9  # three kinds at three distinct ranges
+    for first in range(200):  # bounded
+        rotary.rotate(x[:, :, :1], range(first, first + 1))
+    assert len(rotary._memo) <= 64
+
+
+def test_layers_of_one_cache_share_one_rotary_per_layer_type():
+    model = tiny_model("llama")
+    cache = SieveCache(model, kvsieve.method("infllm", n_init=4, n_local=16, block_size=4, topk=3, exc_block_size=8))
+    rotaries = {id(layer.rows[0].policy.rotary) for layer in cache.sieve_layers}
+    other = SieveCache(model, kvsieve.method("infllm", n_init=4, n_local=16, block_size=4, topk=3, exc_block_size=8))
+    assert len(rotaries) == 1 and id(other.sieve_layers[0].rows[0].policy.rotary) not in rotaries

@@ -13,6 +13,7 @@ blocks, RefreshKV's refresh decisions, a fractional budget resolved from the row
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,11 +35,21 @@ class LayerMeter:
     bytes_after_prefill: int | None = None
     bytes_before_compress: int | None = None
 
-    def record(self, positions: torch.Tensor) -> None:
-        self.attended_total += positions.shape[-1]
+    def record(self, positions: torch.Tensor | Callable[[], torch.Tensor], count: int | None = None) -> None:
+        """The positions ``[B, H_kv, S]`` an attention call attended; or a function that builds them, with ``count``
+        (S), called only when tracing (a decode step need not build a tensor nobody reads)."""
+        if not callable(positions):
+            count = positions.shape[-1]
+        elif count is None:
+            raise ValueError("record: a function that builds the positions needs their count")
+        self.attended_total += count
         self.attend_calls += 1
-        if self.trace is not None:
-            self.trace.append(positions.detach().clone())
+        if self.trace is None:
+            return
+        built = positions() if callable(positions) else positions
+        if built.shape[-1] != count:
+            raise ValueError(f"record: {built.shape[-1]} positions built, {count} counted")
+        self.trace.append(built.detach().clone())
 
     def mark(self) -> tuple[int, int]:
         """A point to measure from (`attended_since`)."""

@@ -102,7 +102,7 @@ class AttentionCall:
     first_position: int
     seen: int
     kwargs: dict[str, Any]
-    record: Callable[[torch.Tensor], None]  # call with the positions ``[B, H_kv, S]`` this call attended
+    record: Callable[..., None]  # the positions ``[B, H_kv, S]`` this call attended (`LayerMeter.record`)
     layout: PromptLayout = PromptLayout()  # the prompt's parts (``SieveCache.layout``)
 
     @property

@@ -56,10 +56,10 @@ from kvsieve.methods.base import (
     resolve_budget,
 )
 from kvsieve.methods.infllm_budget import MIN_BUDGET, derive_cache_blocks, derive_structure
-from kvsieve.ops.blocks import BlockMemory, TokenBuffer
+from kvsieve.ops.blocks import BlockMemory, TokenBuffer, entry_bytes
 from kvsieve.ops.grouped import dot_scores
 from kvsieve.ops.merged import Part, merged_attention
-from kvsieve.ops.rope import Rotary
+from kvsieve.ops.rope import shared_rotary
 from kvsieve.ops.scoring import top_indices
 
 
@@ -86,7 +86,7 @@ class InfLLMPolicy(LayerPolicy):
         if info.config is None:
             raise ValueError(f"{method.name} needs the model's config (its RoPE parameters)")
         layer_types = getattr(info.config, "layer_types", None)
-        self.rotary = Rotary(info.config, layer_types[info.layer_idx] if layer_types else None)
+        self.rotary = shared_rotary(info, layer_types[info.layer_idx] if layer_types else None)
         self.topk = method.blocks_per_step
         # strict_budget: a one-query window (a decode step) attends at most the budget: see `hold_budget`
         self.capped = method.strict_budget
@@ -119,8 +119,7 @@ class InfLLMPolicy(LayerPolicy):
     def memory_keys(self, keys: torch.Tensor, first_position: int) -> torch.Tensor:
         """Post-RoPE keys ``[B, H_kv, n, D]`` at ``first_position ..`` -> the memory's pre-RoPE keys. Scaled by the
         RoPE attention scaling (1 unless YaRN-like), so memory logits get the same factor as local ones."""
-        positions = torch.arange(first_position, first_position + keys.shape[2], device=keys.device)
-        pre = self.rotary.unrotate(keys, positions)
+        pre = self.rotary.unrotate(keys, range(first_position, first_position + keys.shape[2]))
         scale = self.rotary.attention_scaling
         return pre if scale == 1.0 else pre * scale
 
@@ -128,9 +127,8 @@ class InfLLMPolicy(LayerPolicy):
     def attend(self, call: AttentionCall) -> torch.Tensor:
         query = call.query  # [B, H, c, D] post-RoPE at first_position ..
         c = query.shape[2]
-        positions = torch.arange(call.first_position, call.first_position + c, device=query.device)
         # Memory queries: pre-RoPE, rotated by the single angle of position n_local - 1 (one rotation: composed).
-        q_mem = self.rotary.move(query, positions, self.method.n_local - 1)
+        q_mem = self.rotary.move(query, range(call.first_position, call.first_position + c), self.method.n_local - 1)
         self.on_chunk(call, q_mem)
         windows = window_bounds(c, self.method.exc_block_size, split_last=ends_prompt(call))
         self.begin_call(call, len(windows))
@@ -146,7 +144,8 @@ class InfLLMPolicy(LayerPolicy):
             )
         self.recent.shrink()
         self.device_bytes_peak = max(self.device_bytes_peak, self.kv_bytes())
-        return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return out.transpose(1, 2).contiguous()
 
     def attend_window(
         self, call: AttentionCall, q_loc: torch.Tensor, q_mem: torch.Tensor, first: int, scaling: float, window: int
@@ -189,29 +188,31 @@ class InfLLMPolicy(LayerPolicy):
         selection = self.select_blocks(call, q_mem, window)
         n_sel = 0 if selection is None else selection.shape[1]
         (self.blocks_decode if call.phase is Phase.DECODE else self.blocks_prefill).append(n_sel)
-        fused = []
+        fused, order = [], []
         if n_sel:
-            blk_k, blk_v, blk_pos, order = self.memory.fetch(selection)
+            blk_k, blk_v, order = self.memory.fetch(selection)
             fused.append(Part(q_mem, blk_k, blk_v))
-        else:
-            blk_pos = torch.empty(b, 0, dtype=torch.long, device=device)
         credit = bool(n_sel) and m.cache_strategy == "lru-s"
 
         out, received = merged_attention(scored, fused, scaling, fused_sums=credit)
 
         # bookkeeping: local attention received (block representatives), cache scores, what was attended
-        recent.scores[:, :, lo - rs : end - rs] += received[0]
+        recent.scores[:, :, lo - rs : end - rs].add_(received[0])  # in place: no write-back through the slice
         if credit:
             mass = received[-1].sum(dim=1).view(b, n_sel, m.block_size).sum(-1)
-            self.memory.cache.credit(order.tolist(), mass)  # the mass is in the keys' order
+            self.memory.cache.credit(order, mass)  # the mass is in the keys' order
         first_recent = rs if n_rem else lo
-        init_pos = torch.arange(self.init_first, self.init_first + self.init_len, device=device)
-        attended = torch.cat(
-            [init_pos[None].expand(b, -1), blk_pos, torch.arange(first_recent, end, device=device)[None].expand(b, -1)],
-            dim=1,
-        )
-        self.attended_max = max(self.attended_max, attended.shape[1])
-        call.record(attended[:, None, :].expand(b, self.info.n_kv_heads, -1))
+
+        def attended() -> torch.Tensor:  # built only when the cache traces
+            init_pos = torch.arange(self.init_first, self.init_first + self.init_len, device=device)
+            blk_pos = self.memory.positions(order) if n_sel else torch.empty(b, 0, dtype=torch.long, device=device)
+            recent_pos = torch.arange(first_recent, end, device=device)
+            flat = torch.cat([init_pos[None].expand(b, -1), blk_pos, recent_pos[None].expand(b, -1)], dim=1)
+            return flat[:, None, :].expand(b, self.info.n_kv_heads, -1)
+
+        count = self.init_len + n_sel * m.block_size + end - first_recent
+        self.attended_max = max(self.attended_max, count)
+        call.record(attended, count)
         self.after_window(call, end)
         self.advance(end)
         return out
@@ -226,7 +227,8 @@ class InfLLMPolicy(LayerPolicy):
         b = q_mem.shape[0]
         if n <= self.topk:
             return torch.arange(n, device=q_mem.device)[None].expand(b, n)
-        probe = q_mem.float().mean(dim=2).reshape(b, -1)  # [B, H * D]
+        mean = q_mem[:, :, 0].float() if q_mem.shape[2] == 1 else q_mem.float().mean(dim=2)  # one query: itself
+        probe = mean.reshape(b, -1)  # [B, H * D]
         return top_indices(dot_scores(self.memory.reprs, probe), self.topk)
 
     # ------------------------------------------------------------------------------ moving to the memory
@@ -306,7 +308,7 @@ class InfLLMPolicy(LayerPolicy):
         The host block store is reported separately (``host_bytes`` in `stats`)."""
         total = self.recent.used_bytes()
         if self.init_k is not None:
-            total += 2 * self.init_k[:, :, : self.init_len].numel() * self.init_k.element_size()
+            total += (entry_bytes(self.init_k, 2) + entry_bytes(self.init_v, 2)) * self.init_len
         if self.memory is not None:
             total += self.memory.cache.used_bytes()
         return total

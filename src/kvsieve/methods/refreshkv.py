@@ -65,7 +65,7 @@ from kvsieve.methods.base import (
 )
 from kvsieve.methods.eviction import PROTECTED, BudgetedMethod
 from kvsieve.ops.attention import attend
-from kvsieve.ops.rope import Rotary
+from kvsieve.ops.rope import Rotary, shared_rotary
 from kvsieve.ops.scoring import attention_probs, pool_scores, reduce_gqa
 from kvsieve.ops.store import KVStore
 
@@ -235,9 +235,8 @@ class RefreshKVPolicy(LayerPolicy):
         if self.rotary is None:
             config = self.info.config
             layer_types = getattr(config, "layer_types", None)
-            self.rotary = Rotary(config, layer_types[self.info.layer_idx] if layer_types else None)
-        where = torch.tensor([position], device=query.device)
-        return self.rotary.unrotate(query.float(), where).mean(dim=1)[:, 0]
+            self.rotary = shared_rotary(self.info, layer_types[self.info.layer_idx] if layer_types else None)
+        return self.rotary.unrotate(query.float(), range(position, position + 1)).mean(dim=1)[:, 0]
 
     # -------------------------------------------------------------------------------------- accounting
     def stored_length(self) -> int:

@@ -34,6 +34,15 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
+def entry_bytes(t: torch.Tensor, *dims: int) -> int:
+    """Bytes of one entry of ``t`` along ``dims`` (one token of a ``[B, H_kv, S, D]`` buffer along 2), from its
+    shape: what a slice would measure, without building it (accounting runs every step)."""
+    count = t.numel() * t.element_size()
+    for dim in dims:
+        count //= t.shape[dim]
+    return count
+
+
 class TokenBuffer:
     """Recent tokens of one layer with spare capacity: keys/values ``[B, H_kv, n, D]``, scores ``[B, H, n]``.
 
@@ -146,7 +155,7 @@ class TokenBuffer:
     def used_bytes(self) -> int:
         if self._k is None:
             return 0
-        return _nbytes(self.keys) + _nbytes(self.values)
+        return (entry_bytes(self._k, 2) + entry_bytes(self._v, 2)) * self.length
 
     def allocated_bytes(self) -> int:
         return _nbytes(self._k) + _nbytes(self._v)
@@ -190,7 +199,7 @@ class HostBlockStore:
     def used_bytes(self) -> int:
         if self._k is None:
             return 0
-        return _nbytes(self._k[:, : self.n_blocks]) + _nbytes(self._v[:, : self.n_blocks])
+        return (entry_bytes(self._k, 1) + entry_bytes(self._v, 1)) * self.n_blocks
 
     def allocated_bytes(self) -> int:
         return _nbytes(self._k) + _nbytes(self._v)
@@ -201,7 +210,8 @@ class DeviceBlockCache:
     up to capacity.
 
     ``load(selection)`` makes the selected blocks resident (copying missing ones from the host store, evicting
-    blocks that the selection does not need) and returns their slots; ``gather(slots, blocks)`` lays them out as
+    blocks that the selection does not need) and returns their slots (host lists: where blocks go is decided on the
+    host, so no index tensor makes a round trip); ``gather(slots, blocks)`` lays them out as
     keys and values ``[B, H_kv, k * bs, D]`` for attention in a persistent attended buffer where a block that stays
     selected keeps its place, so a step copies only the blocks newly selected. The missing blocks of a step, over all
     rows, move in one host gather (into a pinned staging buffer when the host store is pinned), one host-to-device
@@ -268,8 +278,8 @@ class DeviceBlockCache:
         for row in self.free:
             row.extend(range(new - 1, old - 1, -1))  # pop() hands out low slots first
 
-    def load(self, selection: list[list[int]], host: HostBlockStore, device: torch.device) -> torch.Tensor:
-        """Make ``selection`` (per row, block indices) resident; returns slots ``[B, k]`` (long, on ``device``)."""
+    def load(self, selection: list[list[int]], host: HostBlockStore, device: torch.device) -> list[list[int]]:
+        """Make ``selection`` (per row, block indices) resident; returns each row's slots, in its order."""
         batch = len(selection)
         self._ensure_rows(batch)
         self.counter += 1
@@ -304,7 +314,7 @@ class DeviceBlockCache:
             slots.append([cached[b] for b in blocks])
         if moves:
             self._copy_in(moves, host, device)
-        return torch.tensor(slots, dtype=torch.long, device=device).view(batch, -1)
+        return slots
 
     def _copy_in(self, moves: list[tuple[int, int, int]], host: HostBlockStore, device: torch.device) -> None:
         """Copy blocks from the host store into their slots: one gather, one transfer and one scatter per tensor."""
@@ -335,19 +345,21 @@ class DeviceBlockCache:
             )
         return self._staging[0][:n], self._staging[1][:n]
 
-    def gather(self, slots: torch.Tensor, blocks: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def gather(
+        self, slots: list[list[int]], blocks: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
         """Keys and values ``[B, H_kv, k * bs, D]`` of ``blocks`` (per row, the same count ``k``) resident in
-        ``slots`` ``[B, k]``, and the block of each of their ``k`` places ``[B, k]`` (long).
+        ``slots`` (`load`), and per row the block of each of their ``k`` places.
 
         The blocks are laid out in a persistent attended buffer, head-major like the slots: a block that stays
         selected keeps its place, and only newly selected blocks are copied in (one indexed copy per tensor for the
         step), so a decode whose selection barely changes copies nothing. The places follow the buffer, not
         ``blocks``' order: attention is the same in any order of its keys (one softmax; the memory's keys share one
         position), up to float rounding."""
-        b, k = slots.shape
+        b, k = len(slots), len(slots[0])
         if self._buf_k is None or self._buf_k.shape[2] < k:
             self._grow_buffer(k)
-        for row, (wanted, row_slots) in enumerate(zip(blocks, slots.tolist())):
+        for row, (wanted, row_slots) in enumerate(zip(blocks, slots)):
             placed = self.placed[row]
             del placed[k:]  # places beyond this step's count are not attended: their blocks must move in again
             placed.extend([-1] * (k - len(placed)))
@@ -362,7 +374,7 @@ class DeviceBlockCache:
                     sources.append(slot_of[new])
             if places:  # per row: an index_copy_ along the places is several times faster than an index_put
                 places_t, sources_t = (
-                    torch.tensor(c, dtype=torch.long, device=slots.device) for c in (places, sources)
+                    torch.tensor(c, dtype=torch.long, device=self._k.device) for c in (places, sources)
                 )
                 self._buf_k[row].index_copy_(1, places_t, self._k[row].index_select(1, sources_t))
                 self._buf_v[row].index_copy_(1, places_t, self._v[row].index_select(1, sources_t))
@@ -370,8 +382,7 @@ class DeviceBlockCache:
         h_kv, bs = self._k.shape[1], self._k.shape[3]
         keys = self._buf_k[:, :, :k].reshape(b, h_kv, k * bs, self._k.shape[4])  # views: one head's places are adjacent
         values = self._buf_v[:, :, :k].reshape(b, h_kv, k * bs, self._v.shape[4])
-        order = torch.tensor([row[:k] for row in self.placed[:b]], dtype=torch.long, device=slots.device)
-        return keys, values, order
+        return keys, values, [row[:k] for row in self.placed[:b]]
 
     def _grow_buffer(self, k: int) -> None:
         b, h_kv, _, bs, d = self._k.shape
@@ -401,8 +412,7 @@ class DeviceBlockCache:
         """Bytes of the occupied slots (K and V) over all rows."""
         if self._k is None:
             return 0
-        per_slot = _nbytes(self._k[0, :, 0]) + _nbytes(self._v[0, :, 0])
-        return per_slot * sum(self.occupied())
+        return (entry_bytes(self._k, 0, 2) + entry_bytes(self._v, 0, 2)) * sum(self.occupied())
 
     def allocated_bytes(self) -> int:
         """The slots and the attended buffer (K and V)."""
@@ -429,7 +439,7 @@ class BlockMemory:
         self.host = HostBlockStore(pin=device.type == "cuda" and torch.cuda.is_available())
         self.cache = DeviceBlockCache(capacity, strategy, decay)
         self._reprs: torch.Tensor | None = None
-        self._first: torch.Tensor | None = None  # [N] first position of each block (long, on the device)
+        self._first: list[int] = []  # the first position of each block
         self._unit: torch.Tensor | None = None  # [B, capacity, H * D] the representatives at unit length
         self._unit_done = 0  # blocks normalised into _unit so far
 
@@ -463,25 +473,23 @@ class BlockMemory:
         if self._reprs is None or n == self._reprs.shape[1]:
             cap = max(16, 2 * n)
             grown = torch.empty(representative.shape[0], cap, representative.shape[1], device=self.device)
-            first = torch.empty(cap, dtype=torch.long, device=self.device)
             if n:
                 grown[:, :n] = self._reprs[:, :n]
-                first[:n] = self._first[:n]
-            self._reprs, self._first = grown, first
+            self._reprs = grown
         self._reprs[:, n] = representative.float()
-        self._first[n] = first_position
+        self._first.append(first_position)
         self.host.append(keys, values)
 
-    def fetch(self, selection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys, values ``[B, H_kv, k * bs, D]`` and positions ``[B, k * bs]`` of the selected blocks ``[B, k]``,
-        and the block of each of the ``k`` places ``[B, k]``: the order of the keys (see `DeviceBlockCache.gather`)."""
+    def fetch(self, selection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+        """Keys and values ``[B, H_kv, k * bs, D]`` of the selected blocks ``[B, k]``, and per row the block of each
+        of the ``k`` places: the order of the keys (see `DeviceBlockCache.gather`; `positions` gives theirs)."""
         chosen = selection.tolist()
-        slots = self.cache.load(chosen, self.host, self.device)
-        keys, values, order = self.cache.gather(slots, chosen)
-        first = self._first[order]  # [B, k]
-        offsets = torch.arange(self.block_size, device=self.device)
-        positions = (first[..., None] + offsets).reshape(selection.shape[0], -1)
-        return keys, values, positions, order
+        return self.cache.gather(self.cache.load(chosen, self.host, self.device), chosen)
+
+    def positions(self, order: list[list[int]]) -> torch.Tensor:
+        """The positions ``[B, k * bs]`` of the keys of blocks laid out in ``order`` (`fetch`)."""
+        bs, first = self.block_size, self._first
+        return torch.tensor([[first[j] + i for j in row for i in range(bs)] for row in order], device=self.device)
 
     def repr_bytes(self) -> int:
         """Device bytes of the representative vectors (and of their unit-length copies, once cosine asked)."""

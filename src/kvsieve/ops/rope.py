@@ -22,8 +22,16 @@ def _default_inv_freq(config) -> tuple[torch.Tensor, float]:
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim)), 1.0
 
 
+Positions = torch.Tensor | range
+_MEMO_SPAN = 64  # ranges of at most this many positions (decode steps, short windows) keep their angles
+_MEMO_ENTRIES = 64
+
+
 class Rotary:
-    """cos/sin of the model's RoPE at arbitrary positions, and (un)rotation of ``[..., S, D]`` tensors."""
+    """cos/sin of the model's RoPE at arbitrary positions, and (un)rotation of ``[..., S, D]`` tensors.
+
+    Positions are a tensor, or a ``range``: the angles of a short range are kept (a few per step), so the layers of
+    one cache that share a `Rotary` (`shared_rotary`) compute a decode step's angles once, not once per layer."""
 
     def __init__(self, config, layer_type: str | None = None) -> None:
         params = config.rope_parameters
@@ -40,14 +48,16 @@ class Rotary:
         self.inv_freq = inv_freq
         self._inv_freq_on: dict[torch.device, torch.Tensor] = {inv_freq.device: inv_freq}
         self.attention_scaling = float(scaling)
-        self._target_cos_sin: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}  # `move`
+        self._memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def cos_sin(
-        self, positions: torch.Tensor, dtype: torch.dtype, device: torch.device, scaled: bool = True
+        self, positions: Positions, dtype: torch.dtype, device: torch.device, scaled: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``positions`` ``[...]`` -> cos, sin ``[..., D]`` (computed in float32, cast like the model), times the
         attention scaling unless not ``scaled``."""
         device = torch.device(device)
+        if isinstance(positions, range):
+            positions = torch.arange(positions.start, positions.stop, device=device)
         inv_freq = self._inv_freq_on.get(device)
         if inv_freq is None:
             inv_freq = self._inv_freq_on[device] = self.inv_freq.to(device)
@@ -57,38 +67,65 @@ class Rotary:
             return emb.cos().to(dtype), emb.sin().to(dtype)
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
 
-    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, positions: Positions) -> torch.Tensor:
         """Apply RoPE at ``positions`` (broadcastable to ``x.shape[:-1]``) to ``x`` ``[..., S, D]``."""
-        cos, sin = self.cos_sin(positions, torch.float32, x.device)
-        return (x.float() * cos + _rotate_half(x.float()) * sin).to(x.dtype)
+        return _apply(x, *self._angles("rotate", positions, x.device))
 
-    def move(self, x: torch.Tensor, positions: torch.Tensor, target: int) -> torch.Tensor:
+    def move(self, x: torch.Tensor, positions: Positions, target: int) -> torch.Tensor:
         """A post-RoPE ``x`` ``[..., S, D]`` at ``positions`` ``[S]`` as if rotated at position ``target`` instead:
         ``rotate(unrotate(x, positions), target)`` in one rotation (the attention scaling cancels). The angle is
         ``target - position`` by the angle-difference formulas on the model's own ``cos/sin(position)``, so the
         model's rotation is undone as exactly as by `unrotate` (an angle ``(target - position) * f`` rounded anew
         would drift by ``position x ulp``: 1e-4 rad at 2K, 8e-3 at 128K)."""
-        cos_p, sin_p = self.cos_sin(positions, torch.float32, x.device, scaled=False)
-        key = (target, x.device)
-        if key not in self._target_cos_sin:
-            target_t = torch.tensor(target, device=x.device)  # never on the default device (tests/test_devices.py)
-            self._target_cos_sin[key] = self.cos_sin(target_t, torch.float32, x.device, scaled=False)
-        cos_t, sin_t = self._target_cos_sin[key]
-        cos, sin = cos_t * cos_p + sin_t * sin_p, sin_t * cos_p - cos_t * sin_p
-        return (x.float() * cos + _rotate_half(x.float()) * sin).to(x.dtype)
+        return _apply(x, *self._angles("move", positions, x.device, target))
 
-    def unrotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def unrotate(self, x: torch.Tensor, positions: Positions) -> torch.Tensor:
         """Undo RoPE at ``positions``: the pre-RoPE vector, exact up to float rounding (the inverse of a rotation
         is the rotation by ``-position``; ``attention_scaling`` s scales both cos and sin, hence the ``1/s^2``)."""
-        cos, sin = self.cos_sin(positions, torch.float32, x.device)
-        scale = self.attention_scaling**2
-        pre = x.float() * cos - _rotate_half(x.float()) * sin
-        return (pre if scale == 1.0 else pre / scale).to(x.dtype)
+        return _apply(x, *self._angles("unrotate", positions, x.device))
+
+    def _angles(
+        self, kind: str, positions: Positions, device: torch.device, target: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 ``(c, s)`` with ``kind``'s rotation ``x * c + roll(x, D/2) * s`` (the sign of "rotate half"
+        folded into ``s``); kept for a short ``range``."""
+        key = None
+        if isinstance(positions, range) and len(positions) <= _MEMO_SPAN:
+            key = (kind, positions, target, torch.device(device))
+            if key in self._memo:
+                return self._memo[key]
+        if kind == "move":
+            cos_p, sin_p = self.cos_sin(positions, torch.float32, device, scaled=False)
+            cos_t, sin_t = self.cos_sin(range(target, target + 1), torch.float32, device, scaled=False)
+            c, s = cos_t * cos_p + sin_t * sin_p, sin_t * cos_p - cos_t * sin_p
+        else:
+            c, s = self.cos_sin(positions, torch.float32, device)
+            if kind == "unrotate":  # the rotation by -position, divided by s^2
+                scale = self.attention_scaling**2
+                c, s = (c, -s) if scale == 1.0 else (c / scale, -s / scale)
+        half = s.shape[-1] // 2
+        angles = c, torch.cat((-s[..., :half], s[..., half:]), dim=-1)
+        if key is not None:
+            if len(self._memo) >= _MEMO_ENTRIES:
+                self._memo.clear()
+            self._memo[key] = angles
+        return angles
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def shared_rotary(info, layer_type: str | None = None) -> Rotary:
+    """The one `Rotary` of a layer type for all layers of a cache (``info.shared``, a `LayerInfo`'s), so a decode
+    step's angles are computed once for all of them."""
+    key = ("rotary", layer_type)
+    if key not in info.shared:
+        info.shared[key] = Rotary(info.config, layer_type)
+    return info.shared[key]
+
+
+def _apply(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` in float32, with ``rotate_half(x) * sin = roll(x, D/2) * signed_sin``."""
+    xf = x.float()
+    out = torch.addcmul(xf * cos, xf.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class _ConfigView:
