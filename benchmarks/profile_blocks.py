@@ -1,4 +1,4 @@
-"""Where InfLLM's and ActQKV's time goes: prefill and decode of the default model on the bench prompt, profiled.
+"""Where InfLLM's and ActQKV's time goes: prefill and decode on the bench prompt (default model or --model), profiled.
 
 For each method: one unprofiled warm-up run (its prefill and decode times are printed), then the prefill (the
 prompt in one chunk) and the greedy decode steps profiled separately, each by cProfile (Python functions: per-layer
@@ -6,6 +6,8 @@ overhead, block scoring, cache bookkeeping) and, unless ``--no-torch-profile``, 
 exp, copies, gathers, concatenations) on a second run.
 
     OMP_NUM_THREADS=1 python benchmarks/profile_blocks.py --methods infllm-2k,actqkv-2k --length 4096 --threads 1
+    OMP_NUM_THREADS=1 python benchmarks/profile_blocks.py --model qwen2.5-coder-0.5b --dtype bfloat16 \
+        --methods infllm-2k --length 16384 --no-torch-profile
 """
 
 from __future__ import annotations
@@ -80,9 +82,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--top", type=int, default=30, help="rows of each profile")
     parser.add_argument("--no-torch-profile", action="store_true", help="cProfile only")
+    parser.add_argument("--model", default=None, help="kvsieve model alias or directory (default: the default model)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, tok = kvsieve.load_model()
+    model, tok = kvsieve.load_model(args.model, dtype=getattr(torch, args.dtype))
     ids = prompt_ids(tok, args.length)
     none = contextlib.nullcontext()
     for method in args.methods.split(","):
