@@ -8,6 +8,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvsieve.ops.attention import attend, decode_attention
+from kvsieve.ops.grouped import grouped_logits
 
 
 class _Module(torch.nn.Module):
@@ -61,3 +62,21 @@ def test_low_precision_decode_with_a_mask_ignores_the_masked_entries():
     # the same as attending only the kept entries
     kept = attend(_Module(), q[:1], k[:1, :, 100:], v[:1, :, 100:], 0.125)
     assert torch.allclose(out[:1].float(), kept.float(), atol=2**-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_grouped_logits_of_a_strided_cache_slice_equal_the_dense_ones(dtype):
+    """A decode step's keys are a slice of a cache buffer with spare room (strided across heads); in low precision
+    its logits are taken as ``K @ Q^T`` (torch's CPU matmul is several times slower the other way round there). The
+    same logits as of the dense keys, in the layout ``[B, H, 1, S]``, within the dtype's rounding of float64."""
+    q, _, _ = _tensors(dtype)
+    buffer = torch.randn(2, 2, 400, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    keys = buffer[:, :, 37:337]
+    assert not keys.is_contiguous()
+    got = grouped_logits(q, keys)
+    dense = grouped_logits(q, keys.contiguous())
+    want = (q.double().reshape(2, 2, 7, 64) @ keys.double().transpose(-1, -2)).view(2, 14, 1, 300)
+    assert got.shape == dense.shape == (2, 14, 1, 300) and got.dtype == dtype
+    tol = {torch.float32: 1e-4, torch.bfloat16: 0.1, torch.float16: 2e-2}[dtype]  # |logit| ~ 8-30: a few ulps
+    assert (got.double() - want).abs().max().item() < tol and (dense.double() - want).abs().max().item() < tol
+    assert (got.double() - dense.double()).abs().max().item() <= tol
