@@ -19,9 +19,7 @@ from __future__ import annotations
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from kvsieve.ops.grouped import grouped_logits, grouped_weighted_sum
-
-LOW_PRECISION = (torch.bfloat16, torch.float16)
+from kvsieve.ops.grouped import LOW_PRECISION, grouped_logits, grouped_weighted_sum
 
 
 def chunk_mask(n_query: int, n_keys: int, device: torch.device) -> torch.Tensor | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
+LOW_PRECISION = (torch.bfloat16, torch.float16)  # dtypes whose CPU kernels kvsieve routes differently
 
 
 def grouped_logits(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -18,10 +18,10 @@ def grouped_logits(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     b, h, w, d = query.shape
     n_kv = keys.shape[1]
     rows = query.reshape(b, n_kv, (h // n_kv) * w, d)
-    if w == 1 and keys.dtype in _LOW_PRECISION and keys.device.type == "cpu" and not keys.is_contiguous():
-        # A decode step over a slice of a cache buffer: torch's CPU bf16 matmul takes 3-4x longer with that strided
-        # slice as the transposed operand than as ``K @ Q^T`` (the same dot products; 134 against 41 us for 1,472
-        # keys of 2 KV heads, torch 2.13, a micro-benchmark); the few rows are then laid out again (equal: tests).
+    if w == 1 and keys.dtype in LOW_PRECISION and keys.device.type == "cpu" and not keys.is_contiguous():
+        # A decode step over a slice of a cache buffer: torch's CPU bf16 matmul is several times slower with that
+        # strided slice as the transposed operand than as ``K @ Q^T`` (the same dot products; "grouped, slice" in
+        # `benchmarks/bench_decode_attention.py`); the few rows are then laid out again (equal logits: tests).
         return torch.matmul(keys, rows.transpose(-1, -2)).transpose(-1, -2).reshape(b, h, w, -1)
     return torch.matmul(rows, keys.transpose(-1, -2)).view(b, h, w, -1)
 

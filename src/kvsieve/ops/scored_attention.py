@@ -29,7 +29,8 @@ from __future__ import annotations
 import torch
 from transformers.integrations.sdpa_attention import repeat_kv
 
-from kvsieve.ops.attention import LOW_PRECISION, attend, chunk_mask
+from kvsieve.ops.attention import attend, chunk_mask
+from kvsieve.ops.grouped import LOW_PRECISION
 
 KEY_TILE = 512  # keys per tile of the column-sum pass on a CPU: a tile of g * block x 512 floats stays in cache
 # On an accelerator the loop's cost is its launches, not its cache misses (an H200 spent 30 s in ~260,000 CPU-sized
