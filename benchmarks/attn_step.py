@@ -18,22 +18,19 @@ import torch
 
 import kvsieve
 from kvsieve.bench import prompt_ids
-from kvsieve.cache import SieveCache
-from kvsieve.driver import cache_kwargs
-from kvsieve.methods.base import Phase
+from kvsieve.driver import Driver
 
 
 @torch.inference_mode()
 def decode_times(model, ids: list[int], method: str, steps: int, spent: list[float]) -> list[tuple[float, float]]:
-    """(step seconds, self-attention seconds) of each greedy decode step after prefilling ``ids``."""
-    cache = SieveCache(model, kvsieve.method(method).for_prompt(len(ids)))
-    with cache.forward_as(Phase.PREFILL_LAST):
-        logits = model(input_ids=torch.tensor([ids]), logits_to_keep=1, **cache_kwargs(model, cache)).logits
+    """(step seconds, self-attention seconds) of each greedy decode step after the driver prefills ``ids``."""
+    driver = Driver.new(model, method, len(ids), reserve=steps + 8)
+    logits = driver.prefill(ids)
     times = []
     for _ in range(steps):
         spent.clear()
         start = time.perf_counter()
-        logits = model(input_ids=logits[:, -1].argmax(-1, keepdim=True), **cache_kwargs(model, cache)).logits
+        logits = driver.step(int(logits[0].argmax()))
         times.append((time.perf_counter() - start, sum(spent)))
     return times
 
