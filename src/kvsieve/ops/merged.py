@@ -123,9 +123,9 @@ def _one_query(
     scored: Sequence[Part], fused: Sequence[Part], scaling: float, fused_sums: bool
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """`merged_attention` for one query (a decode step): its logits over every part are one short row, so they are
-    concatenated and normalised by one softmax, and the probability sums are the row itself. Dispatches about half
-    the ops of the log-sum-exp merge (one softmax, no per-part peak, exp and normaliser), which at one query cost
-    more than the arithmetic (measured: 190 us against 380 us a layer at 2K entries, SmolLM2-135M's heads)."""
+    concatenated and normalised by one softmax, and the probability sums are the row itself: one softmax instead of
+    a peak, an exp and a normaliser per part, ops that at one query cost more than their arithmetic (timed as
+    "window" by `benchmarks/bench_decode_attention.py`)."""
     parts = [*scored, *fused]
     scaled: dict[int, torch.Tensor] = {}  # parts sharing a query (the memory's) scale it once
     logits = []
