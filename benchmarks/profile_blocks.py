@@ -1,6 +1,6 @@
 """Where InfLLM's and ActQKV's time goes: prefill and decode on the bench prompt (default model or --model), profiled.
 
-For each method: one unprofiled warm-up run (its prefill and decode times are printed), then the prefill (the
+For each method: one unprofiled warm-up run (its prefill and decode times are printed), then the driver's prefill (the
 prompt in one chunk) and the greedy decode steps profiled separately, each by cProfile (Python functions: per-layer
 overhead, block scoring, cache bookkeeping) and, unless ``--no-torch-profile``, torch.profiler (tensor ops: matmuls,
 exp, copies, gathers, concatenations) on a second run.
@@ -23,24 +23,22 @@ import torch
 
 import kvsieve
 from kvsieve.bench import prompt_ids
-from kvsieve.cache import SieveCache
-from kvsieve.driver import cache_kwargs
-from kvsieve.methods.base import Phase
+from kvsieve.driver import Driver
 
 
 @torch.inference_mode()
 def run(model, ids: list[int], method: str, new_tokens: int, prefill_ctx, decode_ctx) -> tuple[float, float]:
-    """Prefill ``ids`` then decode ``new_tokens`` greedily under the given contexts; returns (prefill s, decode s)."""
-    cache = SieveCache(model, kvsieve.method(method).for_prompt(len(ids)))
+    """The driver prefills ``ids`` then decodes ``new_tokens`` greedily under the given contexts; returns (prefill s,
+    decode s)."""
+    driver = Driver.new(model, method, len(ids), reserve=new_tokens + 8)
     start = time.perf_counter()
-    with prefill_ctx, cache.forward_as(Phase.PREFILL_LAST):
-        logits = model(input_ids=torch.tensor([ids]), logits_to_keep=1, **cache_kwargs(model, cache)).logits
+    with prefill_ctx:
+        logits = driver.prefill(ids)
     prefill = time.perf_counter() - start
     start = time.perf_counter()
     with decode_ctx:
         for _ in range(new_tokens):
-            token = logits[:, -1].argmax(-1, keepdim=True)
-            logits = model(input_ids=token, **cache_kwargs(model, cache)).logits
+            logits = driver.step(int(logits[0].argmax()))
     return prefill, time.perf_counter() - start
 
 
