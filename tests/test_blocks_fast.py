@@ -150,6 +150,33 @@ def test_device_cache_lays_out_the_selected_host_blocks_for_every_row_copying_on
     assert copies == [6, 3, 7, 4, 0, 2]
 
 
+def test_device_cache_lays_a_head_and_a_tail_around_the_blocks():
+    """``[head ; blocks ; tail]`` per row (InfLLM's init tokens and remainder around the retrieved blocks): right
+    after the buffer grows for a longer head or tail (placed blocks keep their places), and when a step with fewer
+    blocks writes its tail over a place that a later step needs again."""
+    host = _store(6)
+    cache = DeviceBlockCache(capacity=4)
+    dev = torch.device("cpu")
+
+    def near(n: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = torch.arange(2 * 2 * n * 8, dtype=torch.float32).view(2, 2, n, 8) + base
+        return keys, -keys
+
+    def check(selection, head, tail, copies):
+        before = cache.buffer_copies
+        keys, values, order = cache.gather(cache.load(selection, host, dev), selection, head, tail)
+        assert cache.buffer_copies - before == copies
+        for row in range(2):
+            want_k = torch.cat([head[0][row], *(host.block(row, j)[0] for j in order[row]), tail[0][row]], dim=1)
+            want_v = torch.cat([head[1][row], *(host.block(row, j)[1] for j in order[row]), tail[1][row]], dim=1)
+            assert torch.equal(keys[row], want_k) and torch.equal(values[row], want_v)
+
+    check([[0, 1], [2, 3]], near(2, 0.5), near(1, 0.25), copies=4)
+    check([[0, 1], [2, 3]], near(3, 0.5), near(3, 0.75), copies=0)  # longer head and tail: the buffer grows
+    check([[1], [3]], near(3, 0.5), near(2, 0.125), copies=2)  # one block: 1 and 3 move to place 0, the tail after
+    check([[1, 4], [3, 5]], near(3, 0.5), near(2, 0.375), copies=2)  # place 1 held the tail: copied in again
+
+
 def test_unit_representatives_follow_the_blocks_added():
     memory = BlockMemory(block_size=4, capacity=8, device=torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)

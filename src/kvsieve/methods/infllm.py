@@ -57,7 +57,7 @@ from kvsieve.methods.base import (
 )
 from kvsieve.methods.infllm_budget import MIN_BUDGET, derive_cache_blocks, derive_structure
 from kvsieve.ops.blocks import BlockMemory, TokenBuffer, entry_bytes
-from kvsieve.ops.grouped import dot_scores
+from kvsieve.ops.grouped import cast, dot_scores
 from kvsieve.ops.merged import Part, merged_attention
 from kvsieve.ops.rope import shared_rotary
 from kvsieve.ops.scoring import top_indices
@@ -154,7 +154,9 @@ class InfLLMPolicy(LayerPolicy):
 
         One softmax over three parts, each attended where it lies and merged exactly (`merged_attention`): the
         local window (the model's positions), the near memory (init tokens ; the remainder that has left some
-        query's window) and the retrieved blocks (both at the memory's fixed distance)."""
+        query's window) and the retrieved blocks (both at the memory's fixed distance). A one-query window (a
+        decode step) sees all of the memory, so its near memory is laid out around the blocks in the attended
+        buffer (`DeviceBlockCache.gather`) and attended with them: two parts, one matmul pair fewer per layer."""
         m = self.method
         n_local, recent = m.n_local, self.recent
         b, _, w, _ = q_loc.shape
@@ -172,26 +174,34 @@ class InfLLMPolicy(LayerPolicy):
 
         # near memory: init tokens (seen by all) ; the remainder, seen by the queries it is n_local or more behind
         n_rem = max(0, end - n_local - rs)
-        near_k, near_v = self.init_k[:, :, : self.init_len], self.init_v[:, :, : self.init_len]
-        near_mask = None
-        if n_rem:
-            near_k = torch.cat([near_k, recent.derived_keys(n_rem, self.memory_keys)], dim=2)
-            near_v = torch.cat([near_v, recent.values[:, :, :n_rem]], dim=2)
-            if w > 1:  # one query is n_local or more ahead of every remainder token
-                qpos = torch.arange(first, end, device=device)[:, None]
-                rem_dist = qpos - torch.arange(rs, rs + n_rem, device=device)[None, :]
-                seen = torch.ones(w, self.init_len, dtype=torch.bool, device=device)
-                near_mask = torch.cat([seen, rem_dist >= n_local], dim=1)
-        scored = [local] if not near_k.shape[2] else [local, Part(q_mem, near_k, near_v, near_mask)]
+        init = (self.init_k[:, :, : self.init_len], self.init_v[:, :, : self.init_len])
+        remainder = (recent.derived_keys(n_rem, self.memory_keys), recent.values[:, :, :n_rem]) if n_rem else None
 
         # retrieved blocks; lru-s credits each block with the attention mass it received
         selection = self.select_blocks(call, q_mem, window)
         n_sel = 0 if selection is None else selection.shape[1]
         (self.blocks_decode if call.phase is Phase.DECODE else self.blocks_prefill).append(n_sel)
-        fused, order = [], []
-        if n_sel:
-            blk_k, blk_v, order = self.memory.fetch(selection)
-            fused.append(Part(q_mem, blk_k, blk_v))
+        order: list[list[int]] = []
+        blocks_from = 0  # where the blocks' keys start in the memory part that holds them
+        if n_sel and w == 1:  # one query sees every memory entry: init ; blocks ; remainder as one run, two parts
+            mem_k, mem_v, order = self.memory.fetch(selection, init if self.init_len else None, remainder)
+            scored, fused, blocks_from = [local], [Part(q_mem, mem_k, mem_v)], self.init_len
+        else:
+            near_k, near_v = init
+            near_mask = None
+            if remainder is not None:
+                near_k = torch.cat([near_k, remainder[0]], dim=2)
+                near_v = torch.cat([near_v, remainder[1]], dim=2)
+                if w > 1:  # one query is n_local or more ahead of every remainder token
+                    qpos = torch.arange(first, end, device=device)[:, None]
+                    rem_dist = qpos - torch.arange(rs, rs + n_rem, device=device)[None, :]
+                    seen = torch.ones(w, self.init_len, dtype=torch.bool, device=device)
+                    near_mask = torch.cat([seen, rem_dist >= n_local], dim=1)
+            scored = [local] if not near_k.shape[2] else [local, Part(q_mem, near_k, near_v, near_mask)]
+            fused = []
+            if n_sel:
+                blk_k, blk_v, order = self.memory.fetch(selection)
+                fused.append(Part(q_mem, blk_k, blk_v))
         credit = bool(n_sel) and m.cache_strategy == "lru-s"
 
         out, received = merged_attention(scored, fused, scaling, fused_sums=credit)
@@ -199,7 +209,8 @@ class InfLLMPolicy(LayerPolicy):
         # bookkeeping: local attention received (block representatives), cache scores, what was attended
         recent.scores[:, :, lo - rs : end - rs].add_(received[0])  # in place: no write-back through the slice
         if credit:
-            mass = received[-1].sum(dim=1).view(b, n_sel, m.block_size).sum(-1)
+            blocks = received[-1][..., blocks_from : blocks_from + n_sel * m.block_size]
+            mass = blocks.sum(dim=1).view(b, n_sel, m.block_size).sum(-1)
             self.memory.cache.credit(order, mass)  # the mass is in the keys' order
         first_recent = rs if n_rem else lo
 
@@ -227,7 +238,7 @@ class InfLLMPolicy(LayerPolicy):
         b = q_mem.shape[0]
         if n <= self.topk:
             return torch.arange(n, device=q_mem.device)[None].expand(b, n)
-        mean = q_mem[:, :, 0].float() if q_mem.shape[2] == 1 else q_mem.float().mean(dim=2)  # one query: itself
+        mean = cast(q_mem[:, :, 0], torch.float32) if q_mem.shape[2] == 1 else q_mem.float().mean(dim=2)  # 1: itself
         probe = mean.reshape(b, -1)  # [B, H * D]
         return top_indices(dot_scores(self.memory.reprs, probe), self.topk)
 

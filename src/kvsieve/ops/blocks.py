@@ -234,8 +234,14 @@ class DeviceBlockCache:
         self.hits = 0  # selected blocks already resident
         self._staging: tuple[torch.Tensor, torch.Tensor] | None = None  # pinned host buffers of the copies
         self._copied: torch.cuda.Event | None = None  # the last asynchronous copy out of the staging buffers
-        self._buf_k: torch.Tensor | None = None  # the attended buffer [B, H_kv, k_max, bs, D] (see `gather`)
+        # The attended buffer [B, H_kv, head room + places x bs + tail room, D] (see `gather`): block places between
+        # a head (written when it changes) and a tail (written at every call that passes one).
+        self._buf_k: torch.Tensor | None = None
         self._buf_v: torch.Tensor | None = None
+        self._places = 0  # block places allocated in the buffer
+        self._head_room = 0
+        self._tail_room = 0
+        self._head_len = -1  # entries of the head written in front of the places (-1: none since the last growth)
         self.placed: list[list[int]] = []  # per row: the block in each place of the attended buffer
         self.buffer_copies = 0  # blocks copied into the attended buffer
 
@@ -346,7 +352,11 @@ class DeviceBlockCache:
         return self._staging[0][:n], self._staging[1][:n]
 
     def gather(
-        self, slots: list[list[int]], blocks: list[list[int]]
+        self,
+        slots: list[list[int]],
+        blocks: list[list[int]],
+        head: tuple[torch.Tensor, torch.Tensor] | None = None,
+        tail: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
         """Keys and values ``[B, H_kv, k * bs, D]`` of ``blocks`` (per row, the same count ``k``) resident in
         ``slots`` (`load`), and per row the block of each of their ``k`` places.
@@ -355,10 +365,19 @@ class DeviceBlockCache:
         selected keeps its place, and only newly selected blocks are copied in (one indexed copy per tensor for the
         step), so a decode whose selection barely changes copies nothing. The places follow the buffer, not
         ``blocks``' order: attention is the same in any order of its keys (one softmax; the memory's keys share one
-        position), up to float rounding."""
+        position), up to float rounding.
+
+        ``head`` and ``tail`` (keys and values ``[B, H_kv, n, D]``) are laid out on either side of the blocks, and
+        the keys and values returned are ``[head ; blocks ; tail]``: one contiguous run per head that one query
+        attends as one part (InfLLM's init tokens and remainder around its retrieved blocks). The head is copied
+        only when its length changes (it must only grow: init tokens), the tail at every call."""
         b, k = len(slots), len(slots[0])
-        if self._buf_k is None or self._buf_k.shape[2] < k:
-            self._grow_buffer(k)
+        n_head = 0 if head is None else head[0].shape[2]
+        n_tail = 0 if tail is None else tail[0].shape[2]
+        if self._buf_k is None or self._places < k or self._head_room < n_head or self._tail_room < n_tail:
+            self._grow_buffer(k, n_head, n_tail)
+        h_kv, bs = self._k.shape[1], self._k.shape[3]
+        start, stop = self._head_room, self._head_room + self._places * bs
         for row, (wanted, row_slots) in enumerate(zip(blocks, slots)):
             placed = self.placed[row]
             del placed[k:]  # places beyond this step's count are not attended: their blocks must move in again
@@ -376,23 +395,38 @@ class DeviceBlockCache:
                 places_t, sources_t = (
                     torch.tensor(c, dtype=torch.long, device=self._k.device) for c in (places, sources)
                 )
-                self._buf_k[row].index_copy_(1, places_t, self._k[row].index_select(1, sources_t))
-                self._buf_v[row].index_copy_(1, places_t, self._v[row].index_select(1, sources_t))
+                for buf, resident in ((self._buf_k, self._k), (self._buf_v, self._v)):
+                    row_places = buf[row, :, start:stop].view(h_kv, self._places, bs, buf.shape[-1])
+                    row_places.index_copy_(1, places_t, resident[row].index_select(1, sources_t))
                 self.buffer_copies += len(places)
-        h_kv, bs = self._k.shape[1], self._k.shape[3]
-        keys = self._buf_k[:, :, :k].reshape(b, h_kv, k * bs, self._k.shape[4])  # views: one head's places are adjacent
-        values = self._buf_v[:, :, :k].reshape(b, h_kv, k * bs, self._v.shape[4])
-        return keys, values, [row[:k] for row in self.placed[:b]]
+        first, last = start, start + k * bs  # views: one head's places are adjacent
+        if head is not None:
+            first = start - n_head
+            if n_head != self._head_len:
+                self._buf_k[:, :, first:start] = head[0]
+                self._buf_v[:, :, first:start] = head[1]
+                self._head_len = n_head
+        if tail is not None:
+            self._buf_k[:, :, last : last + n_tail] = tail[0]
+            self._buf_v[:, :, last : last + n_tail] = tail[1]
+            last += n_tail
+        return self._buf_k[:, :, first:last], self._buf_v[:, :, first:last], [row[:k] for row in self.placed[:b]]
 
-    def _grow_buffer(self, k: int) -> None:
+    def _grow_buffer(self, k: int, n_head: int, n_tail: int) -> None:
+        """Room for ``k`` places, a head of ``n_head`` and a tail of ``n_tail`` entries; placed blocks keep their
+        places (copied over), the head is written again at its next call."""
         b, h_kv, _, bs, d = self._k.shape
-        size = min(self.capacity, max(k, 2 * (0 if self._buf_k is None else self._buf_k.shape[2])))
-        buf_k = self._k.new_empty(b, h_kv, size, bs, d)
-        buf_v = self._v.new_empty(b, h_kv, size, bs, self._v.shape[4])
+        places = min(self.capacity, max(k, 2 * self._places)) if k > self._places else self._places
+        head_room, tail_room = max(n_head, self._head_room), max(n_tail, self._tail_room)
+        size = head_room + places * bs + tail_room
+        buf_k = self._k.new_empty(b, h_kv, size, d)
+        buf_v = self._v.new_empty(b, h_kv, size, self._v.shape[4])
         if self._buf_k is not None:
-            old = self._buf_k.shape[2]
-            buf_k[:, :, :old], buf_v[:, :, :old] = self._buf_k, self._buf_v
+            n = self._places * bs
+            buf_k[:, :, head_room : head_room + n] = self._buf_k[:, :, self._head_room : self._head_room + n]
+            buf_v[:, :, head_room : head_room + n] = self._buf_v[:, :, self._head_room : self._head_room + n]
         self._buf_k, self._buf_v = buf_k, buf_v
+        self._places, self._head_room, self._tail_room, self._head_len = places, head_room, tail_room, -1
         while len(self.placed) < b:
             self.placed.append([])
 
@@ -480,11 +514,17 @@ class BlockMemory:
         self._first.append(first_position)
         self.host.append(keys, values)
 
-    def fetch(self, selection: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+    def fetch(
+        self,
+        selection: torch.Tensor,
+        head: tuple[torch.Tensor, torch.Tensor] | None = None,
+        tail: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
         """Keys and values ``[B, H_kv, k * bs, D]`` of the selected blocks ``[B, k]``, and per row the block of each
-        of the ``k`` places: the order of the keys (see `DeviceBlockCache.gather`; `positions` gives theirs)."""
+        of the ``k`` places: the order of the keys (see `DeviceBlockCache.gather`; `positions` gives theirs). With
+        ``head`` / ``tail``, the keys and values are ``[head ; blocks ; tail]``."""
         chosen = selection.tolist()
-        return self.cache.gather(self.cache.load(chosen, self.host, self.device), chosen)
+        return self.cache.gather(self.cache.load(chosen, self.host, self.device), chosen, head, tail)
 
     def positions(self, order: list[list[int]]) -> torch.Tensor:
         """The positions ``[B, k * bs]`` of the keys of blocks laid out in ``order`` (`fetch`)."""

@@ -12,6 +12,12 @@ import torch
 LOW_PRECISION = (torch.bfloat16, torch.float16)  # dtypes whose CPU kernels kvsieve routes differently
 
 
+def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)`` without a dispatch when it has that dtype already: a decode step's per-layer ops in
+    float32, where each ``.float()`` would still cost a dispatch (`benchmarks/op_counts.py`)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def grouped_logits(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """``query`` ``[B, H, w, D]`` x ``keys`` ``[B, H_kv, S, D]`` -> ``[B, H, w, S]`` (query head h reads KV head
     ``h // g``) without repeating the keys."""

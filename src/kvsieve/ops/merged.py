@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from kvsieve.ops.grouped import grouped_logits, grouped_weighted_sum
+from kvsieve.ops.grouped import cast, grouped_logits, grouped_weighted_sum
 
 _FUSED_CPU_DTYPES = (torch.float32, torch.bfloat16)
 _NEG = torch.finfo(torch.float32).min  # finite: a fully masked row never makes inf - inf
@@ -133,20 +133,18 @@ def _one_query(
         query = scaled.get(id(part.query))
         if query is None:
             query = scaled[id(part.query)] = part.query * scaling
-        part_logits = grouped_logits(query, part.keys).float()
+        part_logits = cast(grouped_logits(query, part.keys), torch.float32)
         if part.mask is not None:
             part_logits.masked_fill_(~part.mask, _NEG)  # exp(_NEG - peak) is exactly 0
         logits.append(part_logits)
     probs = torch.cat(logits, dim=-1).softmax(dim=-1)  # [B, H, 1, S_total]
     pieces = probs.split([part.keys.shape[2] for part in parts], dim=-1)
-    out = sum(grouped_weighted_sum(_cast(p, part.values.dtype), part.values).float() for p, part in zip(pieces, parts))
+    out = None
+    for p, part in zip(pieces, parts):
+        term = cast(grouped_weighted_sum(cast(p, part.values.dtype), part.values), torch.float32)
+        out = term if out is None else out + term
     kept = len(parts) if fused_sums else len(scored)
-    return _cast(out, scored[0].values.dtype), [p.squeeze(-2) for p in pieces[:kept]]
-
-
-def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x.to(dtype)``, skipping the dispatch when it is one already (most calls in float32)."""
-    return x if x.dtype == dtype else x.to(dtype)
+    return cast(out, scored[0].values.dtype), [p.squeeze(-2) for p in pieces[:kept]]
 
 
 def _shifted_exp(logits: torch.Tensor, peak: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

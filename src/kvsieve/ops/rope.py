@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from kvsieve.ops.grouped import cast
+
 
 def _default_inv_freq(config) -> tuple[torch.Tensor, float]:
     base = config.rope_parameters["rope_theta"]
@@ -123,9 +125,9 @@ def shared_rotary(info, layer_type: str | None = None) -> Rotary:
 
 def _apply(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """``x * cos + rotate_half(x) * sin`` in float32, with ``rotate_half(x) * sin = roll(x, D/2) * signed_sin``."""
-    xf = x.float()
+    xf = cast(x, torch.float32)
     out = torch.addcmul(xf * cos, xf.roll(x.shape[-1] // 2, dims=-1), signed_sin)
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+    return cast(out, x.dtype)
 
 
 class _ConfigView:

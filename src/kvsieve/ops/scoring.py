@@ -12,6 +12,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from kvsieve.ops.grouped import cast
+
 GqaReduce = Literal["mean", "max", "sum"]
 
 
@@ -36,7 +38,8 @@ def attention_probs(
     """
     b, h, q, _ = query.shape
     n_kv, s = keys.shape[1], keys.shape[2]
-    logits = torch.matmul(_grouped(query.float(), n_kv), keys.float().transpose(-1, -2)) * scaling
+    rows, keys_t = _grouped(cast(query, torch.float32), n_kv), cast(keys, torch.float32).transpose(-1, -2)
+    logits = torch.matmul(rows, keys_t) * scaling
     logits = logits.view(b, n_kv, h // n_kv, q, s)
     visible = _visibility(q, s, query.device, query_positions, key_positions)
     if visible is not None:

@@ -20,6 +20,15 @@ import torch
 POSITION_DTYPE = torch.int32
 
 
+def _source(buffer: torch.Tensor, slot: int) -> torch.Tensor:
+    """The entries at ``slot`` of ``buffer`` ``[B, H_kv, capacity, ...]``, to scatter into the same buffer. Copied out
+    only when the view is dense (one batch row and one KV head, MQA, e.g. Gemma-3-270m): torch refuses a dense source
+    inside its target; a strided one is read as it is (the slots written are never ``slot`` itself, or hold the same
+    entry)."""
+    view = buffer[:, :, slot : slot + 1]
+    return view.clone() if view.is_contiguous() else view
+
+
 class KVStore:
     """Keys, values, positions and auxiliary per-entry tensors of one layer, with spare capacity."""
 
@@ -153,12 +162,10 @@ class KVStore:
         (one ``scatter_`` per buffer: a rolling method evicts in every layer at every decode step)."""
         last = self.length - 1
         index = slots.unsqueeze(-1)  # [B, H_kv, 1]
-        # The last entries are copied out first: with one batch row and one KV head (MQA, e.g. Gemma-3-270m) the
-        # source view is dense inside the target and torch refuses the overlapping in-place write.
         for t in (self._positions, *self._aux.values()):
-            t.scatter_(2, index, t[:, :, last : last + 1].clone())
+            t.scatter_(2, index, _source(t, last))
         for t in (self._keys, self._values):
-            t.scatter_(2, index.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]), t[:, :, last : last + 1].clone())
+            t.scatter_(2, index.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]), _source(t, last))
         self.length = last
 
     def evict_slot(self, slot: int) -> None:
