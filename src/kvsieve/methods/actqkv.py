@@ -68,7 +68,7 @@ from kvsieve.methods.base import (
 )
 from kvsieve.methods.infllm import InfLLM, InfLLMPolicy, structure_param
 from kvsieve.methods.infllm_budget import MIN_BUDGET, derive_cache_blocks, derive_min_blocks, derive_structure
-from kvsieve.ops.grouped import dot_scores
+from kvsieve.ops.grouped import cast, dot_scores
 from kvsieve.ops.scoring import top_indices
 
 SHARED_KEY = "actqkv"
@@ -96,19 +96,23 @@ class ActivationStats:
     def update(self, h: torch.Tensor) -> bool:
         """Fold the window ``h`` ``[B, c, H * D]`` into the statistics; whether its tokens are to be weighted (False
         while warming up: ``count <= warmup`` before this window)."""
-        h = h.float()
+        h = cast(h, torch.float32)
         c = h.shape[1]
-        mu_w = h.mean(dim=1)
-        var_w = h.var(dim=1, unbiased=False)
+        one = c == 1  # a decode step: the window's mean is its token and its variance exactly 0 (two ops fewer)
+        mu_w = h[:, 0] if one else h.mean(dim=1)
+        var_w = None if one else h.var(dim=1, unbiased=False)
         warming = self.count <= self.warmup
         if self.mean is None:
-            self.var = var_w * c / (c - 1) if c > 1 else torch.zeros_like(var_w)
+            self.var = torch.zeros_like(mu_w) if one else var_w * c / (c - 1)
             self.mean = mu_w
         else:
-            # shared by all layers (stats_scope="shared"): on a model split over GPUs they follow the layer using them
-            self.mean, self.var = self.mean.to(h.device), self.var.to(h.device)
+            if self.mean.device != h.device:  # shared by all layers (stats_scope="shared"): on a model split over
+                self.mean, self.var = self.mean.to(h.device), self.var.to(h.device)  # GPUs they follow the layer
             n = min(self.count, self.horizon)
-            self.var = (self.var * (n - 1 / c) + var_w + (mu_w - self.mean) ** 2 / (1 + 1 / n)) / (n + 1 - 1 / c)
+            kept = self.var * (n - 1 / c)
+            if not one:
+                kept = kept + var_w
+            self.var = (kept + (mu_w - self.mean) ** 2 / (1 + 1 / n)) / (n + 1 - 1 / c)
             self.mean = (self.mean * n + mu_w) / (n + 1)
         self.count += 1
         return not warming
@@ -279,7 +283,7 @@ class ActQKVPolicy(InfLLMPolicy):
     def probe(self, q_mem: torch.Tensor) -> torch.Tensor:
         """Activation-Bias-weighted mean of the window's memory queries ``[B, H, w, D]`` -> ``[B, H * D]``."""
         b, h, w, d = q_mem.shape
-        flat = q_mem.float().permute(0, 2, 1, 3).reshape(b, w, h * d)  # [B, w, H * D]
+        flat = cast(q_mem, torch.float32).permute(0, 2, 1, 3).reshape(b, w, h * d)  # [B, w, H * D]
         if not self.activation.update(flat):  # warm-up: exactly InfLLM's probe
             return q_mem.float().mean(dim=2).reshape(b, -1)
         self.weighted_windows += 1
@@ -310,7 +314,7 @@ class ActQKVPolicy(InfLLMPolicy):
         else:
             entropy = None
             if n >= 2:
-                p = scores.float().softmax(dim=-1)
+                p = cast(scores, torch.float32).softmax(dim=-1)
                 ent = -(p * torch.log(p + 1e-10)).sum(dim=-1) / math.log(n)
                 entropy = float(ent.mean())
                 self.entropies.append(entropy)
