@@ -1,11 +1,14 @@
 """Self-attention time per decode step, summed over layers, beside the whole step: where a method's decode differs
 from the floor (Full at the method's attended size) when the rest of the step is the same model.
 
-Forward hooks on every layer's ``self_attn`` time its projections, RoPE, cache update and attention; methods run
-one after the other on the bench prompt, ``--steps`` greedy steps each (the first two dropped), min and median.
+Forward hooks on every layer's ``self_attn`` time its projections, RoPE, cache update and attention. Every run
+prefills the bench prompt first; then the runs' greedy steps are interleaved, one step of each per round (the order
+rotating), ``--steps`` rounds with the first two dropped, so that a noisy machine's drift falls on all runs alike.
+Printed per run: step and self-attention ms (min, median) and, against the first run, the median and min over
+rounds of the step-time ratio within a round (the floor ratio when the first run is the floor).
 
     OMP_NUM_THREADS=1 python benchmarks/attn_step.py --model qwen2.5-coder-0.5b --dtype bfloat16 \\
-        --runs full@2056,infllm-2k,full@2056,infllm-2k --length 8192
+        --runs full@2056,infllm-2k --length 8192
 """
 
 from __future__ import annotations
@@ -22,16 +25,22 @@ from kvsieve.driver import Driver
 
 
 @torch.inference_mode()
-def decode_times(model, ids: list[int], method: str, steps: int, spent: list[float]) -> list[tuple[float, float]]:
-    """(step seconds, self-attention seconds) of each greedy decode step after the driver prefills ``ids``."""
-    driver = Driver.new(model, method, len(ids), reserve=steps + 8)
-    logits = driver.prefill(ids)
-    times = []
-    for _ in range(steps):
-        spent.clear()
-        start = time.perf_counter()
-        logits = driver.step(int(logits[0].argmax()))
-        times.append((time.perf_counter() - start, sum(spent)))
+def interleaved_times(model, prompts: list[list[int]], methods: list[str], steps: int, spent: list[float]):
+    """Per run, (step seconds, self-attention seconds) of each of ``steps`` greedy decode steps, the runs' steps
+    interleaved round by round after every run's prefill."""
+    drivers, logits = [], []
+    for ids, method in zip(prompts, methods):
+        driver = Driver.new(model, method, len(ids), reserve=steps + 8)
+        logits.append(driver.prefill(ids))
+        drivers.append(driver)
+    times: list[list[tuple[float, float]]] = [[] for _ in drivers]
+    for step in range(steps):
+        for offset in range(len(drivers)):
+            run = (step + offset) % len(drivers)
+            spent.clear()
+            start = time.perf_counter()
+            logits[run] = drivers[run].step(int(logits[run][0].argmax()))
+            times[run].append((time.perf_counter() - start, sum(spent)))
     return times
 
 
@@ -52,13 +61,21 @@ def main() -> None:
     for layer in model.model.layers:
         layer.self_attn.register_forward_pre_hook(lambda mod, *_: setattr(mod, "_t0", time.perf_counter()))
         layer.self_attn.register_forward_hook(lambda mod, *_: spent.append(time.perf_counter() - mod._t0))
-    for run in args.runs.split(","):
+    runs = args.runs.split(",")
+    prompts, methods = [], []
+    for run in runs:
         method, _, length = run.partition("@")
-        times = decode_times(model, prompt_ids(tok, int(length or args.length)), method, args.steps, spent)[2:]
-        step, attn = ([1e3 * t[i] for t in times] for i in (0, 1))
+        prompts.append(prompt_ids(tok, int(length or args.length)))
+        methods.append(method)
+    times = [t[2:] for t in interleaved_times(model, prompts, methods, args.steps, spent)]
+    first = [t[0] for t in times[0]]
+    for run, run_times in zip(runs, times):
+        step, attn = ([1e3 * t[i] for t in run_times] for i in (0, 1))
+        ratios = [t[0] / f for t, f in zip(run_times, first)]
         print(
             f"{run:22s} step ms min {min(step):6.1f} median {statistics.median(step):6.1f}   "
-            f"self-attention ms min {min(attn):6.1f} median {statistics.median(attn):6.1f}",
+            f"self-attention ms min {min(attn):6.1f} median {statistics.median(attn):6.1f}   "
+            f"x {runs[0]} median {statistics.median(ratios):.3f} min {min(ratios):.3f}",
             flush=True,
         )
 

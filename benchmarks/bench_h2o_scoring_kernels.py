@@ -1,0 +1,124 @@
+"""H2O's prefill scoring: the column sums beside sdpa's flash kernel, against two ways of computing them that were
+tried and not adopted, at SmolLM2-135M's attention shapes (9 query heads, 3 KV heads, head dim 64), causal.
+
+* ``flash``: sdpa's CPU flash kernel alone (the full cache's attention; the floor of any scoring);
+* ``flash + column sums`` (what `kvsieve.ops.scored_attention` does): the kernel's output and log-sum-exp, then
+  one ``Q K^T`` and an exponential per visible logit, tile by tile;
+* ``one pass``: output and column sums from one pass of torch ops per block of queries (logits, softmax, ``P V``,
+  the probabilities summed over the block's rows): one ``Q K^T`` fewer, but torch's matmuls and elementwise
+  passes over a block's full rows are slower than the fused kernel's cache-sized tiles;
+* ``reversed flash``: the column sums as the log-sum-exp of a second flash call with keys and queries swapped (a
+  key's column sum is ``exp(logsumexp_i(q_i . k_j * scale - lse_i))``; the ``- lse_i`` folded into one more head
+  dimension, the causal mask flipped by reversing both sequences): a whole second attention.
+
+Prints the median seconds of each and its ratio to ``flash``, with the largest difference of the alternatives'
+output and column sums (divided by the length) from the adopted path's. The prefill ratio H2O / Full is about
+``1 + share x (ratio - 1)``, ``share`` the attention's share of Full's prefill (0.35 at 4K, 0.57 at 8K in fp32,
+docs/results/speed.md): 1.10x at 8K needs ``ratio <= 1.18``.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_h2o_scoring_kernels.py --lengths 4096 8192 --repeats 3 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from kvsieve.ops.scored_attention import _flash_for_cpu, causal_column_sums
+
+HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
+
+
+def one_pass(q, k, v, scale, block=128):
+    """Output ``[B, H, n, D]`` and per-KV-head column sums ``[B, H_kv, n]`` from one pass per block of queries."""
+    b, h, n, d = q.shape
+    h_kv = k.shape[1]
+    g = h // h_kv
+    out = torch.empty(b, h_kv, g, n, d, dtype=q.dtype)
+    total = torch.zeros(b, h_kv, n, dtype=torch.float32)
+    future = torch.ones(block, block, dtype=torch.bool).triu_(1)
+    keys_t = k.transpose(-1, -2)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        m = stop - start
+        rows = (q[:, :, start:stop] * scale).reshape(b, h_kv, g * m, d)
+        logits = torch.matmul(rows, keys_t[..., :stop]).float()  # [B, H_kv, g * m, stop]
+        logits.view(b, h_kv, g, m, stop)[..., start:stop].masked_fill_(future[:m, :m], -torch.inf)
+        probs = logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+        probs.mul_(probs.sum(-1, keepdim=True).reciprocal_())
+        out[:, :, :, start:stop] = torch.matmul(probs.to(v.dtype), v[:, :, :stop]).view(b, h_kv, g, m, d)
+        total[..., :stop] += probs.sum(-2)
+    return out.view(b, h, n, d), total
+
+
+def reversed_flash(q, k, lse, scale):
+    """Per-query-head column sums ``[B, H, n]`` as the log-sum-exp of the swapped attention."""
+    b, h, n, d = q.shape
+    g = h // k.shape[1]
+    as_keys = torch.cat([q.float() * scale, -lse.unsqueeze(-1)], -1).flip(2).to(q.dtype)  # [B, H, n, D + 1]
+    as_queries = torch.cat([k.float(), torch.ones(*k.shape[:3], 1)], -1).flip(2).to(q.dtype).repeat_interleave(g, 1)
+    dummy = torch.zeros(b, h, n, d + 1, dtype=q.dtype)  # the kernel wants values; only the log-sum-exp is read
+    _, swapped = _flash_for_cpu(as_queries, as_keys, dummy, 0.0, True, scale=1.0)
+    return swapped.flip(-1).exp()
+
+
+def variants(q, k, v, scale):
+    """The four computations timed, as callables: flash, flash + column sums, one pass, reversed flash."""
+
+    def flash():
+        return _flash_for_cpu(q, k, v, 0.0, True, scale=scale)
+
+    return (
+        flash,
+        lambda: causal_column_sums(q, k, scale, flash()[1], 0, 128, per_query_head=False),
+        lambda: one_pass(q, k, v, scale),
+        lambda: reversed_flash(q, k, flash()[1], scale),
+    )
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192], help="prompt tokens")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per variant (median)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="tensor dtype")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or min(args.lengths) < 1:
+        parser.error("--repeats and --lengths must be >= 1")
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    scale = HEAD_DIM**-0.5
+    print("| tokens | flash s | flash + column sums | one pass | reversed flash | max diff: one pass, reversed |")
+    print("|---:|---:|---:|---:|---:|---|")
+    for n in args.lengths:
+        gen = torch.Generator().manual_seed(n)
+        q, k, v = (torch.randn(1, heads, n, HEAD_DIM, generator=gen).to(dtype) for heads in (HEADS, KV_HEADS, KV_HEADS))
+        out, lse = _flash_for_cpu(q, k, v, 0.0, True, scale=scale)
+        sums = causal_column_sums(q, k, scale, lse, 0, 128, per_query_head=True)  # [B, H, n]
+        fused_out, fused_sums = one_pass(q, k, v, scale)
+        diff_pass = max(
+            (fused_out.float() - out.float()).abs().max().item(),
+            (fused_sums - sums.view(1, KV_HEADS, -1, n).sum(2)).abs().max().item() / n,
+        )
+        diff_reversed = (reversed_flash(q, k, lse, scale) - sums).abs().max().item() / n
+        flash, adopted, fused, swapped = (median_seconds(fn, args.repeats) for fn in variants(q, k, v, scale))
+        print(
+            f"| {n:,} | {flash:.3f} | {adopted:.3f} ({adopted / flash:.2f}x) | {fused:.3f} ({fused / flash:.2f}x) | "
+            f"{swapped:.3f} ({swapped / flash:.2f}x) | {diff_pass:.1e}, {diff_reversed:.1e} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
