@@ -8,7 +8,10 @@ Printed per run: step and self-attention ms (min, median) and, against the first
 rounds of the step-time ratio within a round (the floor ratio when the first run is the floor).
 
     OMP_NUM_THREADS=1 python benchmarks/attn_step.py --model qwen2.5-coder-0.5b --dtype bfloat16 \\
-        --runs full@2056,infllm-2k --length 8192
+        --runs full@2056,infllm-2k,infllm-2k:offload=true --length 8192
+
+A run is ``METHOD[:KEY=VALUE...][@PROMPT_TOKENS]``: a registered name or preset, parameters set on it (values read
+as YAML), and its prompt's length.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ import torch
 
 import kvsieve
 from kvsieve.bench import prompt_ids
+from kvsieve.cli.common import parse_param
 from kvsieve.driver import Driver
 
 
 @torch.inference_mode()
-def interleaved_times(model, prompts: list[list[int]], methods: list[str], steps: int, spent: list[float]):
+def interleaved_times(model, prompts: list[list[int]], methods: list, steps: int, spent: list[float]):
     """Per run, (step seconds, self-attention seconds) of each of ``steps`` greedy decode steps, the runs' steps
     interleaved round by round after every run's prefill."""
     drivers, logits = [], []
@@ -46,7 +50,7 @@ def interleaved_times(model, prompts: list[list[int]], methods: list[str], steps
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", required=True, help="comma-separated METHOD or METHOD@PROMPT_TOKENS")
+    parser.add_argument("--runs", required=True, help="comma-separated METHOD[:KEY=VALUE...][@PROMPT_TOKENS]")
     parser.add_argument("--length", type=int, default=4096, help="prompt tokens of a run without @")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--model", default=None)
@@ -64,16 +68,17 @@ def main() -> None:
     runs = args.runs.split(",")
     prompts, methods = [], []
     for run in runs:
-        method, _, length = run.partition("@")
+        spec, _, length = run.partition("@")
+        name, *params = spec.split(":")
         prompts.append(prompt_ids(tok, int(length or args.length)))
-        methods.append(method)
+        methods.append(kvsieve.method(name, **dict(parse_param(p) for p in params)))
     times = [t[2:] for t in interleaved_times(model, prompts, methods, args.steps, spent)]
     first = [t[0] for t in times[0]]
     for run, run_times in zip(runs, times):
         step, attn = ([1e3 * t[i] for t in run_times] for i in (0, 1))
         ratios = [t[0] / f for t, f in zip(run_times, first)]
         print(
-            f"{run:22s} step ms min {min(step):6.1f} median {statistics.median(step):6.1f}   "
+            f"{run:30s} step ms min {min(step):6.1f} median {statistics.median(step):6.1f}   "
             f"self-attention ms min {min(attn):6.1f} median {statistics.median(attn):6.1f}   "
             f"x {runs[0]} median {statistics.median(ratios):.3f} min {min(ratios):.3f}",
             flush=True,

@@ -4,8 +4,9 @@
   concatenated parts (`concatenated_reference`: the previous implementation's computation), outputs and per-key
   probability sums, with masks, GQA, one or several queries, fp32 and bf16.
 * The fused kernel's path of `attend_with_lse` equals the grouped-matmul path.
-* The head-major device cache gathers exactly the host blocks asked for, in order, for every batch row, across
-  evictions; unit-length representatives equal `F.normalize` of the representatives.
+* The block memory lays out exactly the blocks asked for, in order, for every batch row, from an offloaded store
+  through its device cache (across evictions) or from an on-device store directly; unit-length representatives
+  equal `F.normalize` of the representatives.
 * In a model: InfLLM and ActQKV with the merged attention retrieve the same blocks and give the same logits as
   with the concatenated reference (swapped in for `merged_attention` at the op level).
 """
@@ -22,7 +23,7 @@ import kvsieve
 from helpers import greedy_with_logits, random_ids, tiny_model, traces_of
 from kvsieve.cache import SieveCache
 from kvsieve.methods import infllm
-from kvsieve.ops.blocks import BlockMemory, DeviceBlockCache, HostBlockStore
+from kvsieve.ops.blocks import BlockMemory
 from kvsieve.ops.merged import Part, attend_with_lse, attend_with_lse_matmul, merged_attention
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}  # fp32: rounding; bf16: the output's own rounding (~8e-3 x |v|)
@@ -116,65 +117,84 @@ def test_fused_kernel_equals_grouped_matmuls(dtype, w):
     assert (lse - ref_lse).abs().max().item() < TOL[dtype] * 10
 
 
-def _store(n_blocks: int, batch: int = 2, h_kv: int = 2, bs: int = 4, d: int = 8) -> HostBlockStore:
-    host = HostBlockStore()
+def _memory(n_blocks: int, offload: bool, batch: int = 2, h_kv: int = 2, bs: int = 4, d: int = 8) -> BlockMemory:
+    """A block memory of ``n_blocks`` distinct blocks; ``offload``: in host memory behind a 4-block device cache,
+    else read from the store directly (as on a CPU model)."""
+    memory = BlockMemory(block_size=bs, capacity=4, device=torch.device("cpu"), offload=offload)
     for j in range(n_blocks):
         keys = torch.arange(batch * h_kv * bs * d, dtype=torch.float32).view(batch, h_kv, bs, d) + 1000 * j
-        host.append(keys, -keys)
-    return host
+        memory.add(keys, -keys, torch.zeros(batch, h_kv * d), bs * j)
+    return memory
 
 
-def test_device_cache_lays_out_the_selected_host_blocks_for_every_row_copying_only_new_ones():
-    host = _store(9)
-    cache = DeviceBlockCache(capacity=4, strategy="lru")
-    dev = torch.device("cpu")
+@pytest.mark.parametrize("offload", [True, False])
+def test_block_memory_lays_out_the_selected_blocks_for_every_row_copying_only_new_ones(offload):
+    memory = _memory(9, offload)
     selections = ([[0, 1, 2], [5, 3, 8]], [[7, 1], [8, 2]], [[4, 6, 0, 3], [1, 0, 8, 5]], [[2, 5], [6, 7]])
     selections += ([[2, 5], [6, 7]], [[5, 2, 3], [7, 6, 1]])  # the same blocks again, then one more per row
     copies = []
     for selection in selections:
-        before = cache.buffer_copies
-        slots = cache.load(selection, host, dev)
-        keys, values, order = cache.gather(slots, selection)
-        copies.append(cache.buffer_copies - before)
+        before = memory.buffer.copies
+        keys, values, order = memory.fetch(torch.tensor(selection))
+        copies.append(memory.buffer.copies - before)
         for row, blocks in enumerate(selection):
             assert sorted(order[row]) == sorted(blocks)  # every selected block once, in some place
-            want_k = torch.cat([host.block(row, j)[0] for j in order[row]], dim=1)  # [H_kv, k * bs, D]
-            want_v = torch.cat([host.block(row, j)[1] for j in order[row]], dim=1)
+            want_k = torch.cat([memory.store.block(row, j)[0] for j in order[row]], dim=1)  # [H_kv, k * bs, D]
+            want_v = torch.cat([memory.store.block(row, j)[1] for j in order[row]], dim=1)
             assert torch.equal(keys[row], want_k) and torch.equal(values[row], want_v)
-        assert keys.data_ptr() == cache._buf_k.data_ptr()  # a view of the buffer, not a copy
-        assert max(cache.occupied()) <= 4 and cache.allocated_slots <= 4
-    assert cache.loads + cache.hits == 32 and cache.hits > 0  # every selected block counted once
+        assert keys.data_ptr() == memory.buffer._k.data_ptr()  # a view of the buffer, not a copy
+        if offload:
+            assert max(memory.cache.occupied()) <= 4 and memory.cache.allocated_slots <= 4
+    if offload:
+        assert memory.cache.loads + memory.cache.hits == 32 and memory.cache.hits > 0  # each selected block once
+    else:
+        assert memory.cache is None and memory.store.device.type == "cpu" and memory.store.block_dim == 2
     # a block that stays selected within the step's places keeps its place: [0, 1, 2] -> [7, 1] keeps 1 (place 1),
     # [5, 3, 8] -> [8, 2] copies both (8 was at place 2, beyond 2 places); [8, 2] -> [1, 0, 8, 5] keeps 8; the
     # repeated step copies nothing; the last adds one block per row
     assert copies == [6, 3, 7, 4, 0, 2]
 
 
-def test_device_cache_lays_a_head_and_a_tail_around_the_blocks():
+@pytest.mark.parametrize("offload", [True, False])
+def test_block_memory_lays_a_head_and_a_tail_around_the_blocks(offload):
     """``[head ; blocks ; tail]`` per row (InfLLM's init tokens and remainder around the retrieved blocks): right
     after the buffer grows for a longer head or tail (placed blocks keep their places), and when a step with fewer
     blocks writes its tail over a place that a later step needs again."""
-    host = _store(6)
-    cache = DeviceBlockCache(capacity=4)
-    dev = torch.device("cpu")
+    memory = _memory(6, offload)
 
     def near(n: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
         keys = torch.arange(2 * 2 * n * 8, dtype=torch.float32).view(2, 2, n, 8) + base
         return keys, -keys
 
     def check(selection, head, tail, copies):
-        before = cache.buffer_copies
-        keys, values, order = cache.gather(cache.load(selection, host, dev), selection, head, tail)
-        assert cache.buffer_copies - before == copies
+        before = memory.buffer.copies
+        keys, values, order = memory.fetch(torch.tensor(selection), head, tail)
+        assert memory.buffer.copies - before == copies
         for row in range(2):
-            want_k = torch.cat([head[0][row], *(host.block(row, j)[0] for j in order[row]), tail[0][row]], dim=1)
-            want_v = torch.cat([head[1][row], *(host.block(row, j)[1] for j in order[row]), tail[1][row]], dim=1)
+            blocks = [memory.store.block(row, j) for j in order[row]]
+            want_k = torch.cat([head[0][row], *(k for k, _ in blocks), tail[0][row]], dim=1)
+            want_v = torch.cat([head[1][row], *(v for _, v in blocks), tail[1][row]], dim=1)
             assert torch.equal(keys[row], want_k) and torch.equal(values[row], want_v)
 
     check([[0, 1], [2, 3]], near(2, 0.5), near(1, 0.25), copies=4)
     check([[0, 1], [2, 3]], near(3, 0.5), near(3, 0.75), copies=0)  # longer head and tail: the buffer grows
     check([[1], [3]], near(3, 0.5), near(2, 0.125), copies=2)  # one block: 1 and 3 move to place 0, the tail after
     check([[1, 4], [3, 5]], near(3, 0.5), near(2, 0.375), copies=2)  # place 1 held the tail: copied in again
+
+
+def test_an_on_device_store_keeps_its_blocks_when_it_grows_and_counts_its_bytes_where_they_are():
+    """The store grows geometrically (16 blocks, then 32): blocks written before a growth read back unchanged. In
+    host memory (offloaded, or a CPU model) the store's bytes are host bytes and the device counts the blocks laid
+    out for attention; the offloaded memory counts its cache's occupied slots instead."""
+    for offload in (True, False):
+        memory = _memory(20, offload)
+        per_block = 2 * 2 * 4 * 8 * 4  # K and V of one row: H_kv x bs x D fp32
+        for j in (0, 15, 16, 19):
+            assert memory.store.block(1, j)[0][0, 0, 0].item() == 2 * 4 * 8 + 1000 * j  # row 1 starts at h_kv*bs*d
+        assert memory.host_bytes() == 20 * 2 * per_block  # two rows
+        memory.fetch(torch.tensor([[3, 17, 19], [0, 1, 2]]))
+        assert memory.resident_blocks() == 3
+        assert memory.device_bytes() == 3 * 2 * per_block  # the cache's slots, or the buffer's places
 
 
 def test_unit_representatives_follow_the_blocks_added():
@@ -232,13 +252,14 @@ class _PendingTransfer:
 
 
 def test_a_copy_of_the_device_cache_waits_for_the_pending_transfer_and_then_goes_its_own_way():
-    host = _store(6)
-    cache = DeviceBlockCache(capacity=3)
-    dev = torch.device("cpu")
-    cache.gather(cache.load([[0, 1], [2, 3]], host, dev), [[0, 1], [2, 3]])
+    memory = _memory(6, offload=True)
+    memory.cache.capacity = 3
+    memory.fetch(torch.tensor([[0, 1], [2, 3]]))
+    cache = memory.cache
     pending = cache._copied = _PendingTransfer()  # a CUDA model's copy in flight (Driver.copy of InfLLM on a GPU)
     cache._staging = (torch.empty(1), torch.empty(1))
-    twin = copy.deepcopy(cache)
+    twin_memory = copy.deepcopy(memory)
+    twin = twin_memory.cache
     assert pending.waited and twin._copied is None and twin._staging is None  # its own buffers at its first copy
     assert twin.slot_of == cache.slot_of and twin.slot_of is not cache.slot_of
     for row, slots in enumerate(cache.slot_of):  # only the filled slots: the others hold garbage (NaN too)
@@ -246,8 +267,8 @@ def test_a_copy_of_the_device_cache_waits_for_the_pending_transfer_and_then_goes
         assert torch.equal(twin._k[row, :, used], cache._k[row, :, used])
     assert twin._k.data_ptr() != cache._k.data_ptr()
     selection = [[4, 5], [0, 1]]  # the copy moves on; the original's blocks and stamps stay as they were
-    keys, _, order = twin.gather(twin.load(selection, host, dev), selection)
+    keys, _, order = twin_memory.fetch(torch.tensor(selection))
     for row in range(2):
-        want = torch.cat([host.block(row, j)[0] for j in order[row]], dim=1)
+        want = torch.cat([memory.store.block(row, j)[0] for j in order[row]], dim=1)
         assert torch.equal(keys[row], want)
     assert sorted(cache.slot_of[0]) == [0, 1] and set(twin.slot_of[0]) >= {4, 5} and cache.loads == 4

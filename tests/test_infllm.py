@@ -22,7 +22,7 @@ from helpers import TINY_CONFIGS, greedy_with_logits, random_ids, teacher_forced
 from kvsieve.cache import SieveCache, SieveLayer
 from kvsieve.driver import cache_kwargs
 from kvsieve.methods.base import LayerInfo, Phase
-from kvsieve.ops.blocks import DeviceBlockCache, HostBlockStore
+from kvsieve.ops.block_store import AttendedBuffer, BlockStore, DeviceBlockCache
 from kvsieve.ops.rope import Rotary
 from kvsieve.rows import LayerMeter
 
@@ -171,11 +171,17 @@ def test_with_a_budget_equals_the_per_query_reference(name):
 
 @pytest.mark.parametrize("strategy", ["lru", "lru-s"])
 def test_a_small_device_cache_changes_nothing_but_traffic(strategy):
-    """The cache only decides what is copied from the host: a cache of exactly topk blocks gives the same logits."""
+    """The cache only decides what is copied from the host: offloaded behind a cache of exactly topk blocks, the
+    logits equal those read from the store directly (a CPU model's default) and those of a large cache."""
     model = tiny_model("llama")
     ctx = random_ids(120)
-    _, big = greedy_with_logits(model, SieveCache(model, kvsieve.method("infllm", **SMALL)), ctx, N_NEW, chunk_size=40)
-    small = SieveCache(model, kvsieve.method("infllm", **SMALL, max_cached_block=3, cache_strategy=strategy))
+    direct = SieveCache(model, kvsieve.method("infllm", **SMALL))
+    _, big = greedy_with_logits(model, direct, ctx, N_NEW, chunk_size=40)
+    assert direct.sieve_layers[0].policy.memory.cache is None  # offload=None on a CPU: no device cache
+    large = SieveCache(model, kvsieve.method("infllm", **SMALL, offload=True, max_cached_block=64))
+    assert torch.equal(greedy_with_logits(model, large, ctx, N_NEW, chunk_size=40)[1], big)
+    method = kvsieve.method("infllm", **SMALL, max_cached_block=3, cache_strategy=strategy, offload=True)
+    small = SieveCache(model, method)
     _, logits = greedy_with_logits(model, small, ctx, N_NEW, chunk_size=40)
     assert torch.equal(logits, big)
     stats = small.sieve_layers[0].policy.stats()
@@ -300,7 +306,7 @@ def test_representative_is_the_mean_of_the_most_attended_pre_rope_keys():
         top = scores[0, head, :4].topk(2).indices
         expected.append(pre[0, head // 2, top].mean(dim=0))
     assert torch.allclose(policy.memory.reprs[0, 0], torch.cat(expected), atol=1e-6)
-    host_k, host_v = policy.memory.host.block(0, 0)
+    host_k, host_v = policy.memory.store.block(0, 0)
     assert torch.allclose(host_k, pre[0], atol=1e-6) and torch.equal(host_v, values[0, :, :4])
 
 
@@ -324,7 +330,7 @@ def test_retrieval_finds_the_matching_block():
 
 
 def test_device_cache_lru_and_lru_s():
-    host = HostBlockStore()
+    host = BlockStore()
     for j in range(6):
         host.append(torch.full((1, 2, 4, 8), float(j)), torch.full((1, 2, 4, 8), -float(j)))
     cache = DeviceBlockCache(capacity=3, strategy="lru")
@@ -333,7 +339,7 @@ def test_device_cache_lru_and_lru_s():
     cache.load([[2]], host, dev)
     slots = cache.load([[1, 3]], host, dev)  # full: evicts the least recently used block not selected: 0
     assert sorted(cache.slot_of[0]) == [1, 2, 3]
-    keys, values, order = cache.gather(slots, [[1, 3]])
+    keys, values, order = AttendedBuffer(capacity=3).gather(cache.slots, slots, [[1, 3]])
     assert order == [[1, 3]]  # the first layout follows the selection
     assert keys[0, 0, :4, 0].tolist() == [1.0] * 4 and keys[0, 0, 4:, 0].tolist() == [3.0] * 4
     assert values[0, 1, 4:, 0].tolist() == [-3.0] * 4
@@ -346,12 +352,18 @@ def test_device_cache_lru_and_lru_s():
     assert sorted(scored.slot_of[0]) == [0, 2]
 
 
-def test_device_bytes_stay_bounded_while_the_host_store_grows():
+@pytest.mark.parametrize("offload", [True, False])
+def test_device_bytes_stay_bounded_while_the_host_store_grows(offload):
+    """Offloaded: the window, init tokens and at most max_cached_block cached blocks on the device; read from the
+    store in host memory (a CPU model): the window, init tokens and the topk blocks laid out for attention."""
     model = tiny_model("llama")
-    method = kvsieve.method("infllm", n_init=4, n_local=32, block_size=8, topk=3, exc_block_size=16, max_cached_block=5)
+    method = kvsieve.method(
+        "infllm", n_init=4, n_local=32, block_size=8, topk=3, exc_block_size=16, max_cached_block=5, offload=offload
+    )
     cache = SieveCache(model, method)
     per_token = 2 * model.config.num_key_value_heads * 16 * 4  # K and V, fp32, one row
-    bound = (method.n_local + method.block_size + method.n_init + 5 * method.block_size) * per_token
+    blocks = 5 if offload else 3
+    bound = (method.n_local + method.block_size + method.n_init + blocks * method.block_size) * per_token
     ids = random_ids(600, seed=3)
     host_seen = []
     with torch.inference_mode():
@@ -362,7 +374,11 @@ def test_device_bytes_stay_bounded_while_the_host_store_grows():
                 p = layer.policy
                 assert p.kv_bytes() <= bound
                 assert p.host_bytes() == p.memory.n_blocks * method.block_size * per_token
-                assert max(p.memory.cache.occupied()) <= 5 and p.memory.cache.allocated_slots <= 5
+                assert p.memory.resident_blocks() <= blocks
+                if offload:
+                    assert max(p.memory.cache.occupied()) <= 5 and p.memory.cache.allocated_slots <= 5
+                else:
+                    assert p.memory.cache is None
             host_seen.append(cache.sieve_layers[0].policy.host_bytes())
         for _ in range(20):
             model(input_ids=torch.tensor([[5]]), **cache_kwargs(model, cache))

@@ -15,7 +15,8 @@ The memory part sits at one fixed distance: its keys are pre-RoPE and every quer
 of position ``n_local - 1``, so no query ever sees a relative distance beyond ``n_local`` and prompts far beyond
 the model's trained window work. A block is represented by the mean of the pre-RoPE keys of its ``repr_topk``
 tokens that received the most local attention (per query head, GQA-expanded, concatenated over heads); one block
-set per layer is shared by all heads. Blocks are copied on demand into a bounded device cache (LRU).
+set per layer is shared by all heads. Offloaded (the default on an accelerator), blocks live in host memory and
+are copied on demand into a bounded device cache (LRU); on a CPU the store is read directly (``offload``).
 
 Positions: the model hands over keys and queries rotated at their true positions. RoPE scores depend only on the
 difference of positions, so attending the local window with them equals InfLLM's window-relative positions (up to
@@ -109,7 +110,10 @@ class InfLLMPolicy(LayerPolicy):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.memory is None:
             m = self.method
-            self.memory = BlockMemory(m.block_size, m.cache_blocks, key.device, m.cache_strategy, m.score_decay)
+            offload = key.device.type != "cpu" if m.offload is None else m.offload
+            self.memory = BlockMemory(
+                m.block_size, m.cache_blocks, key.device, m.cache_strategy, m.score_decay, offload=offload
+            )
             b, h_kv, _, d = key.shape
             self.init_k = key.new_empty(b, h_kv, m.n_init, d)
             self.init_v = value.new_empty(b, h_kv, m.n_init, value.shape[-1])
@@ -211,7 +215,7 @@ class InfLLMPolicy(LayerPolicy):
         if credit:
             blocks = received[-1][..., blocks_from : blocks_from + n_sel * m.block_size]
             mass = blocks.sum(dim=1).view(b, n_sel, m.block_size).sum(-1)
-            self.memory.cache.credit(order, mass)  # the mass is in the keys' order
+            self.memory.credit(order, mass)  # the mass is in the keys' order
         first_recent = rs if n_rem else lo
 
         def attended() -> torch.Tensor:  # built only when the cache traces
@@ -311,8 +315,8 @@ class InfLLMPolicy(LayerPolicy):
     # -------------------------------------------------------------------------------------- accounting
     def stored_length(self) -> int:
         """Device-resident entries per KV head: recent tokens, init tokens and cached blocks (fullest row)."""
-        cached = max(self.memory.cache.occupied(), default=0) if self.memory is not None else 0
-        return self.recent.length + self.init_len + cached * self.method.block_size
+        blocks = self.memory.resident_blocks() if self.memory is not None else 0
+        return self.recent.length + self.init_len + blocks * self.method.block_size
 
     def kv_bytes(self) -> int:
         """Device-resident K/V bytes (window + remainder, init tokens, cached blocks), measured from the tensors.
@@ -321,7 +325,7 @@ class InfLLMPolicy(LayerPolicy):
         if self.init_k is not None:
             total += (entry_bytes(self.init_k, 2) + entry_bytes(self.init_v, 2)) * self.init_len
         if self.memory is not None:
-            total += self.memory.cache.used_bytes()
+            total += self.memory.device_bytes()
         return total
 
     def allocated_bytes(self) -> int:
@@ -329,11 +333,11 @@ class InfLLMPolicy(LayerPolicy):
         if self.init_k is not None:
             total += self.init_k.nbytes + self.init_v.nbytes
         if self.memory is not None:
-            total += self.memory.cache.allocated_bytes()
+            total += self.memory.allocated_bytes()
         return total
 
     def host_bytes(self) -> int:
-        return 0 if self.memory is None else self.memory.host.used_bytes()
+        return 0 if self.memory is None else self.memory.host_bytes()
 
     def stats(self) -> dict[str, Any]:
         mem = self.memory
@@ -344,10 +348,10 @@ class InfLLMPolicy(LayerPolicy):
             "host_bytes": self.host_bytes(),
             "repr_bytes": 0 if mem is None else mem.repr_bytes(),
             "host_blocks": 0 if mem is None else mem.n_blocks,
-            "cached_blocks": 0 if mem is None else max(mem.cache.occupied(), default=0),
-            "cache_loads": 0 if mem is None else mem.cache.loads,
-            "buffer_copies": 0 if mem is None else mem.cache.buffer_copies,
-            "cache_hits": 0 if mem is None else mem.cache.hits,
+            "cached_blocks": 0 if mem is None or mem.cache is None else max(mem.cache.occupied(), default=0),
+            "cache_loads": 0 if mem is None or mem.cache is None else mem.cache.loads,
+            "buffer_copies": 0 if mem is None else mem.buffer.copies,
+            "cache_hits": 0 if mem is None or mem.cache is None else mem.cache.hits,
             "attended_max": self.attended_max,
         }
         for name, values in (("prefill", self.blocks_prefill), ("decode", self.blocks_decode)):
@@ -432,6 +436,13 @@ class InfLLM(Method):
     max_cached_block: int | None = structure_param(
         "blocks cached on the device", "the smallest power of two >= 2 x topk", "2 x topk"
     )
+    offload: bool | None = param(
+        None,
+        "blocks that leave the window go to a host-memory store, with a device cache of max_cached_block blocks "
+        "per layer (InfLLM's offload); False: the store stays on the model's device and a step's blocks are read "
+        "from it directly (no cache); None: offload unless the model runs on the CPU (there the host memory is the "
+        "device's, and a cache would only copy blocks within it). The same attention either way",
+    )
     cache_strategy: str = param("lru", "device cache eviction: lru, or lru-s (lowest decayed score)")
     score_decay: float = param(0.1, "lru-s only: per-step decay of a cached block's score")
 
@@ -447,6 +458,8 @@ class InfLLM(Method):
 
     def validate(self) -> None:
         check_choice("cache_strategy", self.cache_strategy, ("lru", "lru-s"))
+        if self.offload is not None and not isinstance(self.offload, bool):
+            raise TypeError(f"offload must be True, False or None, got {self.offload!r}")
         if not isinstance(self.strict_budget, bool):
             raise TypeError(f"strict_budget must be a bool, got {self.strict_budget!r}")
         if self.strict_budget and self.budget is None:
