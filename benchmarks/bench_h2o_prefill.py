@@ -4,8 +4,7 @@ For each prompt length the same prompt is prefilled (one chunk, ``logits_to_keep
 with H2O, alternating within each repetition so that drift on a shared machine hits both alike; the ratio H2O / full
 is taken pair by pair (min, median, max over repetitions). H2O's extra work is the column sums of the attention
 (`kvsieve.ops.scored_attention`: one ``Q K^T`` per tile from the attention's own log-sum-exp, the output reused),
-then the selection and the gather of the kept entries. H2O with ``exact_prefill=False`` (output and column sums from
-one pass per block of queries) is timed in the same rotation: ``one pass/full``.
+then the selection and the gather of the kept entries.
 
 The ratio is explained per length by the ops alone, on random tensors of the model's layer shapes: the attention
 (sdpa's causal flash kernel, once per layer) as a share of Full's prefill, and the column sums' cost against the
@@ -88,20 +87,17 @@ def run(model, args: argparse.Namespace) -> list[dict]:
     full = kvsieve.method("full")
     budget = int(args.budget) if args.budget > 1 else args.budget
     h2o = kvsieve.method("h2o", budget=budget)
-    one_pass = kvsieve.method("h2o", budget=budget, exact_prefill=False)
     vocab = model.get_input_embeddings().weight.shape[0]
     rows = []
     for n in args.lengths:
         ids = prompt_ids(n, vocab)
         time_prefill(model, ids[:, : min(n, 256)], h2o)  # warm-up
-        time_prefill(model, ids[:, : min(n, 256)], one_pass)
-        full_s, h2o_s, one_pass_s = [], [], []
+        full_s, h2o_s = [], []
         for rep in range(args.repeats):
-            runs = [(full, full_s), (h2o, h2o_s), (one_pass, one_pass_s)]
-            for method, times in runs[rep % 3 :] + runs[: rep % 3]:  # rotate who goes first
+            pair = [(full, full_s), (h2o, h2o_s)]
+            for method, times in pair if rep % 2 == 0 else pair[::-1]:  # alternate who goes first
                 times.append(time_prefill(model, ids, method))
         ratios = [h / f for h, f in zip(h2o_s, full_s)]
-        one_pass_ratios = [h / f for h, f in zip(one_pass_s, full_s)]
         attention_s, sums_s = time_ops(model, n, args.repeats)
         share = attention_s * model.config.num_hidden_layers / statistics.median(full_s)
         rows.append(
@@ -109,24 +105,19 @@ def run(model, args: argparse.Namespace) -> list[dict]:
                  ratio_min=min(ratios), ratio_median=statistics.median(ratios), ratio_max=max(ratios),
                  full_median_s=statistics.median(full_s), h2o_median_s=statistics.median(h2o_s),
                  layer_attention_s=attention_s, layer_column_sums_s=sums_s, attention_share=share,
-                 colsum_over_attention=sums_s / attention_s, expected_ratio=1 + share * sums_s / attention_s,
-                 one_pass_s=one_pass_s, one_pass_ratios=one_pass_ratios,
-                 one_pass_ratio_min=min(one_pass_ratios), one_pass_ratio_median=statistics.median(one_pass_ratios),
-                 one_pass_ratio_max=max(one_pass_ratios))
+                 colsum_over_attention=sums_s / attention_s, expected_ratio=1 + share * sums_s / attention_s)
         )  # fmt: skip
     return rows
 
 
 def table(rows: list[dict]) -> str:
     lines = [f"{'tokens':>6} {'full s (median)':>15} {'h2o s (median)':>14} {'h2o/full min':>12} "
-             f"{'median':>7} {'max':>7} {'attn share':>10} {'colsum/attn':>11} {'expected':>8} "
-             f"{'one pass/full min':>17} {'median':>7} {'max':>7}"]  # fmt: skip
+             f"{'median':>7} {'max':>7} {'attn share':>10} {'colsum/attn':>11} {'expected':>8}"]  # fmt: skip
     for r in rows:
         lines.append(
             f"{r['tokens']:>6} {r['full_median_s']:>15.3f} {r['h2o_median_s']:>14.3f} {r['ratio_min']:>12.3f} "
             f"{r['ratio_median']:>7.3f} {r['ratio_max']:>7.3f} {r['attention_share']:>10.3f} "
-            f"{r['colsum_over_attention']:>11.3f} {r['expected_ratio']:>8.3f} {r['one_pass_ratio_min']:>17.3f} "
-            f"{r['one_pass_ratio_median']:>7.3f} {r['one_pass_ratio_max']:>7.3f}"
+            f"{r['colsum_over_attention']:>11.3f} {r['expected_ratio']:>8.3f}"
         )
     return "\n".join(lines)
 

@@ -53,8 +53,7 @@ def check_shareable(methods: Sequence[Method], with_question: bool = False) -> N
     if refused:
         raise ValueError(
             f"method(s) {', '.join(refused)} cannot share a prefill: their policy stores or attends the prompt its "
-            "own way (Method.shares_prefill is False: InfLLM, ActQKV, H2O with exact_prefill=False); run them with "
-            "their own prefill (kvsieve.generate)"
+            "own way (Method.shares_prefill is False); run them with their own prefill (kvsieve.generate)"
         )
     if with_question:
         late = {bool(m.compress_after_question) for m in methods}

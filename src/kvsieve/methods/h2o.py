@@ -6,14 +6,12 @@ NeurIPS 2023 (arXiv 2306.14048). Every entry accumulates the softmax attention i
 recent tokens plus the highest-scoring others (the paper splits the budget equally), and after each decode step
 the lowest-scoring non-recent entry leaves. GQA: scores are reduced over each group.
 
-Speed: with ``exact_prefill`` (the default) prefill scores are column sums from the attention's own log-sum-exp
-(`kvsieve.ops.scored_attention`: the output is sdpa's, bit for bit, and the scores cost one ``Q K^T`` per tile of
-``score_block`` queries, never the ``n x n`` matrix; in a bf16/fp16 model the tiles' ``Q K^T`` is in the model's
-dtype and the softmax in float32, as H2O's release computes them; off the CPU the tiles hold every key and as many
-queries as fit ~2^28 floats, `kvsieve.ops.scored_attention.tiling`); a decode step adds one row of probabilities
-(its query sees every entry: no mask) and evicts by moving one entry per head in place. ``exact_prefill=False``
-takes output and scores from one pass per block of queries (`kvsieve.ops.scored_attention.one_pass_scored_attention`):
-faster on a CPU, the output equal to the full cache's up to float rounding, and refused by a shared prefill.
+Speed: prefill scores are column sums from the attention's own log-sum-exp (`kvsieve.ops.scored_attention`: the
+output is sdpa's, bit for bit, and the scores cost one ``Q K^T`` per tile of ``score_block`` queries, never the
+``n x n`` matrix; in a bf16/fp16 model the tiles' ``Q K^T`` is in the model's dtype and the softmax in float32,
+as H2O's release computes them; off the CPU the tiles hold every key and as many queries as fit ~2^28 floats,
+`kvsieve.ops.scored_attention.tiling`); a decode step adds one row of probabilities (its query sees every entry:
+no mask) and evicts by moving one entry per head in place.
 """
 
 from __future__ import annotations
@@ -59,7 +57,6 @@ class H2OPolicy(PriorityEvictionPolicy):
                 call.first_position,
                 self.method.score_block,
                 per_query_head,
-                self.method.exact_prefill,
                 **call.kwargs,
             )
             self._prefill_output = (call, out)  # a shared prefill attends on its own: dropped at the next call
@@ -118,27 +115,15 @@ class H2O(EvictionMethod):
     paper = "arXiv 2306.14048 (NeurIPS 2023)"
     policy = H2OPolicy
     budget_counts = "entries stored per layer and KV head (heavy hitters + recent), held at every decode step"
+    shares_prefill = True
 
     rolling: bool = param(True, ROLLING_HELP)
     recent_ratio: float = param(0.5, "share of the budget kept for the most recent tokens; the rest: heavy hitters")
     gqa_reduce: str = param("mean", "how a KV head combines its query heads' scores: mean, max or sum")
     score_block: int = param(128, "prefill queries scored at a time (memory, not results)")
-    exact_prefill: bool = param(
-        True,
-        "prefill output bit for bit the full cache's (sdpa's kernel, then one more Q K^T for the scores); False: "
-        "output and scores from one pass (faster on a CPU; equal up to float rounding, no shared prefill)",
-    )
-
-    @property
-    def shares_prefill(self) -> bool:
-        """A shared prefill attends with the full cache's kernel: the same prompt as a separate prefill only with
-        ``exact_prefill``."""
-        return self.exact_prefill
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.exact_prefill, bool):
-            raise TypeError(f"exact_prefill must be a bool, got {self.exact_prefill!r}")
         check_float("recent_ratio", self.recent_ratio, 0.0, 1.0)
         check_choice("gqa_reduce", self.gqa_reduce, ("mean", "max", "sum"))
         check_int("score_block", self.score_block, 1)

@@ -160,7 +160,7 @@ class InfLLMPolicy(LayerPolicy):
         local window (the model's positions), the near memory (init tokens ; the remainder that has left some
         query's window) and the retrieved blocks (both at the memory's fixed distance). A one-query window (a
         decode step) sees all of the memory, so its near memory is laid out around the blocks in the attended
-        buffer (`DeviceBlockCache.gather`) and attended with them: two parts, one matmul pair fewer per layer."""
+        buffer (`AttendedBuffer.gather`) and attended with them: two parts, one matmul pair fewer per layer."""
         m = self.method
         n_local, recent = m.n_local, self.recent
         b, _, w, _ = q_loc.shape

@@ -22,14 +22,6 @@ Two parts, so that the attention is not computed twice:
 
 Elsewhere (no CPU flash kernel, dropout, soft-capping) the output comes from `attend` and the log-sum-exp from a
 tiled pass of its own (`causal_lse`).
-
-With ``exact=False`` (H2O's ``exact_prefill=False``) output and column sums come from one pass per block of
-queries instead (`one_pass_scored_attention`): the block's logits over every key it sees, its softmax, ``P V`` and
-the probabilities summed over its rows, so the logits are computed once. On a CPU this is faster than the flash
-kernel plus the column sums (`benchmarks/bench_h2o_scoring_kernels.py`: 1.28-1.48x the flash kernel alone in
-float32 against 1.75-2.00x, 0.78x in bfloat16 against 1.40x), but the output equals the full cache's only up to
-float rounding, so a cache that evicts nothing no longer matches the full cache bit for bit, nor a shared prefill
-a separate one.
 """
 
 from __future__ import annotations
@@ -38,7 +30,7 @@ import torch
 from transformers.integrations.sdpa_attention import repeat_kv
 
 from kvsieve.ops.attention import attend, chunk_mask
-from kvsieve.ops.grouped import LOW_PRECISION, cast
+from kvsieve.ops.grouped import LOW_PRECISION
 
 KEY_TILE = 512  # keys per tile of the column-sum pass on a CPU: a tile of g * block x 512 floats stays in cache
 # On an accelerator the loop's cost is its launches, not its cache misses (an H200 spent 30 s in ~260,000 CPU-sized
@@ -169,59 +161,6 @@ def causal_column_sums(
     return total.view(b, -1, s)
 
 
-def one_pass_scored_attention(
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    scaling: float,
-    query_start: int,
-    block: int,
-    per_query_head: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`scored_attention`'s output ``[B, q, H, D]`` and column sums from one pass per ``block`` queries: each
-    block's logits over the keys it sees (``query_start + stop``), one softmax, ``P V`` and the sums of ``P`` over
-    its rows. Logits and softmax as H2O's release computes them in a low-precision model (``Q K^T`` in the model's
-    dtype, scaled and normalised in float32, ``P`` cast back for ``P V``); in float32 the query is scaled first.
-    Peak extra memory: one block's ``g * block x S`` float32 logits per KV head."""
-    b, h, q, d = query.shape
-    n_kv, s = keys.shape[1], keys.shape[2]
-    g, dv = h // n_kv, values.shape[-1]
-    low_precision = query.dtype in LOW_PRECISION
-    out = values.new_empty(b, n_kv, g, q, dv)
-    total = torch.zeros(b, n_kv, g if per_query_head else 1, s, dtype=torch.float32, device=query.device)
-    future = torch.ones(block, block, dtype=torch.bool, device=query.device).triu_(1)
-    keys_t = keys.transpose(-1, -2)
-    for start in range(0, q, block):
-        stop = min(q, start + block)
-        n, width, diagonal = stop - start, query_start + stop, query_start + start
-        rows = query[:, :, start:stop]
-        rows = (rows if low_precision else rows * scaling).reshape(b, n_kv, g * n, d)
-        logits = cast(torch.matmul(rows, keys_t[..., :width]), torch.float32)  # [B, H_kv, g * n, width]
-        if low_precision:
-            logits.mul_(scaling)
-        logits.view(b, n_kv, g, n, width)[..., diagonal:].masked_fill_(future[:n, :n], -torch.inf)
-        probs = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()  # every query sees itself: finite maxima
-        probs.mul_(probs.sum(dim=-1, keepdim=True).reciprocal_())
-        block_out = torch.matmul(cast(probs, values.dtype), values[:, :, :width])  # [B, H_kv, g * n, D]
-        out[:, :, :, start:stop] = block_out.view(b, n_kv, g, n, dv)
-        if per_query_head:
-            total[..., :width] += probs.view(b, n_kv, g, n, width).sum(dim=3)
-        else:
-            total[:, :, 0, :width] += probs.sum(dim=2)
-    return out.view(b, h, q, dv).transpose(1, 2).contiguous(), total.view(b, -1, s)
-
-
-def _plain_causal(module: torch.nn.Module, kwargs: dict) -> bool:
-    """Whether the layer's attention is the plain causal softmax `one_pass_scored_attention` computes."""
-    return (
-        not kwargs.get("dropout")
-        and kwargs.get("softcap") is None
-        and kwargs.get("position_bias") is None
-        and kwargs.get("sliding_window") is None
-        and getattr(module, "is_causal", True)
-    )
-
-
 def scored_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -231,22 +170,16 @@ def scored_attention(
     query_start: int,
     block: int = 128,
     per_query_head: bool = True,
-    exact: bool = True,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`attend`'s output ``[B, q, H, D]`` for ``query`` ``[B, H, q, D]`` over the prefix ``keys``/``values``
     ``[B, H_kv, S, D]`` (``S = query_start + q``), and each key's attention summed over the queries ``[B, H, S]``
     (float32; ``[B, H_kv, S]`` summed over each KV head's query heads too if not ``per_query_head``), ``block``
-    queries at a time. ``exact=False``: both from `one_pass_scored_attention` where the layer's attention is a plain
-    causal softmax (the output then equals `attend`'s up to float rounding)."""
+    queries at a time."""
     q, s = query.shape[2], keys.shape[2]
     if query_start + q != s:
         raise ValueError(f"scored_attention: {q} queries from token {query_start} need {query_start + q} keys, got {s}")
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    if not exact and _plain_causal(module, kwargs):
-        return one_pass_scored_attention(
-            query, keys, values, scale, query_start, tiling(query, s, block)[0], per_query_head
-        )
     block, key_tile = tiling(query, s, block)
     if _flash_applies(module, query, kwargs):
         out, lse = _flash_with_lse(query, keys, values, scaling)
