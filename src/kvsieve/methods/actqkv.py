@@ -321,7 +321,7 @@ class ActQKVPolicy(InfLLMPolicy):
             k = self.shared.pool.take(self.ordinal, window, entropy, n, decoding)
         if k >= n:
             return torch.arange(n, device=q_mem.device)[None].expand(b, n)
-        return top_indices(scores, k)
+        return top_indices(scores, k, ascending=False)
 
     def stats(self) -> dict[str, Any]:
         out = super().stats()

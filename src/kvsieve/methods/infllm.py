@@ -234,8 +234,9 @@ class InfLLMPolicy(LayerPolicy):
 
     # ---------------------------------------------------------------------------------------- retrieval
     def select_blocks(self, call: AttentionCall, q_mem: torch.Tensor, window: int) -> torch.Tensor | None:
-        """Block indices ``[B, k]`` (ascending) this window attends, or None. InfLLM: all blocks while there are at
-        most ``topk``, else the top-k by ``<mean of the window's memory queries, repr_B>``."""
+        """Block indices ``[B, k]`` (in no particular order: `AttendedBuffer.gather` places them) this window
+        attends, or None. InfLLM: all blocks while there are at most ``topk``, else the top-k by ``<mean of the
+        window's memory queries, repr_B>``."""
         n = 0 if self.memory is None else self.memory.n_blocks
         if n == 0 or self.topk == 0:
             return None
@@ -244,7 +245,7 @@ class InfLLMPolicy(LayerPolicy):
             return torch.arange(n, device=q_mem.device)[None].expand(b, n)
         mean = cast(q_mem[:, :, 0], torch.float32) if q_mem.shape[2] == 1 else q_mem.float().mean(dim=2)  # 1: itself
         probe = mean.reshape(b, -1)  # [B, H * D]
-        return top_indices(dot_scores(self.memory.reprs, probe), self.topk)
+        return top_indices(dot_scores(self.memory.reprs, probe), self.topk, ascending=False)
 
     # ------------------------------------------------------------------------------ moving to the memory
     def advance(self, end: int) -> None:

@@ -265,8 +265,14 @@ class DeviceBlockCache:
 class AttendedBuffer:
     """The blocks a step attends, laid out contiguously per head in a persistent buffer
     ``[B, H_kv, head room + places x bs + tail room, D]``: a block that stays selected keeps its place, so a step
-    copies in only its newly selected blocks (one indexed copy per tensor and row), and a decode whose selection
-    barely changes copies nothing. At most ``capacity`` places."""
+    copies in only its newly selected blocks, and a decode whose selection barely changes copies nothing. At most
+    ``capacity`` places.
+
+    A step's copies are one ``torch._foreach_copy_`` per batch row, from per-block views of the source into
+    per-place views of the buffer (both built once per allocation, `_views`): one pass over the moved blocks and
+    one dispatch. An ``index_select`` into a temporary and an ``index_copy_`` into the places, two per tensor,
+    took 83 us a call in a decode step of the default model at 4K (cold caches, per-element indexing), the
+    largest share of a step's block handling (docs/results/speed.md, "Two parts per decode step")."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -279,6 +285,39 @@ class AttendedBuffer:
         self._block_bytes = 0  # K and V bytes of one block of one row
         self.placed: list[list[int]] = []  # per row: the block in each place
         self.copies = 0  # blocks copied in
+        # per row, views [H_kv, bs, D] of each place (K, then V) and of each slot of the last source, by its storage
+        self._place_views: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] | None = None
+        self._source_views: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] | None = None
+        self._source_key: tuple | None = None
+
+    def __deepcopy__(self, memo: dict) -> AttendedBuffer:
+        """A copy (`Driver.copy`) without the cached views: they would be views of the original's tensors (or of
+        the copy's, if the memo got there first); the copy builds its own at its next gather."""
+        twin = AttendedBuffer.__new__(AttendedBuffer)
+        memo[id(self)] = twin
+        skip = {"_place_views": None, "_source_views": None, "_source_key": None}
+        for name, value in vars(self).items():
+            setattr(twin, name, skip[name] if name in skip else copy.deepcopy(value, memo))
+        return twin
+
+    def _views(self, source_k: torch.Tensor, source_v: torch.Tensor) -> None:
+        """Per-row views of the places (after a growth) and of the source's slots (after the source changed: a
+        store or cache that grew is a new tensor; a block written into allocated room is seen through its view)."""
+        if self._place_views is None:
+            h_kv, bs, d = source_k.shape[1], source_k.shape[3], self._k.shape[-1]
+            start, stop = self._head_room, self._head_room + self._places * bs
+            self._place_views = [
+                (
+                    self._k[row, :, start:stop].view(h_kv, self._places, bs, d).unbind(1),
+                    self._v[row, :, start:stop].view(h_kv, self._places, bs, self._v.shape[-1]).unbind(1),
+                )
+                for row in range(self._k.shape[0])
+            ]
+        key = (source_k.data_ptr(), source_v.data_ptr(), source_k.shape, source_v.shape)
+        if self._source_key != key:
+            rows = range(source_k.shape[0])
+            self._source_views = [(source_k[row].unbind(1), source_v[row].unbind(1)) for row in rows]
+            self._source_key = key
 
     def gather(
         self,
@@ -305,8 +344,9 @@ class AttendedBuffer:
         n_tail = 0 if tail is None else tail[0].shape[2]
         if self._k is None or self._places < k or self._head_room < n_head or self._tail_room < n_tail:
             self._grow(source_k, source_v, k, n_head, n_tail)
-        h_kv, bs = source_k.shape[1], source_k.shape[3]
-        start, stop = self._head_room, self._head_room + self._places * bs
+        bs = source_k.shape[3]
+        start = self._head_room
+        self._views(source_k, source_v)
         for row, (wanted, row_slots) in enumerate(zip(blocks, slots)):
             placed = self.placed[row]
             del placed[k:]  # places beyond this step's count are not attended: their blocks must move in again
@@ -320,13 +360,12 @@ class AttendedBuffer:
                     placed[place] = new = next(incoming)
                     places.append(place)
                     sources.append(slot_of[new])
-            if places:  # per row: an index_copy_ along the places is several times faster than an index_put
-                places_t, sources_t = (
-                    torch.tensor(c, dtype=torch.long, device=self._k.device) for c in (places, sources)
+            if places:
+                (place_k, place_v), (slot_k, slot_v) = self._place_views[row], self._source_views[row]
+                torch._foreach_copy_(
+                    [place_k[p] for p in places] + [place_v[p] for p in places],
+                    [slot_k[s] for s in sources] + [slot_v[s] for s in sources],
                 )
-                for buf, resident in ((self._k, source_k), (self._v, source_v)):
-                    row_places = buf[row, :, start:stop].view(h_kv, self._places, bs, buf.shape[-1])
-                    row_places.index_copy_(1, places_t, resident[row].index_select(1, sources_t))
                 self.copies += len(places)
         first, last = start, start + k * bs  # views: one head's places are adjacent
         if head is not None:
@@ -356,6 +395,7 @@ class AttendedBuffer:
             buf_v[:, :, head_room : head_room + n] = self._v[:, :, self._head_room : self._head_room + n]
         self._k, self._v = buf_k, buf_v
         self._places, self._head_room, self._tail_room, self._head_len = places, head_room, tail_room, -1
+        self._place_views = None  # views of the old buffer
         self._block_bytes = entry_bytes(source_k, 0, 2) + entry_bytes(source_v, 0, 2)
         while len(self.placed) < b:
             self.placed.append([])

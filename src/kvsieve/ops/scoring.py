@@ -130,9 +130,11 @@ def reduce_gqa(scores: torch.Tensor, n_kv_heads: int, how: GqaReduce = "mean") -
     raise ValueError(f"gqa reduction must be 'mean', 'max' or 'sum', got {how!r}")
 
 
-def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices ``[..., k]`` of the ``k`` largest scores along the last axis, sorted ascending."""
+def top_indices(scores: torch.Tensor, k: int, ascending: bool = True) -> torch.Tensor:
+    """Indices ``[..., k]`` of the ``k`` largest scores along the last axis, sorted ascending (``ascending=False``:
+    in ``topk``'s order, for callers to which the order is nothing, such as InfLLM's block selection, whose blocks
+    take the attended buffer's places whatever their order: one sort fewer per layer and decode step)."""
     if k <= 0:
         return torch.empty(*scores.shape[:-1], 0, dtype=torch.long, device=scores.device)
     idx = torch.topk(scores, k, dim=-1, sorted=False).indices
-    return idx.sort(dim=-1).values
+    return idx.sort(dim=-1).values if ascending else idx
