@@ -266,8 +266,10 @@ def test_a_copy_of_the_device_cache_waits_for_the_pending_transfer_and_then_goes
         used = sorted(slots.values())
         assert torch.equal(twin._k[row, :, used], cache._k[row, :, used])
     assert twin._k.data_ptr() != cache._k.data_ptr()
-    selection = [[4, 5], [0, 1]]  # the copy moves on; the original's blocks and stamps stay as they were
+    selection = [[4, 5], [0, 1]]  # the copy moves on; the original's blocks, stamps and buffer stay as they were
+    laid_out = memory.buffer._k.clone()
     keys, _, order = twin_memory.fetch(torch.tensor(selection))
+    assert torch.equal(memory.buffer._k, laid_out)  # the copy's block copies went to its own buffer
     for row in range(2):
         want = torch.cat([memory.store.block(row, j)[0] for j in order[row]], dim=1)
         assert torch.equal(keys[row], want)
