@@ -1,10 +1,13 @@
 """One decode step's attention on a CPU: torch's sdpa (as transformers calls it) against kvsieve's grouped-matmul
 path (`kvsieve.ops.attention.decode_attention`), per dtype and number of keys; medians of ``--repeats`` calls.
 
-Two more columns: ``grouped, slice`` -- the same keys as a slice of a buffer with spare room, as a cache stores them
-(strided across heads); ``window`` -- InfLLM's step over the same number of entries in three parts (a 512-entry
-local window, 80 near-memory entries, the rest as retrieved blocks; `kvsieve.ops.merged.merged_attention`), whose
-ratio to ``grouped`` is its attention's share of the gap to the floor.
+More columns: ``grouped, slice`` -- the same keys as a slice of a buffer with spare room, as a cache stores them
+(strided across heads); ``flash, stacked`` -- torch's CPU flash kernel over that slice with each KV head's query
+heads stacked as its queries (``[B, H_kv, g, D]``: GQA without repeated keys, as `kvsieve.ops.merged.attend_with_lse`
+calls it for several queries; not kvsieve's decode path); ``window`` -- InfLLM's step over the same number of
+entries in its two parts (a 512-entry local window, the rest as one memory part: init tokens, retrieved blocks and
+remainder; `kvsieve.ops.merged.merged_attention`), whose ratio to ``grouped`` is its attention's share of the gap
+to the floor.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_decode_attention.py --keys 2048 8192 --threads 1
 """
@@ -12,7 +15,6 @@ ratio to ``grouped`` is its attention's share of the gap to the floor.
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import time
 
@@ -22,7 +24,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from kvsieve.ops.attention import decode_attention
 from kvsieve.ops.merged import Part, merged_attention
 
-LOCAL, NEAR = 512, 80  # InfLLM's window at a 2K budget (infllm-2k): 512 local entries, 64 init + a partial block
+LOCAL = 512  # InfLLM's local window at a 2K budget (infllm-2k)
+_flash_for_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -49,8 +52,12 @@ def main() -> None:
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = args.heads // args.kv_heads, True
     scale = args.head_dim**-0.5
-    print("| keys | dtype | sdpa ms | grouped ms | sdpa / grouped | grouped, slice ms | window ms | window / grouped |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| keys | dtype | sdpa ms | grouped ms | sdpa / grouped | grouped, slice ms | flash, stacked ms | window ms | "
+        "window / grouped |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    g = args.heads // args.kv_heads
     for n in args.keys:
         for dtype in (torch.float32, torch.bfloat16):
             q = torch.randn(1, args.heads, 1, args.head_dim).to(dtype)
@@ -62,13 +69,17 @@ def main() -> None:
             grouped = median_ms(lambda q=q, k=k, v=v: decode_attention(q, k, v, scale), args.repeats)
             k_room, v_room = (torch.cat([t, torch.zeros_like(t)], dim=2)[:, :, :n] for t in (k, v))
             sliced = median_ms(lambda q=q, k=k_room, v=v_room: decode_attention(q, k, v, scale), args.repeats)
-            q_mem = torch.randn_like(q)  # the memory parts' own query (rotated at one position)
-            cut = (0, LOCAL, LOCAL + NEAR, n)
-            parts = [Part(q if a == 0 else q_mem, k[:, :, a:b], v[:, :, a:b]) for a, b in itertools.pairwise(cut)]
-            window = median_ms(lambda p=parts: merged_attention(p[:2], p[2:], scale), args.repeats)
+            stacked = q.reshape(1, args.kv_heads, g, args.head_dim)
+            flash = median_ms(
+                lambda q=stacked, k=k_room, v=v_room: _flash_for_cpu(q, k, v, 0.0, False, scale=scale), args.repeats
+            )
+            q_mem = torch.randn_like(q)  # the memory part's own query (rotated at one position)
+            local = Part(q, k[:, :, :LOCAL], v[:, :, :LOCAL])
+            memory = Part(q_mem, k[:, :, LOCAL:], v[:, :, LOCAL:])
+            window = median_ms(lambda a=local, b=memory: merged_attention([a], [b], scale), args.repeats)
             print(
                 f"| {n} | {str(dtype).removeprefix('torch.')} | {sdpa:.3f} | {grouped:.3f} | {sdpa / grouped:.1f}x | "
-                f"{sliced:.3f} | {window:.3f} | {window / grouped:.2f}x |"
+                f"{sliced:.3f} | {flash:.3f} | {window:.3f} | {window / grouped:.2f}x |"
             )
 
 
