@@ -176,14 +176,14 @@ def test_a_small_device_cache_changes_nothing_but_traffic(strategy):
     model = tiny_model("llama")
     ctx = random_ids(120)
     direct = SieveCache(model, kvsieve.method("infllm", **SMALL))
-    _, big = greedy_with_logits(model, direct, ctx, N_NEW, chunk_size=40)
+    _, direct_logits = greedy_with_logits(model, direct, ctx, N_NEW, chunk_size=40)
     assert direct.sieve_layers[0].policy.memory.cache is None  # offload=None on a CPU: no device cache
     large = SieveCache(model, kvsieve.method("infllm", **SMALL, offload=True, max_cached_block=64))
-    assert torch.equal(greedy_with_logits(model, large, ctx, N_NEW, chunk_size=40)[1], big)
+    assert torch.equal(greedy_with_logits(model, large, ctx, N_NEW, chunk_size=40)[1], direct_logits)
     method = kvsieve.method("infllm", **SMALL, max_cached_block=3, cache_strategy=strategy, offload=True)
     small = SieveCache(model, method)
     _, logits = greedy_with_logits(model, small, ctx, N_NEW, chunk_size=40)
-    assert torch.equal(logits, big)
+    assert torch.equal(logits, direct_logits)
     stats = small.sieve_layers[0].policy.stats()
     assert stats["cached_blocks"] == 3 and stats["cache_loads"] > stats["host_blocks"]  # blocks were reloaded
 

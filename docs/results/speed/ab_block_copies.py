@@ -11,7 +11,6 @@ import importlib.util
 import statistics
 import sys
 import time
-import types
 
 import torch
 
@@ -19,8 +18,6 @@ import kvsieve
 from kvsieve.bench import prompt_ids
 from kvsieve.driver import Driver
 from kvsieve.ops import blocks
-from kvsieve.ops.grouped import cast, dot_scores
-from kvsieve.ops.scoring import top_indices
 
 name, n, steps, old_path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 spec = importlib.util.spec_from_file_location("block_store_old", old_path)
@@ -31,16 +28,14 @@ model, tok = kvsieve.load_model(None, dtype=torch.float32)
 ids = prompt_ids(tok, n)
 
 
-def sorted_selection(self, call, q_mem, window):
-    """InfLLM's `select_blocks` before f5191bb: the top-k sorted ascending."""
-    n_blocks = 0 if self.memory is None else self.memory.n_blocks
-    if n_blocks == 0 or self.topk == 0:
-        return None
-    b = q_mem.shape[0]
-    if n_blocks <= self.topk:
-        return torch.arange(n_blocks, device=q_mem.device)[None].expand(b, n_blocks)
-    mean = cast(q_mem[:, :, 0], torch.float32) if q_mem.shape[2] == 1 else q_mem.float().mean(dim=2)
-    return top_indices(dot_scores(self.memory.reprs, mean.reshape(b, -1)), self.topk)
+def sorted_selection(select):
+    """InfLLM's `select_blocks` before f5191bb: the same top-k, sorted ascending."""
+
+    def selected(call, q_mem, window):
+        chosen = select(call, q_mem, window)
+        return None if chosen is None else chosen.sort(dim=-1).values
+
+    return selected
 
 
 with torch.inference_mode():
@@ -51,7 +46,7 @@ with torch.inference_mode():
         ref = Driver.new(model, name, len(ids), reserve=steps + 8)
         if name.startswith("infllm"):
             for layer in ref.cache.sieve_layers:
-                layer.policy.select_blocks = types.MethodType(sorted_selection, layer.policy)
+                layer.policy.select_blocks = sorted_selection(layer.policy.select_blocks)
         ref_logits = ref.prefill(ids)
     finally:
         blocks.AttendedBuffer = current

@@ -57,7 +57,8 @@ from kvsieve.methods.base import (
     resolve_budget,
 )
 from kvsieve.methods.infllm_budget import MIN_BUDGET, derive_cache_blocks, derive_structure
-from kvsieve.ops.blocks import BlockMemory, TokenBuffer, entry_bytes
+from kvsieve.ops.block_store import entry_bytes
+from kvsieve.ops.blocks import BlockMemory, TokenBuffer
 from kvsieve.ops.grouped import cast, dot_scores
 from kvsieve.ops.merged import Part, merged_attention
 from kvsieve.ops.rope import shared_rotary

@@ -27,6 +27,16 @@ def nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
+def copy_without(obj: object, memo: dict, dropped: dict[str, object]) -> object:
+    """A deep copy of ``obj`` whose attributes named in ``dropped`` take the given values instead of copies (state a
+    copy must not share or cannot copy: a CUDA event, pinned staging buffers, views of the original's tensors)."""
+    twin = type(obj).__new__(type(obj))
+    memo[id(obj)] = twin
+    for name, value in vars(obj).items():
+        setattr(twin, name, dropped[name] if name in dropped else copy.deepcopy(value, memo))
+    return twin
+
+
 def entry_bytes(t: torch.Tensor, *dims: int) -> int:
     """Bytes of one entry of ``t`` along ``dims`` (one token of a ``[B, H_kv, S, D]`` buffer along 2), from its
     shape: what a slice would measure, without building it (accounting runs every step)."""
@@ -133,12 +143,7 @@ class DeviceBlockCache:
         waited for instead, and the copy allocates its own pinned staging buffers at its first transfer."""
         if self._copied is not None:
             self._copied.synchronize()
-        twin = DeviceBlockCache.__new__(DeviceBlockCache)
-        memo[id(self)] = twin
-        skip = {"_copied": None, "_staging": None}
-        for name, value in vars(self).items():
-            setattr(twin, name, skip[name] if name in skip else copy.deepcopy(value, memo))
-        return twin
+        return copy_without(self, memo, {"_copied": None, "_staging": None})
 
     @property
     def allocated_slots(self) -> int:
@@ -270,9 +275,8 @@ class AttendedBuffer:
 
     A step's copies are one ``torch._foreach_copy_`` per batch row, from per-block views of the source into
     per-place views of the buffer (both built once per allocation, `_views`): one pass over the moved blocks and
-    one dispatch. An ``index_select`` into a temporary and an ``index_copy_`` into the places, two per tensor,
-    took 83 us a call in a decode step of the default model at 4K (cold caches, per-element indexing), the
-    largest share of a step's block handling (docs/results/speed.md, "Two parts per decode step")."""
+    one dispatch, where an ``index_select`` into a temporary and an ``index_copy_`` into the places took two per
+    tensor (timed against it: docs/results/speed.md, "Two parts per decode step")."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -293,12 +297,7 @@ class AttendedBuffer:
     def __deepcopy__(self, memo: dict) -> AttendedBuffer:
         """A copy (`Driver.copy`) without the cached views: they would be views of the original's tensors (or of
         the copy's, if the memo got there first); the copy builds its own at its next gather."""
-        twin = AttendedBuffer.__new__(AttendedBuffer)
-        memo[id(self)] = twin
-        skip = {"_place_views": None, "_source_views": None, "_source_key": None}
-        for name, value in vars(self).items():
-            setattr(twin, name, skip[name] if name in skip else copy.deepcopy(value, memo))
-        return twin
+        return copy_without(self, memo, {"_place_views": None, "_source_views": None, "_source_key": None})
 
     def _views(self, source_k: torch.Tensor, source_v: torch.Tensor) -> None:
         """Per-row views of the places (after a growth) and of the source's slots (after the source changed: a

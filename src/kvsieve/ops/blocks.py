@@ -25,8 +25,6 @@ import torch.nn.functional as F
 
 from kvsieve.ops.block_store import AttendedBuffer, BlockStore, CacheStrategy, DeviceBlockCache, entry_bytes, nbytes
 
-__all__ = ["BlockMemory", "TokenBuffer", "entry_bytes"]
-
 
 class TokenBuffer:
     """Recent tokens of one layer with spare capacity: keys/values ``[B, H_kv, n, D]``, scores ``[B, H, n]``.
