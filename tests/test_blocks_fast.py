@@ -24,7 +24,7 @@ from helpers import greedy_with_logits, random_ids, tiny_model, traces_of
 from kvsieve.cache import SieveCache
 from kvsieve.methods import infllm
 from kvsieve.ops.blocks import BlockMemory
-from kvsieve.ops.merged import Part, attend_with_lse, attend_with_lse_matmul, merged_attention
+from kvsieve.ops.merged import Band, Part, attend_with_lse, attend_with_lse_matmul, merged_attention
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}  # fp32: rounding; bf16: the output's own rounding (~8e-3 x |v|)
 SUM_TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
@@ -40,8 +40,10 @@ def concatenated_reference(scored, fused, scaling, fused_sums=False):
     for p in parts:
         keys = p.keys.float().repeat_interleave(g, dim=1)
         part_logits = (p.query.float() * scaling) @ keys.transpose(-1, -2)
-        if p.mask is not None:
-            part_logits = part_logits.masked_fill(~p.mask, float("-inf"))
+        w, n_keys = p.query.shape[2], p.keys.shape[2]
+        mask = None if p.mask is None else p.mask.visible(0, w, 0, n_keys, p.query.device)
+        if mask is not None:
+            part_logits = part_logits.masked_fill(~mask, float("-inf"))
         logits.append(part_logits)
         values.append(p.values.float().repeat_interleave(g, dim=1))
     probs = torch.cat(logits, dim=-1).softmax(dim=-1)
@@ -52,37 +54,60 @@ def concatenated_reference(scored, fused, scaling, fused_sums=False):
 
 
 def random_parts(w: int, dtype: torch.dtype, seed: int = 0, b: int = 2, h: int = 6, h_kv: int = 2, d: int = 16):
-    """A window of ``w`` queries: local keys with a causal band, a near-memory part with a masked tail, blocks."""
+    """A window of ``w`` queries: local keys with a causal band, a near-memory part whose tail each query sees more
+    of (its first keys seen by all), blocks."""
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen).to(dtype)
 
-    n_loc, n_near, n_blk, band = w + 9, 11, 40, 8
+    n_loc, n_near, n_blk, width = w + 9, 11, 40, 8
     q_loc, q_mem = rand(b, h, w, d), rand(b, h, w, d)
-    qpos = torch.arange(n_loc - w, n_loc)[:, None]
-    dist = qpos - torch.arange(n_loc)[None]
-    loc_mask = (dist >= 0) & (dist < band)
-    near_mask = torch.ones(w, n_near, dtype=torch.bool)
-    near_mask[:, -4:] = torch.arange(4)[None] < torch.arange(w)[:, None] % 5  # a tail some queries do not see
-    local = Part(q_loc, rand(b, h_kv, n_loc, d), rand(b, h_kv, n_loc, d), loc_mask)
-    near = Part(q_mem, rand(b, h_kv, n_near, d), rand(b, h_kv, n_near, d), near_mask)
+    # query i is key n_loc - w + i and sees the `width` keys ending at itself
+    loc_band = Band(n_loc - w - width + 1, n_loc - w + 1)
+    near_band = Band(hi=7 - w // 2, floor=7)  # 7 keys seen by all; the tail from query w // 2 on, a key a query
+    local = Part(q_loc, rand(b, h_kv, n_loc, d), rand(b, h_kv, n_loc, d), loc_band)
+    near = Part(q_mem, rand(b, h_kv, n_near, d), rand(b, h_kv, n_near, d), near_band)
     blocks = Part(q_mem, rand(b, h_kv, n_blk, d), rand(b, h_kv, n_blk, d))
     return local, near, blocks
 
 
+def test_a_band_is_the_mask_it_describes():
+    """`Band.visible` against the bands written out, and `Band.keys_seen` as the tightest span of visible keys."""
+    rows, keys = torch.arange(10)[:, None], torch.arange(15)[None, :]
+    cases = [
+        (Band(-3, 2), (keys >= rows - 3) & (keys < rows + 2)),
+        (Band(hi=-4, floor=3), keys < (rows - 4).clamp_min(3)),
+        (Band(lo=2), keys >= rows + 2),
+        (Band(), torch.ones(10, 15, dtype=torch.bool)),
+    ]
+    for band, dense in cases:
+        for r0, r1 in ((0, 10), (0, 4), (3, 7), (9, 10)):
+            got = band.visible(r0, r1, 0, 15, "cpu")
+            want = dense[r0:r1]
+            assert torch.equal(torch.ones_like(want) if got is None else got, want)
+            k0, k1 = band.keys_seen(r0, r1, 15)
+            seen = want.any(dim=0).nonzero().flatten()
+            assert (k0, k1) == ((seen.min().item(), seen.max().item() + 1) if len(seen) else (k0, k1))
+            assert k1 > k0 or not len(seen)
+            if k1 > k0:  # within the span the mask is the dense one's columns
+                tile = band.visible(r0, r1, k0, k1, "cpu")
+                assert torch.equal(torch.ones_like(want[:, k0:k1]) if tile is None else tile, want[:, k0:k1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("w", [1, 7, 32])
+@pytest.mark.parametrize("w, query_tile", [(1, 64), (7, 64), (32, 64), (32, 5), (23, 1)])
 @pytest.mark.parametrize("blocks_scored", [False, True])
-def test_merged_attention_equals_one_softmax_over_the_concatenated_parts(dtype, w, blocks_scored):
+def test_merged_attention_equals_one_softmax_over_the_concatenated_parts(dtype, w, query_tile, blocks_scored):
+    """Tiles of 5 and 1 queries: tiles where the near part's tail is unseen, partly seen, and seen by all."""
     local, near, blocks = random_parts(w, dtype, seed=w)
     scored, fused = ([local, near, blocks], []) if blocks_scored else ([local, near], [blocks])
-    out, sums = merged_attention(scored, fused, 0.25, fused_sums=True)
+    out, sums = merged_attention(scored, fused, 0.25, fused_sums=True, query_tile=query_tile)
     ref_out, ref_sums = concatenated_reference([*scored, *fused], [], 0.25)
     assert out.dtype == dtype and out.shape == ref_out.shape
     assert (out.float() - ref_out.float()).abs().max().item() < TOL[dtype]
     if not blocks_scored:  # the fused part's sums do not change the output
-        assert torch.equal(out, merged_attention(scored, fused, 0.25)[0])
+        assert torch.equal(out, merged_attention(scored, fused, 0.25, query_tile=query_tile)[0])
     assert len(sums) == 3
     for got, want in zip(sums, ref_sums):
         assert got.dtype == torch.float32 and got.shape == want.shape

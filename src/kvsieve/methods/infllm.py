@@ -60,7 +60,7 @@ from kvsieve.methods.infllm_budget import MIN_BUDGET, derive_cache_blocks, deriv
 from kvsieve.ops.block_store import entry_bytes
 from kvsieve.ops.blocks import BlockMemory, TokenBuffer
 from kvsieve.ops.grouped import cast, dot_scores
-from kvsieve.ops.merged import Part, merged_attention
+from kvsieve.ops.merged import Band, Part, merged_attention
 from kvsieve.ops.rope import shared_rotary
 from kvsieve.ops.scoring import top_indices
 
@@ -171,11 +171,9 @@ class InfLLMPolicy(LayerPolicy):
 
         # local window: the n_local tokens ending at each query, with the model's own (relative) positions
         lo = max(first - n_local + 1, rs)
-        loc_mask = None  # one query sees all of its window
-        if w > 1:
-            dist = torch.arange(first, end, device=device)[:, None] - torch.arange(lo, end, device=device)[None, :]
-            loc_mask = (dist >= 0) & (dist < n_local)
-        local = Part(q_loc, recent.keys[:, :, lo - rs : end - rs], recent.values[:, :, lo - rs : end - rs], loc_mask)
+        # query i sees the keys t (from lo) with 0 <= first + i - (lo + t) < n_local; one query sees all of them
+        loc_band = Band(first - lo - n_local + 1, first - lo + 1) if w > 1 else None
+        local = Part(q_loc, recent.keys[:, :, lo - rs : end - rs], recent.values[:, :, lo - rs : end - rs], loc_band)
 
         # near memory: init tokens (seen by all) ; the remainder, seen by the queries it is n_local or more behind
         n_rem = max(0, end - n_local - rs)
@@ -193,16 +191,13 @@ class InfLLMPolicy(LayerPolicy):
             scored, fused, blocks_from = [local], [Part(q_mem, mem_k, mem_v)], self.init_len
         else:
             near_k, near_v = init
-            near_mask = None
+            near_band = None
             if remainder is not None:
                 near_k = torch.cat([near_k, remainder[0]], dim=2)
                 near_v = torch.cat([near_v, remainder[1]], dim=2)
-                if w > 1:  # one query is n_local or more ahead of every remainder token
-                    qpos = torch.arange(first, end, device=device)[:, None]
-                    rem_dist = qpos - torch.arange(rs, rs + n_rem, device=device)[None, :]
-                    seen = torch.ones(w, self.init_len, dtype=torch.bool, device=device)
-                    near_mask = torch.cat([seen, rem_dist >= n_local], dim=1)
-            scored = [local] if not near_k.shape[2] else [local, Part(q_mem, near_k, near_v, near_mask)]
+                if w > 1:  # remainder token r: seen iff first + i - (rs + r) >= n_local; one query sees all
+                    near_band = Band(hi=self.init_len + first - rs - n_local + 1, floor=self.init_len)
+            scored = [local] if not near_k.shape[2] else [local, Part(q_mem, near_k, near_v, near_band)]
             fused = []
             if n_sel:
                 blk_k, blk_v, order = self.memory.fetch(selection)

@@ -10,8 +10,9 @@ float rounding (`tests/test_blocks_fast.py`).
 
 Two kinds of parts:
 
-* *scored* parts (`Part` in ``scored``): logits are materialised, a mask may hide entries, and the probability
-  each key received, summed over the queries, is returned (InfLLM's representative scores and ``lru-s`` credit);
+* *scored* parts (`Part` in ``scored``): logits are materialised (a tile of queries at a time), a `Band` may
+  hide entries, and the probability each key received, summed over the queries, is returned (InfLLM's
+  representative scores and ``lru-s`` credit);
 * *fused* parts (``fused``): every key visible to every query; attended by torch's fused CPU kernel for several
   queries (`attend_with_lse`), by two grouped matmuls for one.
 
@@ -35,16 +36,52 @@ _NEG = torch.finfo(torch.float32).min  # finite: a fully masked row never makes 
 # this far below the row's peak weighs exp(-80) ~ 2e-35 of it instead of less: far below float32 resolution of the
 # sum (which is >= 1); masked entries are then zeroed exactly.
 _LOWEST_EXP = -80.0
+# Queries per tile of a several-query call: a tile's logits over InfLLM's ~n_local + tile local keys stay in a
+# core's cache. 128 was fastest or tied in float32 and bfloat16 at both default models' head counts
+# (`benchmarks/bench_window_attention.py`; 0.68-0.80x the untiled window, docs/results/speed.md)
+QUERY_TILE = 128
+
+
+class Band(NamedTuple):
+    """The keys each query of a part sees: query ``i`` sees key ``t`` iff ``lo + i <= t < max(floor, hi + i)``
+    (``lo`` or ``hi`` None: that side unbounded). InfLLM's local window is a band ``n_local`` wide along the
+    diagonal; its near memory, every init token (``floor``) and a prefix of the remainder that grows by one key per
+    query."""
+
+    lo: int | None = None
+    hi: int | None = None
+    floor: int = 0
+
+    def keys_seen(self, r0: int, r1: int, n_keys: int) -> tuple[int, int]:
+        """``[k0, k1)``: the keys of ``n_keys`` that some query ``r0 .. r1 - 1`` sees (none if ``k1 <= k0``)."""
+        k0 = 0 if self.lo is None else max(0, self.lo + r0)
+        k1 = n_keys if self.hi is None else min(n_keys, max(self.floor, self.hi + r1 - 1))
+        return k0, k1
+
+    def visible(self, r0: int, r1: int, k0: int, k1: int, device: torch.device | str) -> torch.Tensor | None:
+        """``[r1 - r0, k1 - k0]`` bool (True: visible) for queries ``r0 ..`` and keys ``k0 ..``; None if every one
+        of them sees every key."""
+        lo_open = self.lo is None or self.lo + r1 - 1 <= k0
+        hi_open = self.hi is None or max(self.floor, self.hi + r0) >= k1
+        if lo_open and hi_open:
+            return None
+        rows = torch.arange(r0, r1, device=device)[:, None]
+        keys = torch.arange(k0, k1, device=device)[None, :]
+        seen = None if self.lo is None else keys >= rows + self.lo
+        if self.hi is not None:
+            below = keys < (rows + self.hi).clamp_min_(self.floor)
+            seen = below if seen is None else seen & below
+        return seen
 
 
 class Part(NamedTuple):
-    """Queries ``[B, H, w, D]``, keys and values ``[B, H_kv, S, D]``, and the visible entries: None (all) or a bool
-    mask broadcastable to ``[B, H, w, S]`` (True = visible)."""
+    """Queries ``[B, H, w, D]``, keys and values ``[B, H_kv, S, D]``, and the keys each query sees: None (all) or
+    a `Band` (scored parts only)."""
 
     query: torch.Tensor
     keys: torch.Tensor
     values: torch.Tensor
-    mask: torch.Tensor | None = None
+    mask: Band | None = None
 
 
 def attend_with_lse(
@@ -79,44 +116,83 @@ def attend_with_lse_matmul(
 
 
 def merged_attention(
-    scored: Sequence[Part], fused: Sequence[Part], scaling: float, fused_sums: bool = False
+    scored: Sequence[Part],
+    fused: Sequence[Part],
+    scaling: float,
+    fused_sums: bool = False,
+    query_tile: int = QUERY_TILE,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One softmax over every part's keys. Every query must see at least one entry of the scored parts.
 
     Returns the output ``[B, H, w, D]`` (the first scored part's values' dtype) and, per scored part, the
     probability each of its keys received summed over the queries, ``[B, H, S]`` (float32); with ``fused_sums``
     also per fused part, from its logits recomputed once the softmax is known (the output is the same either
-    way). The probabilities are normalised through the sums (``1/Z`` times a matrix-vector product), never over
-    the whole logits matrix.
+    way). Several queries are taken ``query_tile`` at a time (`_query_tiles`); the result does not depend on it
+    beyond float rounding.
     """
     if not all(part.keys.shape[2] for part in (*scored, *fused)):
         raise ValueError("merged_attention: a part has no keys (leave it out)")
     if scored[0].query.shape[2] == 1:
         return _one_query(scored, fused, scaling, fused_sums)
-    logits = []
-    for part in scored:
-        part_logits = grouped_logits(part.query * scaling, part.keys).float()
-        if part.mask is not None:
-            part_logits.masked_fill_(~part.mask, _NEG)
-        logits.append(part_logits)
+    return _query_tiles(scored, fused, scaling, fused_sums, query_tile)
+
+
+def _query_tiles(
+    scored: Sequence[Part], fused: Sequence[Part], scaling: float, fused_sums: bool, query_tile: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`merged_attention` for several queries, ``query_tile`` rows at a time: each query's softmax is its own, so a
+    tile of rows is normalised on its own, and a tile's logits cover only the keys its rows see (`Band.keys_seen`):
+    about ``n_local + query_tile`` of InfLLM's ``n_local + w`` local keys. The tile's logits stay in cache across
+    the mask, exp and sums, and a band's hidden half is never computed. The fused parts are attended for all rows
+    at once first; a tile adds each one's output weighted by ``exp(lse - peak)``."""
     attended = [attend_with_lse(p.query, p.keys, p.values, scaling) for p in fused]
-    peak = logits[0].amax(dim=-1, keepdim=True)  # [B, H, w, 1]
-    for part_logits in logits[1:]:
-        peak = torch.maximum(peak, part_logits.amax(dim=-1, keepdim=True))
-    for _, lse in attended:
-        peak = torch.maximum(peak, lse)
-    probs = [_shifted_exp(part_logits, peak, part.mask) for part_logits, part in zip(logits, scored)]
-    z = sum(p.sum(dim=-1, keepdim=True) for p in probs)
-    out = sum(grouped_weighted_sum(p.to(part.values.dtype), part.values).float() for p, part in zip(probs, scored))
-    for o, lse in attended:
-        weight = (lse - peak).exp_()
-        z = z + weight
-        out = out + o.float() * weight
-    inv_t = (1.0 / z).transpose(-1, -2)  # [B, H, 1, w]
-    if fused_sums:
-        probs += [_shifted_exp(grouped_logits(p.query * scaling, p.keys).float(), peak, None) for p in fused]
-    sums = [torch.matmul(inv_t, p).squeeze(-2) for p in probs]
-    return (out / z).to(scored[0].values.dtype), sums
+    first = scored[0]
+    b, h, w, _ = first.query.shape
+    device = first.query.device
+    out = torch.empty(b, h, w, first.values.shape[-1], dtype=first.values.dtype, device=device)
+    summed = [*scored, *fused] if fused_sums else list(scored)
+    sums = [torch.zeros(b, h, p.keys.shape[2], dtype=torch.float32, device=device) for p in summed]
+    scaled: dict[int, torch.Tensor] = {}  # parts sharing a query (the memory's) scale it once
+    for part in summed:
+        if id(part.query) not in scaled:
+            scaled[id(part.query)] = part.query * scaling
+    for r0 in range(0, w, query_tile):
+        r1 = min(w, r0 + query_tile)
+        tiles = []  # (index into summed, first key, probabilities (logits until the peak is known), mask)
+        for i, part in enumerate(summed):
+            band = part.mask
+            k0, k1 = (0, part.keys.shape[2]) if band is None else band.keys_seen(r0, r1, part.keys.shape[2])
+            if k1 <= k0:
+                continue  # no row of the tile sees this part
+            query = scaled[id(part.query)][:, :, r0:r1]
+            logits = cast(grouped_logits(query, part.keys[:, :, k0:k1]), torch.float32)
+            mask = None if band is None else band.visible(r0, r1, k0, k1, device)
+            if mask is not None:
+                logits.masked_fill_(~mask, _NEG)
+            tiles.append((i, k0, logits, mask))
+        n_scored = sum(1 for i, *_ in tiles if i < len(scored))
+        peak = tiles[0][2].amax(dim=-1, keepdim=True)  # [B, H, n, 1]
+        for _, _, logits, _ in tiles[1:n_scored]:
+            peak = torch.maximum(peak, logits.amax(dim=-1, keepdim=True))
+        for _, lse in attended:
+            peak = torch.maximum(peak, lse[:, :, r0:r1])
+        tiles = [(i, k0, _shifted_exp(logits, peak, mask)) for i, k0, logits, mask in tiles]
+        z = sum(p.sum(dim=-1, keepdim=True) for _, _, p in tiles[:n_scored])
+        acc = None
+        for i, k0, p in tiles[:n_scored]:
+            part = summed[i]
+            values = part.values[:, :, k0 : k0 + p.shape[-1]]
+            term = grouped_weighted_sum(p.to(part.values.dtype), values).float()
+            acc = term if acc is None else acc + term
+        for o, lse in attended:
+            weight = (lse[:, :, r0:r1] - peak).exp_()
+            z = z + weight
+            acc = acc + o[:, :, r0:r1].float() * weight
+        out[:, :, r0:r1] = acc / z
+        inv_t = (1.0 / z).transpose(-1, -2)  # [B, H, 1, n]
+        for i, k0, p in tiles:
+            sums[i][..., k0 : k0 + p.shape[-1]] += torch.matmul(inv_t, p).squeeze(-2)
+    return out, sums
 
 
 def _one_query(
@@ -134,8 +210,9 @@ def _one_query(
         if query is None:
             query = scaled[id(part.query)] = part.query * scaling
         part_logits = cast(grouped_logits(query, part.keys), torch.float32)
-        if part.mask is not None:
-            part_logits.masked_fill_(~part.mask, _NEG)  # exp(_NEG - peak) is exactly 0
+        mask = None if part.mask is None else part.mask.visible(0, 1, 0, part.keys.shape[2], query.device)
+        if mask is not None:
+            part_logits.masked_fill_(~mask, _NEG)  # exp(_NEG - peak) is exactly 0
         logits.append(part_logits)
     probs = torch.cat(logits, dim=-1).softmax(dim=-1)  # [B, H, 1, S_total]
     pieces = probs.split([part.keys.shape[2] for part in parts], dim=-1)
