@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=9, help="query heads (SmolLM2-135M: 9)")
     parser.add_argument("--kv-heads", type=int, default=3, help="KV heads (SmolLM2-135M: 3)")
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--window", type=int, default=512, help="queries per window (InfLLM's chunk)")
+    parser.add_argument("--window", type=int, default=256, help="queries per window (infllm-2k's exc_block_size)")
     parser.add_argument("--n-local", type=int, default=512)
     parser.add_argument("--init", type=int, default=64, help="init (sink) tokens")
     parser.add_argument("--remainder", type=int, default=300, help="keys not yet in a block")
