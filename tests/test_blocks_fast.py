@@ -73,13 +73,16 @@ def random_parts(w: int, dtype: torch.dtype, seed: int = 0, b: int = 2, h: int =
 
 
 def test_a_band_is_the_mask_it_describes():
-    """`Band.visible` against the bands written out, and `Band.keys_seen` as the tightest span of visible keys."""
+    """`Band.visible` against the bands written out, `Band.keys_seen` as the tightest span of visible keys, and
+    `Band.edges` as the only keys of that span some query does not see, masked as `visible` masks them."""
     rows, keys = torch.arange(10)[:, None], torch.arange(15)[None, :]
     cases = [
         (Band(-3, 2), (keys >= rows - 3) & (keys < rows + 2)),
         (Band(hi=-4, floor=3), keys < (rows - 4).clamp_min(3)),
         (Band(lo=2), keys >= rows + 2),
         (Band(), torch.ones(10, 15, dtype=torch.bool)),
+        (Band(-1, 1), (keys >= rows - 1) & (keys < rows + 1)),  # narrower than a tile: its two sides meet
+        (Band(2, 9, floor=4), (keys >= rows + 2) & (keys < (rows + 9).clamp_min(4))),
     ]
     for band, dense in cases:
         for r0, r1 in ((0, 10), (0, 4), (3, 7), (9, 10)):
@@ -93,6 +96,12 @@ def test_a_band_is_the_mask_it_describes():
             if k1 > k0:  # within the span the mask is the dense one's columns
                 tile = band.visible(r0, r1, k0, k1, "cpu")
                 assert torch.equal(torch.ones_like(want[:, k0:k1]) if tile is None else tile, want[:, k0:k1])
+                from_edges = torch.ones_like(want[:, k0:k1])
+                for edge in band.edges(r0, r1, k0, k1, "cpu"):
+                    assert k0 <= edge.start < edge.stop <= k1
+                    assert torch.equal(edge.seen, (~edge.hidden).float())
+                    from_edges[:, edge.start - k0 : edge.stop - k0] = ~edge.hidden
+                assert torch.equal(from_edges, want[:, k0:k1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

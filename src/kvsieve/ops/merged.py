@@ -22,6 +22,7 @@ Shapes: ``B`` batch, ``H`` query heads, ``H_kv`` KV heads (query head ``h`` read
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -72,6 +73,39 @@ class Band(NamedTuple):
             below = keys < (rows + self.hi).clamp_min_(self.floor)
             seen = below if seen is None else seen & below
         return seen
+
+    def edges(self, r0: int, r1: int, k0: int, k1: int, device: torch.device | str) -> tuple[Edge, ...]:
+        """The runs of keys ``k0 .. k1 - 1`` that some query ``r0 .. r1 - 1`` does not see, with their masks: at
+        most two (the band's sides; one where they meet), so a tile's keys between them are never masked."""
+        return _edges(self, r0, r1, k0, k1, torch.device(device))
+
+
+class Edge(NamedTuple):
+    """Keys ``start .. stop - 1`` of a `Band`'s side for a tile of queries, and which of them each query sees."""
+
+    start: int
+    stop: int
+    hidden: torch.Tensor  # [n, stop - start] bool, True: not seen
+    seen: torch.Tensor  # the same as float 1 / 0 (a multiply costs less than a masked fill)
+
+
+@functools.lru_cache(maxsize=128)  # a window's tiles repeat in every layer (and the local band's in every window)
+def _edges(band: Band, r0: int, r1: int, k0: int, k1: int, device: torch.device) -> tuple[Edge, ...]:
+    runs: list[list[int]] = []
+    if band.lo is not None and band.lo + r1 - 1 > k0:  # the last query does not see the first keys
+        runs.append([k0, min(k1, band.lo + r1 - 1)])
+    if band.hi is not None and max(k0, band.floor, band.hi + r0) < k1:  # the first query misses the last keys
+        start = max(k0, band.floor, band.hi + r0)
+        if runs and runs[-1][1] >= start:
+            runs[-1][1] = k1
+        else:
+            runs.append([start, k1])
+    edges = []
+    for start, stop in runs:
+        seen = band.visible(r0, r1, start, stop, device)
+        if seen is not None:
+            edges.append(Edge(start, stop, ~seen, seen.float()))
+    return tuple(edges)
 
 
 class Part(NamedTuple):
@@ -158,7 +192,7 @@ def _query_tiles(
             scaled[id(part.query)] = part.query * scaling
     for r0 in range(0, w, query_tile):
         r1 = min(w, r0 + query_tile)
-        tiles = []  # (index into summed, first key, probabilities (logits until the peak is known), mask)
+        tiles = []  # (index into summed, first key, probabilities (logits until the peak is known), edges)
         for i, part in enumerate(summed):
             band = part.mask
             k0, k1 = (0, part.keys.shape[2]) if band is None else band.keys_seen(r0, r1, part.keys.shape[2])
@@ -166,17 +200,21 @@ def _query_tiles(
                 continue  # no row of the tile sees this part
             query = scaled[id(part.query)][:, :, r0:r1]
             logits = cast(grouped_logits(query, part.keys[:, :, k0:k1]), torch.float32)
-            mask = None if band is None else band.visible(r0, r1, k0, k1, device)
-            if mask is not None:
-                logits.masked_fill_(~mask, _NEG)
-            tiles.append((i, k0, logits, mask))
+            edges = () if band is None else band.edges(r0, r1, k0, k1, device)
+            for edge in edges:
+                logits[..., edge.start - k0 : edge.stop - k0].masked_fill_(edge.hidden, _NEG)
+            tiles.append((i, k0, logits, edges))
         n_scored = sum(1 for i, *_ in tiles if i < len(scored))
         peak = tiles[0][2].amax(dim=-1, keepdim=True)  # [B, H, n, 1]
         for _, _, logits, _ in tiles[1:n_scored]:
             peak = torch.maximum(peak, logits.amax(dim=-1, keepdim=True))
         for _, lse in attended:
             peak = torch.maximum(peak, lse[:, :, r0:r1])
-        tiles = [(i, k0, _shifted_exp(logits, peak, mask)) for i, k0, logits, mask in tiles]
+        for _, k0, logits, edges in tiles:
+            _shifted_exp(logits, peak, None)
+            for edge in edges:  # hidden entries exactly 0
+                logits[..., edge.start - k0 : edge.stop - k0].mul_(edge.seen)
+        tiles = [(i, k0, p) for i, k0, p, _ in tiles]
         z = sum(p.sum(dim=-1, keepdim=True) for _, _, p in tiles[:n_scored])
         acc = None
         for i, k0, p in tiles[:n_scored]:
