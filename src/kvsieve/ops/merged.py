@@ -39,7 +39,8 @@ _NEG = torch.finfo(torch.float32).min  # finite: a fully masked row never makes 
 _LOWEST_EXP = -80.0
 # Queries per tile of a several-query call: a tile's logits over InfLLM's ~n_local + tile local keys stay in a
 # core's cache. 128 was fastest or tied in float32 and bfloat16 at both default models' head counts
-# (`benchmarks/bench_window_attention.py`; 0.68-0.80x the untiled window, docs/results/speed.md)
+# (`benchmarks/bench_window_attention.py`: 0.86x the untiled 256-query window in float32, 0.68-0.80x at 512;
+# docs/results/speed.md)
 QUERY_TILE = 128
 
 
@@ -115,7 +116,7 @@ class Part(NamedTuple):
     query: torch.Tensor
     keys: torch.Tensor
     values: torch.Tensor
-    mask: Band | None = None
+    band: Band | None = None
 
 
 def attend_with_lse(
@@ -194,7 +195,7 @@ def _query_tiles(
         r1 = min(w, r0 + query_tile)
         tiles = []  # (index into summed, first key, probabilities (logits until the peak is known), edges)
         for i, part in enumerate(summed):
-            band = part.mask
+            band = part.band
             k0, k1 = (0, part.keys.shape[2]) if band is None else band.keys_seen(r0, r1, part.keys.shape[2])
             if k1 <= k0:
                 continue  # no row of the tile sees this part
@@ -211,7 +212,7 @@ def _query_tiles(
         for _, lse in attended:
             peak = torch.maximum(peak, lse[:, :, r0:r1])
         for _, k0, logits, edges in tiles:
-            _shifted_exp(logits, peak, None)
+            _shifted_exp(logits, peak)
             for edge in edges:  # hidden entries exactly 0
                 logits[..., edge.start - k0 : edge.stop - k0].mul_(edge.seen)
         tiles = [(i, k0, p) for i, k0, p, _ in tiles]
@@ -248,7 +249,7 @@ def _one_query(
         if query is None:
             query = scaled[id(part.query)] = part.query * scaling
         part_logits = cast(grouped_logits(query, part.keys), torch.float32)
-        mask = None if part.mask is None else part.mask.visible(0, 1, 0, part.keys.shape[2], query.device)
+        mask = None if part.band is None else part.band.visible(0, 1, 0, part.keys.shape[2], query.device)
         if mask is not None:
             part_logits.masked_fill_(~mask, _NEG)  # exp(_NEG - peak) is exactly 0
         logits.append(part_logits)
@@ -262,7 +263,6 @@ def _one_query(
     return cast(out, scored[0].values.dtype), [p.squeeze(-2) for p in pieces[:kept]]
 
 
-def _shifted_exp(logits: torch.Tensor, peak: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``exp(logits - peak)`` in place, masked entries exactly 0 (see `_LOWEST_EXP`)."""
-    p = logits.sub_(peak).clamp_min_(_LOWEST_EXP).exp_()
-    return p if mask is None else p.mul_(mask)
+def _shifted_exp(logits: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+    """``exp(logits - peak)`` in place, clamped below (see `_LOWEST_EXP`; the caller zeroes hidden entries)."""
+    return logits.sub_(peak).clamp_min_(_LOWEST_EXP).exp_()
