@@ -99,8 +99,8 @@ class ActivationStats:
         c = h.shape[1]
         one = c == 1  # a decode step: the window's mean is its token and its variance exactly 0 (two ops fewer)
         mu_w = h[:, 0] if one else h.mean(dim=1)
-        # the window's biased variance in two passes: torch's var along a non-inner dim is ~6x slower on a CPU
-        # (0.85 against 0.14 ms at [1, 256, 576], torch 2.13: 0.4 s of a 4K prefill)
+        # the window's biased variance in two passes: torch's var along a non-inner dim is ~8x slower on a CPU
+        # (0.79 against 0.07-0.10 ms at [1, 256, 576], torch 2.13; docs/results/speed/op_costs_1207.py)
         var_w = None if one else (h - mu_w[:, None]).square().mean(dim=1)
         warming = self.count <= self.warmup
         if self.mean is None:
