@@ -43,11 +43,10 @@ def window_parts(args: argparse.Namespace, dtype: torch.dtype) -> tuple[list[Par
     )
     near_keys = args.init + args.remainder
     # the remainder's keys come into view one per query, starting a third of the way through the window
-    near = Part(
-        tensors(w, h), tensors(near_keys, h_kv), tensors(near_keys, h_kv), Band(hi=args.init - w // 3, floor=args.init)
-    )
+    q_mem = tensors(w, h)  # the memory's queries (one angle), shared by the near part and the blocks, as InfLLM's
+    near = Part(q_mem, tensors(near_keys, h_kv), tensors(near_keys, h_kv), Band(hi=args.init - w // 3, floor=args.init))
     block_keys = args.blocks * args.block_size
-    blocks = Part(local.query, tensors(block_keys, h_kv), tensors(block_keys, h_kv))
+    blocks = Part(q_mem, tensors(block_keys, h_kv), tensors(block_keys, h_kv))
     return [local, near], [blocks]
 
 
