@@ -88,6 +88,31 @@ def test_a_range_of_positions_gives_what_the_tensor_gives_and_its_angles_are_kep
     assert len(rotary._memo) <= 64
 
 
+@pytest.mark.parametrize("rope", [None, {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 1024}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_position_is_rotated_by_one_matrix_as_by_the_elementwise_formula(rope, dtype):
+    """A decode step's single position goes through a ``[D, D]`` matrix (one matmul); positions given as a tensor
+    through ``x * cos + rotate_half(x) * sin``: the same rotation up to float rounding, for every kind."""
+    from transformers import LlamaConfig
+
+    params = {"rope_theta": 10000.0, **(rope or {"rope_type": "default"})}
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=2048, rope_parameters=params)
+    rotary = Rotary(config)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 1, 16).to(dtype)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    for p in (0, 1, 517, 2047):
+        one, tensor = range(p, p + 1), torch.tensor([p])
+        for by_matrix, by_formula in (
+            (rotary.rotate(x, one), rotary.rotate(x, tensor)),
+            (rotary.unrotate(x, one), rotary.unrotate(x, tensor)),
+            (rotary.move(x, one, 127), rotary.move(x, tensor, 127)),
+        ):
+            assert by_matrix.dtype == dtype
+            assert torch.allclose(by_matrix.float(), by_formula.float(), atol=tol, rtol=tol)
+    assert any(key[0] == "matrix" for key in rotary._memo)
+
+
 def test_layers_of_one_cache_share_one_rotary_per_layer_type():
     model = tiny_model("llama")
     cache = SieveCache(model, kvsieve.method("infllm", n_init=4, n_local=16, block_size=4, topk=3, exc_block_size=8))

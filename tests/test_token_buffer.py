@@ -45,3 +45,25 @@ def test_each_token_is_derived_once_and_the_result_equals_deriving_the_slice():
     assert buf.derived_keys(0, derive).shape[2] == 0
     with pytest.raises(ValueError, match="derived_keys: 1 of 0 tokens"):
         buf.derived_keys(1, derive)
+
+
+def test_appended_tokens_start_with_zero_scores_through_drops_and_reallocations():
+    """An append does not write scores: every score past the live end is still the zero it was allocated as. Scores
+    added to live tokens stay theirs; spans are the live tokens' own keys, values and scores."""
+    torch.manual_seed(0)
+    buf = TokenBuffer(n_heads=4, spare=3)
+    keys = torch.randn(1, 2, 60, 8)
+    position = 0
+    for step, n in enumerate([5, 1, 1, 7, 1, 2, 9, 1, 1, 1, 12, 1]):
+        chunk = keys[:, :, position : position + n]
+        buf.append(chunk, -chunk, position)
+        assert torch.equal(buf.scores[:, :, -n:], torch.zeros(1, 4, n))  # new tokens: zero, whatever was before
+        buf.score_span(0, buf.length).add_(1.0)  # every live token attended
+        position += n
+        if step % 3 == 2:
+            buf.drop_front(buf.length // 2)
+    assert torch.all(buf.scores > 0)
+    k, v = buf.span(2, 5)
+    first = buf.first_position
+    assert torch.equal(k, keys[:, :, first + 2 : first + 5]) and torch.equal(v, -k)
+    assert buf.score_span(2, 5).data_ptr() == buf.scores[:, :, 2:5].data_ptr()

@@ -97,6 +97,7 @@ class InfLLMPolicy(LayerPolicy):
         self.init_k: torch.Tensor | None = None  # [B, H_kv, n_init, D] pre-RoPE (scaled like memory keys)
         self.init_v: torch.Tensor | None = None
         self.init_len = 0
+        self.init_entry_bytes = 0  # K and V bytes of one init token (all rows and heads)
         self.init_first = 0  # position of the first init token
         self.init_closed = False
         # measured, for statistics
@@ -118,6 +119,7 @@ class InfLLMPolicy(LayerPolicy):
             b, h_kv, _, d = key.shape
             self.init_k = key.new_empty(b, h_kv, m.n_init, d)
             self.init_v = value.new_empty(b, h_kv, m.n_init, value.shape[-1])
+            self.init_entry_bytes = entry_bytes(self.init_k, 2) + entry_bytes(self.init_v, 2)
         self.recent.append(key, value, first_position)
         return key, value  # the attention function is ours: it reads the policy's state, not these
 
@@ -135,18 +137,15 @@ class InfLLMPolicy(LayerPolicy):
         # Memory queries: pre-RoPE, rotated by the single angle of position n_local - 1 (one rotation: composed).
         q_mem = self.rotary.move(query, range(call.first_position, call.first_position + c), self.method.n_local - 1)
         self.on_chunk(call, q_mem)
-        windows = window_bounds(c, self.method.exc_block_size, split_last=ends_prompt(call))
+        windows = [(0, 1)] if c == 1 else window_bounds(c, self.method.exc_block_size, split_last=ends_prompt(call))
         self.begin_call(call, len(windows))
         scaling = call.scaling if call.scaling is not None else query.shape[-1] ** -0.5
         outs = []
         for w, (start, stop) in enumerate(windows):
             if self.capped and stop - start == 1:
                 self.hold_budget(call.first_position + stop)
-            outs.append(
-                self.attend_window(
-                    call, query[:, :, start:stop], q_mem[:, :, start:stop], call.first_position + start, scaling, w
-                )
-            )
+            q_loc, q_win = (query, q_mem) if stop - start == c else (query[:, :, start:stop], q_mem[:, :, start:stop])
+            outs.append(self.attend_window(call, q_loc, q_win, call.first_position + start, scaling, w))
         self.recent.shrink()
         self.device_bytes_peak = max(self.device_bytes_peak, self.kv_bytes())
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
@@ -173,12 +172,12 @@ class InfLLMPolicy(LayerPolicy):
         lo = max(first - n_local + 1, rs)
         # query i sees the keys t (from lo) with 0 <= first + i - (lo + t) < n_local; one query sees all of them
         loc_band = Band(first - lo - n_local + 1, first - lo + 1) if w > 1 else None
-        local = Part(q_loc, recent.keys[:, :, lo - rs : end - rs], recent.values[:, :, lo - rs : end - rs], loc_band)
+        local = Part(q_loc, *recent.span(lo - rs, end - rs), loc_band)
 
         # near memory: init tokens (seen by all) ; the remainder, seen by the queries it is n_local or more behind
         n_rem = max(0, end - n_local - rs)
         init = (self.init_k[:, :, : self.init_len], self.init_v[:, :, : self.init_len])
-        remainder = (recent.derived_keys(n_rem, self.memory_keys), recent.values[:, :, :n_rem]) if n_rem else None
+        remainder = (recent.derived_keys(n_rem, self.memory_keys), recent.span(0, n_rem)[1]) if n_rem else None
 
         # retrieved blocks; lru-s credits each block with the attention mass it received
         selection = self.select_blocks(call, q_mem, window)
@@ -207,7 +206,7 @@ class InfLLMPolicy(LayerPolicy):
         out, received = merged_attention(scored, fused, scaling, fused_sums=credit)
 
         # bookkeeping: local attention received (block representatives), cache scores, what was attended
-        recent.scores[:, :, lo - rs : end - rs].add_(received[0])  # in place: no write-back through the slice
+        recent.score_span(lo - rs, end - rs).add_(received[0])  # in place: no write-back through the slice
         if credit:
             blocks = received[-1][..., blocks_from : blocks_from + n_sel * m.block_size]
             mass = blocks.sum(dim=1).view(b, n_sel, m.block_size).sum(-1)
@@ -239,7 +238,7 @@ class InfLLMPolicy(LayerPolicy):
         b = q_mem.shape[0]
         if n <= self.topk:
             return torch.arange(n, device=q_mem.device)[None].expand(b, n)
-        mean = cast(q_mem[:, :, 0], torch.float32) if q_mem.shape[2] == 1 else q_mem.float().mean(dim=2)  # 1: itself
+        mean = cast(q_mem, torch.float32) if q_mem.shape[2] == 1 else q_mem.float().mean(dim=2)  # 1: itself
         probe = mean.reshape(b, -1)  # [B, H * D]
         return top_indices(dot_scores(self.memory.reprs, probe), self.topk, ascending=False)
 
@@ -318,12 +317,9 @@ class InfLLMPolicy(LayerPolicy):
     def kv_bytes(self) -> int:
         """Device-resident K/V bytes (window + remainder, init tokens, cached blocks), measured from the tensors.
         The host block store is reported separately (``host_bytes`` in `stats`)."""
-        total = self.recent.used_bytes()
-        if self.init_k is not None:
-            total += (entry_bytes(self.init_k, 2) + entry_bytes(self.init_v, 2)) * self.init_len
-        if self.memory is not None:
-            total += self.memory.device_bytes()
-        return total
+        if self.memory is None:
+            return 0
+        return self.recent.used_bytes() + self.init_entry_bytes * self.init_len + self.memory.device_bytes()
 
     def allocated_bytes(self) -> int:
         total = self.recent.allocated_bytes()

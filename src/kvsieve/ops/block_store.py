@@ -40,9 +40,10 @@ def copy_without(obj: object, memo: dict, dropped: dict[str, object]) -> object:
 def entry_bytes(t: torch.Tensor, *dims: int) -> int:
     """Bytes of one entry of ``t`` along ``dims`` (one token of a ``[B, H_kv, S, D]`` buffer along 2), from its
     shape: what a slice would measure, without building it (accounting runs every step)."""
-    count = t.numel() * t.element_size()
-    for dim in dims:
-        count //= t.shape[dim]
+    count = t.element_size()
+    for dim, size in enumerate(t.shape):
+        if dim not in dims:
+            count *= size  # the product of the other sizes: defined for an empty buffer too
     return count
 
 
@@ -292,12 +293,12 @@ class AttendedBuffer:
         # per row, views [H_kv, bs, D] of each place (K, then V) and of each slot of the last source, by its storage
         self._place_views: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] | None = None
         self._source_views: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] | None = None
-        self._source_key: tuple | None = None
+        self._source: tuple[torch.Tensor, torch.Tensor] | None = None  # the tensors the source views are of
 
     def __deepcopy__(self, memo: dict) -> AttendedBuffer:
         """A copy (`Driver.copy`) without the cached views: they would be views of the original's tensors (or of
         the copy's, if the memo got there first); the copy builds its own at its next gather."""
-        return copy_without(self, memo, {"_place_views": None, "_source_views": None, "_source_key": None})
+        return copy_without(self, memo, {"_place_views": None, "_source_views": None, "_source": None})
 
     def _views(self, source_k: torch.Tensor, source_v: torch.Tensor) -> None:
         """Per-row views of the places (after a growth) and of the source's slots (after the source changed: a
@@ -312,11 +313,10 @@ class AttendedBuffer:
                 )
                 for row in range(self._k.shape[0])
             ]
-        key = (source_k.data_ptr(), source_v.data_ptr(), source_k.shape, source_v.shape)
-        if self._source_key != key:
+        if self._source is None or self._source[0] is not source_k or self._source[1] is not source_v:
             rows = range(source_k.shape[0])
             self._source_views = [(source_k[row].unbind(1), source_v[row].unbind(1)) for row in rows]
-            self._source_key = key
+            self._source = (source_k, source_v)  # a store only ever replaces its tensors (growth), never resizes them
 
     def gather(
         self,
@@ -351,15 +351,13 @@ class AttendedBuffer:
             del placed[k:]  # places beyond this step's count are not attended: their blocks must move in again
             placed.extend([-1] * (k - len(placed)))
             slot_of = dict(zip(wanted, row_slots))
-            kept = {block for block in placed if block in slot_of}
-            incoming = (block for block in wanted if block not in kept)
-            places, sources = [], []
-            for place, block in enumerate(placed):
-                if block not in kept:
-                    placed[place] = new = next(incoming)
-                    places.append(place)
-                    sources.append(slot_of[new])
-            if places:
+            kept = slot_of.keys() & placed  # set operations: a decode step keeps most of its ~50 places
+            if len(kept) < k:
+                incoming = [block for block in wanted if block not in kept]
+                places = [place for place, block in enumerate(placed) if block not in kept]
+                for place, block in zip(places, incoming):
+                    placed[place] = block
+                sources = [slot_of[block] for block in incoming]
                 (place_k, place_v), (slot_k, slot_v) = self._place_views[row], self._source_views[row]
                 torch._foreach_copy_(
                     [place_k[p] for p in places] + [place_v[p] for p in places],

@@ -45,6 +45,7 @@ class TokenBuffer:
         self._s: torch.Tensor | None = None
         self._d: torch.Tensor | None = None  # derived keys (`derived_keys`), valid in [_start, _d_end)
         self._d_end = 0
+        self._entry_bytes = 0  # K and V bytes of one token over the batch and heads (measured at allocation)
 
     @property
     def length(self) -> int:
@@ -67,6 +68,16 @@ class TokenBuffer:
         """``[B, H, length]`` float32 accumulated local attention per query head (a view: add in place)."""
         return self._s[:, :, self._start : self._end]
 
+    def span(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[B, H_kv, stop - start, D]`` of live tokens ``start .. stop - 1`` (0: the first live
+        token), views: one slice each, where ``keys[..., start:stop]`` takes two."""
+        a, b = self._start + start, self._start + stop
+        return self._k[:, :, a:b], self._v[:, :, a:b]
+
+    def score_span(self, start: int, stop: int) -> torch.Tensor:
+        """``[B, H, stop - start]`` the scores of live tokens ``start .. stop - 1`` (a view: add in place)."""
+        return self._s[:, :, self._start + start : self._start + stop]
+
     @property
     def capacity(self) -> int:
         return 0 if self._k is None else self._k.shape[2]
@@ -84,8 +95,7 @@ class TokenBuffer:
             self._reallocate(self.length + q, keys, values)
         self._k[:, :, self._end : self._end + q] = keys
         self._v[:, :, self._end : self._end + q] = values
-        self._s[:, :, self._end : self._end + q] = 0
-        self._end += q
+        self._end += q  # their scores are 0: scores past the end are never written, and allocated as zeros
 
     def drop_front(self, n: int) -> None:
         if n > self.length:
@@ -134,11 +144,10 @@ class TokenBuffer:
             self._d = None
         self._k, self._v, self._s = k, v, s
         self._start, self._end, self._d_end = 0, n, derived
+        self._entry_bytes = entry_bytes(k, 2) + entry_bytes(v, 2)
 
     def used_bytes(self) -> int:
-        if self._k is None:
-            return 0
-        return (entry_bytes(self._k, 2) + entry_bytes(self._v, 2)) * self.length
+        return self._entry_bytes * self.length  # accounting runs every step: the per-token bytes are kept
 
     def allocated_bytes(self) -> int:
         return nbytes(self._k) + nbytes(self._v)

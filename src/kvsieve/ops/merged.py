@@ -242,23 +242,24 @@ def _one_query(
     a peak, an exp and a normaliser per part, ops that at one query cost more than their arithmetic (timed as
     "window" by `benchmarks/bench_decode_attention.py`)."""
     parts = [*scored, *fused]
-    scaled: dict[int, torch.Tensor] = {}  # parts sharing a query (the memory's) scale it once
     logits = []
     for part in parts:
-        query = scaled.get(id(part.query))
-        if query is None:
-            query = scaled[id(part.query)] = part.query * scaling
-        part_logits = cast(grouped_logits(query, part.keys), torch.float32)
-        mask = None if part.band is None else part.band.visible(0, 1, 0, part.keys.shape[2], query.device)
+        part_logits = cast(grouped_logits(part.query, part.keys), torch.float32)
+        mask = None if part.band is None else part.band.visible(0, 1, 0, part.keys.shape[2], part.query.device)
         if mask is not None:
             part_logits.masked_fill_(~mask, _NEG)  # exp(_NEG - peak) is exactly 0
         logits.append(part_logits)
-    probs = torch.cat(logits, dim=-1).softmax(dim=-1)  # [B, H, 1, S_total]
-    pieces = probs.split([part.keys.shape[2] for part in parts], dim=-1)
+    # scaled once on the joint row (one op, not one per part's query); [B, H, 1, S_total]
+    probs = torch.cat(logits, dim=-1).mul_(scaling).softmax(dim=-1)
+    pieces, start = [], 0
+    for part in parts:  # slices: torch's split costs a Python wrapper on top
+        stop = start + part.keys.shape[2]
+        pieces.append(probs[..., start:stop])
+        start = stop
     out = None
     for p, part in zip(pieces, parts):
         term = cast(grouped_weighted_sum(cast(p, part.values.dtype), part.values), torch.float32)
-        out = term if out is None else out + term
+        out = term if out is None else out.add_(term)
     kept = len(parts) if fused_sums else len(scored)
     return cast(out, scored[0].values.dtype), [p.squeeze(-2) for p in pieces[:kept]]
 
