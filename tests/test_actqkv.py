@@ -23,7 +23,7 @@ import kvsieve
 from helpers import TINY_CONFIGS, greedy_with_logits, random_ids, tiny_model
 from kvsieve.cache import SieveCache
 from kvsieve.driver import cache_kwargs
-from kvsieve.methods.actqkv import ActivationStats, BlockPool, find_span
+from kvsieve.methods.actqkv import ActivationStats, BlockPool, find_span, normalized_entropy
 from kvsieve.methods.base import Phase, PromptLayout
 from test_infllm import LOGIT_TOL, N_NEW, N_PROMPT, SMALL, _policy, passkey_prompt, run_against_reference
 
@@ -150,6 +150,31 @@ def _expected_split(entropy_means, topk, n_blocks, min_blocks, max_blocks):
         remaining -= k
         out.append(k)
     return out
+
+
+def test_the_entropy_is_the_released_formula_up_to_float_rounding():
+    """``-sum p log(p + 1e-10) / log N``, batch mean (the code's), for flat, peaked and underflowing score rows."""
+    torch.manual_seed(0)
+    rows = [torch.randn(3, 111), torch.randn(2, 46) * 40, torch.tensor([[0.0, 200.0, -200.0, 5.0]]), torch.zeros(1, 7)]
+    for scores in rows:
+        p = scores.double().softmax(dim=-1)
+        released = float((-(p * (p + 1e-10).log()).sum(dim=-1) / math.log(scores.shape[1])).mean())
+        assert normalized_entropy(scores) == pytest.approx(released, rel=1e-6, abs=1e-7)
+    assert normalized_entropy(torch.zeros(1, 7)) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_the_pools_running_sums_follow_the_windows_of_samples():
+    pool = BlockPool(topk=10, min_blocks=1, max_blocks=20, window=5)
+    for _ in range(3):
+        pool.add_layer()
+    values = torch.rand(40, 3, generator=torch.Generator().manual_seed(1)).tolist()
+    for step, row in enumerate(values):
+        for layer, e in enumerate(row):
+            pool.record(layer, e)
+        for layer in range(3):
+            window = [r[layer] for r in values[max(0, step - 4) : step + 1]]
+            assert pool.sums[layer] == pytest.approx(sum(window), rel=1e-12)
+        assert pool.ready() == (step >= 4)
 
 
 def test_pool_split_clamps_and_uniform_cases():

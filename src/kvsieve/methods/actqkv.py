@@ -105,18 +105,19 @@ class ActivationStats:
         warming = self.count <= self.warmup
         if self.mean is None:
             self.var = torch.zeros_like(mu_w) if one else var_w * c / (c - 1)
-            self.mean = mu_w
+            self.mean = mu_w.clone() if one else mu_w  # updated in place below: not a view of the queries
         else:
             if self.mean.device != h.device:  # shared by all layers (stats_scope="shared"): on a model split over
                 self.mean, self.var = self.mean.to(h.device), self.var.to(h.device)  # GPUs they follow the layer
             # var <- (var (n - 1/c) + var_w + d^2 / (1 + 1/n)) / (n + 1 - 1/c) and mean <- (mean n + mu_w) / (n + 1),
-            # d = mu_w - mean, with the scalars folded: four ops a decode step instead of nine
+            # d = mu_w - mean, with the scalars folded: four ops a decode step instead of nine, in place
             n = min(self.count, self.horizon)
             norm = n + 1 - 1 / c
             d = mu_w - self.mean
-            var = torch.addcmul(self.var * ((n - 1 / c) / norm), d, d, value=1 / ((1 + 1 / n) * norm))
-            self.var = var if one else var.add_(var_w, alpha=1 / norm)
-            self.mean = torch.add(self.mean, d, alpha=1 / (n + 1))
+            self.var.mul_((n - 1 / c) / norm).addcmul_(d, d, value=1 / ((1 + 1 / n) * norm))
+            if not one:
+                self.var.add_(var_w, alpha=1 / norm)
+            self.mean.add_(d, alpha=1 / (n + 1))
         self.count += 1
         return not warming
 
@@ -127,6 +128,16 @@ class ActivationStats:
         total = bias.sum(dim=1, keepdim=True)
         uniform = torch.full_like(bias, 1.0 / bias.shape[1])
         return torch.where(total > 0, bias / total.clamp_min(torch.finfo(torch.float32).tiny), uniform)
+
+
+def normalized_entropy(scores: torch.Tensor) -> float:
+    """The entropy of ``softmax(scores)`` over the last axis (``[B, N]``, N >= 2) divided by ``log N``, batch mean.
+
+    The code's ``-sum p log(p + 1e-10)``, as ``sum entr(p) = -sum p log p``: the 1e-10 changes the sum by at most
+    ``N x 1e-10``, far below its float32 resolution (tests), and costs two ops a layer and decode step."""
+    b, n = scores.shape
+    p = cast(scores, torch.float32).softmax(dim=-1)
+    return float(torch.special.entr(p).sum()) / (b * math.log(n))
 
 
 class BlockPool:
@@ -148,6 +159,11 @@ class BlockPool:
         self.window = window
         self.within_pool = within_pool
         self.samples: list[deque[float]] = []
+        # per layer: the sum of its samples, kept as they come and go (summed anew every `window` samples, so
+        # rounding does not drift): a layer's split reads every later layer's mean, at every step
+        self.sums: list[float] = []
+        self._fresh: list[int] = []  # samples since the layer's sum was summed anew
+        self._ready = False
         self.remaining: list[float] = []
         self.history: list[list[int]] = []  # per reset: the counts handed out, in order (for statistics/tests)
 
@@ -157,6 +173,9 @@ class BlockPool:
 
     def add_layer(self) -> int:
         self.samples.append(deque(maxlen=self.window))
+        self.sums.append(0.0)
+        self._fresh.append(0)
+        self._ready = False
         return len(self.samples) - 1
 
     def reset(self, n_windows: int) -> None:
@@ -165,15 +184,28 @@ class BlockPool:
         del self.history[:-64]
 
     def ready(self) -> bool:
-        """Every layer has a full window of entropy samples."""
-        return all(len(s) == self.window for s in self.samples)
+        """Every layer has a full window of entropy samples (once true, it stays: samples only come in)."""
+        if not self._ready:
+            self._ready = all(len(s) == self.window for s in self.samples)
+        return self._ready
+
+    def record(self, layer: int, entropy: float) -> None:
+        samples = self.samples[layer]
+        if len(samples) == self.window:
+            self.sums[layer] -= samples[0]  # leaves the window as the new sample comes in
+        samples.append(entropy)
+        self._fresh[layer] += 1
+        if self._fresh[layer] >= self.window:
+            self.sums[layer], self._fresh[layer] = sum(samples), 0
+        else:
+            self.sums[layer] += entropy
 
     def take(self, layer: int, window: int, entropy: float | None, n_blocks: int, dynamic: bool) -> int:
         if entropy is not None:
-            self.samples[layer].append(entropy)
+            self.record(layer, entropy)
         pool = self.remaining[window]
         if dynamic and self.ready():
-            means = [sum(s) / len(s) for s in self.samples[layer:]]
+            means = [total / self.window for total in self.sums[layer:]]  # every window is full
             total = sum(means)
             weight = means[0] / total if total > 0 else math.nan
         else:
@@ -286,7 +318,9 @@ class ActQKVPolicy(InfLLMPolicy):
     def probe(self, q_mem: torch.Tensor) -> torch.Tensor:
         """Activation-Bias-weighted mean of the window's memory queries ``[B, H, w, D]`` -> ``[B, H * D]``."""
         b, h, w, d = q_mem.shape
-        flat = cast(q_mem, torch.float32).permute(0, 2, 1, 3).reshape(b, w, h * d)  # [B, w, H * D]
+        # [B, w, H * D]; one query needs no permute (its dim of size 1 moves no element)
+        q = cast(q_mem, torch.float32)
+        flat = q.reshape(b, 1, h * d) if w == 1 else q.permute(0, 2, 1, 3).reshape(b, w, h * d)
         if not self.activation.update(flat):  # warm-up: exactly InfLLM's probe
             return q_mem.float().mean(dim=2).reshape(b, -1)
         self.weighted_windows += 1
@@ -319,8 +353,7 @@ class ActQKVPolicy(InfLLMPolicy):
         else:
             entropy = None
             if n >= 2:
-                p = cast(scores, torch.float32).softmax(dim=-1)  # entropy -sum p log(p + 1e-10) / log n, batch mean
-                entropy = -float(torch.linalg.vecdot(p, (p + 1e-10).log_()).mean()) / math.log(n)
+                entropy = normalized_entropy(scores)
                 self.entropies.append(entropy)
             k = self.shared.pool.take(self.ordinal, window, entropy, n, decoding)
         if k >= n:
