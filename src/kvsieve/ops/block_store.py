@@ -350,18 +350,22 @@ class AttendedBuffer:
             placed = self.placed[row]
             del placed[k:]  # places beyond this step's count are not attended: their blocks must move in again
             placed.extend([-1] * (k - len(placed)))
-            slot_of = dict(zip(wanted, row_slots))
-            kept = slot_of.keys() & placed  # set operations: a decode step keeps most of its ~50 places
+            in_slots = row_slots is wanted  # an on-device store: block j in slot j
+            kept = set(wanted).intersection(placed)  # set operations: a decode step keeps most of its ~50 places
             if len(kept) < k:
                 incoming = [block for block in wanted if block not in kept]
                 places = [place for place, block in enumerate(placed) if block not in kept]
                 for place, block in zip(places, incoming):
                     placed[place] = block
-                sources = [slot_of[block] for block in incoming]
+                if in_slots:
+                    sources = incoming
+                else:
+                    slot_of = dict(zip(wanted, row_slots))
+                    sources = [slot_of[block] for block in incoming]
                 (place_k, place_v), (slot_k, slot_v) = self._place_views[row], self._source_views[row]
                 torch._foreach_copy_(
-                    [place_k[p] for p in places] + [place_v[p] for p in places],
-                    [slot_k[s] for s in sources] + [slot_v[s] for s in sources],
+                    [*map(place_k.__getitem__, places), *map(place_v.__getitem__, places)],
+                    [*map(slot_k.__getitem__, sources), *map(slot_v.__getitem__, sources)],
                 )
                 self.copies += len(places)
         first, last = start, start + k * bs  # views: one head's places are adjacent
