@@ -219,6 +219,32 @@ def test_block_memory_lays_a_head_and_a_tail_around_the_blocks(offload):
     check([[1, 4], [3, 5]], near(3, 0.5), near(2, 0.375), copies=2)  # place 1 held the tail: copied in again
 
 
+@pytest.mark.parametrize("offload", [True, False])
+def test_a_tail_with_its_first_position_is_written_only_where_it_is_new(offload):
+    """InfLLM's remainder at decode: it grows by a token a step from the same first position, so only the new
+    entries are copied -- unless the blocks' count moved the tail, the buffer grew, or the tail starts elsewhere.
+    Each step hands the tail with the entries it should not copy replaced by NaN: the result must still be the
+    true ``[head ; blocks ; tail]`` (a needless copy brings a NaN in, a missing one leaves a stale entry)."""
+    memory = _memory(6, offload)
+    keys = torch.randn(2, 2, 16, 8)
+    head = (torch.ones(2, 2, 3, 8), -torch.ones(2, 2, 3, 8))
+    two = [[0, 1], [2, 3]]
+    # (selection, tail's first position, its length, entries to copy); the tail's room: a block (4), then doubled
+    steps = [(two, 0, 2, 2), (two, 0, 3, 1), (two, 0, 5, 5), ([[0, 1, 4], [2, 3, 5]], 0, 6, 6), (two, 0, 7, 7)]
+    steps += [(two, 4, 2, 2), (two, 4, 3, 1), (two, 4, 3, 0), (two, 4, 8, 5), (two, 4, 9, 9)]
+    for selection, first, n, new in steps:
+        tail = (keys[:, :, first : first + n], -keys[:, :, first : first + n])
+        handed = tuple(t.clone() for t in tail)
+        for t in handed:
+            t[:, :, : n - new] = float("nan")
+        got_k, got_v, order = memory.fetch(torch.tensor(selection), head, handed, first)
+        for row in range(2):
+            blocks = [memory.store.block(row, j) for j in order[row]]
+            want_k = torch.cat([head[0][row], *(k for k, _ in blocks), tail[0][row]], dim=1)
+            want_v = torch.cat([head[1][row], *(v for _, v in blocks), tail[1][row]], dim=1)
+            assert torch.equal(got_k[row], want_k) and torch.equal(got_v[row], want_v), (selection, first, n)
+
+
 def test_an_on_device_store_keeps_its_blocks_when_it_grows_and_counts_its_bytes_where_they_are():
     """The store grows geometrically (16 blocks, then 32): blocks written before a growth read back unchanged. In
     host memory (offloaded, or a CPU model) the store's bytes are host bytes and the device counts the blocks laid

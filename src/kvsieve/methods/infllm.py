@@ -98,6 +98,7 @@ class InfLLMPolicy(LayerPolicy):
         self.init_v: torch.Tensor | None = None
         self.init_len = 0
         self.init_entry_bytes = 0  # K and V bytes of one init token (all rows and heads)
+        self.init: tuple[torch.Tensor, torch.Tensor] | None = None  # views of the init tokens filled so far
         self.init_first = 0  # position of the first init token
         self.init_closed = False
         # measured, for statistics
@@ -120,6 +121,7 @@ class InfLLMPolicy(LayerPolicy):
             self.init_k = key.new_empty(b, h_kv, m.n_init, d)
             self.init_v = value.new_empty(b, h_kv, m.n_init, value.shape[-1])
             self.init_entry_bytes = entry_bytes(self.init_k, 2) + entry_bytes(self.init_v, 2)
+            self.init = (self.init_k[:, :, :0], self.init_v[:, :, :0])
         self.recent.append(key, value, first_position)
         return key, value  # the attention function is ours: it reads the policy's state, not these
 
@@ -176,8 +178,8 @@ class InfLLMPolicy(LayerPolicy):
 
         # near memory: init tokens (seen by all) ; the remainder, seen by the queries it is n_local or more behind
         n_rem = max(0, end - n_local - rs)
-        init = (self.init_k[:, :, : self.init_len], self.init_v[:, :, : self.init_len])
-        remainder = (recent.derived_keys(n_rem, self.memory_keys), recent.span(0, n_rem)[1]) if n_rem else None
+        init = self.init
+        remainder = (recent.derived_keys(n_rem, self.memory_keys), recent.value_span(0, n_rem)) if n_rem else None
 
         # retrieved blocks; lru-s credits each block with the attention mass it received
         selection = self.select_blocks(call, q_mem, window)
@@ -186,7 +188,7 @@ class InfLLMPolicy(LayerPolicy):
         order: list[list[int]] = []
         blocks_from = 0  # where the blocks' keys start in the memory part that holds them
         if n_sel and w == 1:  # one query sees every memory entry: init ; blocks ; remainder as one run, two parts
-            mem_k, mem_v, order = self.memory.fetch(selection, init if self.init_len else None, remainder)
+            mem_k, mem_v, order = self.memory.fetch(selection, init if self.init_len else None, remainder, rs)
             scored, fused, blocks_from = [local], [Part(q_mem, mem_k, mem_v)], self.init_len
         else:
             near_k, near_v = init
@@ -278,6 +280,7 @@ class InfLLMPolicy(LayerPolicy):
                 self.init_k[:, :, self.init_len : self.init_len + take] = keys
                 self.init_v[:, :, self.init_len : self.init_len + take] = recent.values[:, :, :take]
                 self.init_len += take
+                self.init = (self.init_k[:, :, : self.init_len], self.init_v[:, :, : self.init_len])
                 recent.drop_front(take)
             self.init_closed = self.init_len == m.n_init
 

@@ -287,6 +287,9 @@ class AttendedBuffer:
         self._head_room = 0
         self._tail_room = 0
         self._head_len = -1  # entries of the head written in front of the places (-1: none since the last growth)
+        self._tail_at: tuple[int, int] | None = None  # (where, first position) of the tail written last
+        self._tail_len = 0  # its entries written
+        self._placed_total = 0  # places in use over all rows (accounting, every step)
         self._block_bytes = 0  # K and V bytes of one block of one row
         self.placed: list[list[int]] = []  # per row: the block in each place
         self.copies = 0  # blocks copied in
@@ -325,6 +328,7 @@ class AttendedBuffer:
         blocks: list[list[int]],
         head: tuple[torch.Tensor, torch.Tensor] | None = None,
         tail: tuple[torch.Tensor, torch.Tensor] | None = None,
+        tail_first: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
         """Keys and values ``[B, H_kv, k * bs, D]`` of ``blocks`` (per row, the same count ``k``), which sit in
         ``slots`` of ``source`` (keys and values ``[B, H_kv, C, bs, D]``: a device cache's slots or an on-device
@@ -336,7 +340,9 @@ class AttendedBuffer:
         ``head`` and ``tail`` (keys and values ``[B, H_kv, n, D]``) are laid out on either side of the blocks, and
         the keys and values returned are ``[head ; blocks ; tail]``: one contiguous run per head that one query
         attends as one part (InfLLM's init tokens and remainder around its retrieved blocks). The head is copied
-        only when its length changes (it must only grow: init tokens), the tail at every call."""
+        only when its length changes (it must only grow: init tokens), the tail at every call -- or, given
+        ``tail_first`` (the logical position of its first entry, whose entries never change: InfLLM's remainder),
+        only its entries not yet written at the same place (a decode step adds one)."""
         source_k, source_v = source
         b, k = len(slots), len(slots[0])
         n_head = 0 if head is None else head[0].shape[2]
@@ -368,6 +374,7 @@ class AttendedBuffer:
                     [*map(slot_k.__getitem__, sources), *map(slot_v.__getitem__, sources)],
                 )
                 self.copies += len(places)
+        self._placed_total = k * b
         first, last = start, start + k * bs  # views: one head's places are adjacent
         if head is not None:
             first = start - n_head
@@ -376,8 +383,12 @@ class AttendedBuffer:
                 self._v[:, :, first:start] = head[1]
                 self._head_len = n_head
         if tail is not None:
-            self._k[:, :, last : last + n_tail] = tail[0]
-            self._v[:, :, last : last + n_tail] = tail[1]
+            at = (last, tail_first) if tail_first is not None else None
+            done = min(self._tail_len, n_tail) if at is not None and at == self._tail_at else 0
+            if done < n_tail:
+                self._k[:, :, last + done : last + n_tail] = tail[0][:, :, done:]
+                self._v[:, :, last + done : last + n_tail] = tail[1][:, :, done:]
+            self._tail_at, self._tail_len = at, n_tail
             last += n_tail
         return self._k[:, :, first:last], self._v[:, :, first:last], [row[:k] for row in self.placed[:b]]
 
@@ -386,7 +397,10 @@ class AttendedBuffer:
         places (copied over), the head is written again at its next call."""
         b, h_kv, _, bs, d = source_k.shape
         places = min(self.capacity, max(k, 2 * self._places)) if k > self._places else self._places
-        head_room, tail_room = max(n_head, self._head_room), max(n_tail, self._tail_room)
+        head_room = max(n_head, self._head_room)
+        # the tail grows a token a decode step (InfLLM's remainder, up to a block): room for a block at least, then
+        # doubling, so the buffer is not rebuilt at every step
+        tail_room = self._tail_room if n_tail <= self._tail_room else max(n_tail, bs, 2 * self._tail_room)
         size = head_room + places * bs + tail_room
         buf_k = source_k.new_empty(b, h_kv, size, d)
         buf_v = source_v.new_empty(b, h_kv, size, source_v.shape[4])
@@ -396,6 +410,7 @@ class AttendedBuffer:
             buf_v[:, :, head_room : head_room + n] = self._v[:, :, self._head_room : self._head_room + n]
         self._k, self._v = buf_k, buf_v
         self._places, self._head_room, self._tail_room, self._head_len = places, head_room, tail_room, -1
+        self._tail_at = None  # a new buffer: the tail is written again
         self._place_views = None  # views of the old buffer
         self._block_bytes = entry_bytes(source_k, 0, 2) + entry_bytes(source_v, 0, 2)
         while len(self.placed) < b:
@@ -403,7 +418,7 @@ class AttendedBuffer:
 
     def used_bytes(self) -> int:
         """Bytes (K and V) of the blocks in the places, over all rows."""
-        return self._block_bytes * sum(len(row) for row in self.placed)
+        return self._block_bytes * self._placed_total
 
     def allocated_bytes(self) -> int:
         return nbytes(self._k) + nbytes(self._v)

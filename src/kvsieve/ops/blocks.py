@@ -74,6 +74,10 @@ class TokenBuffer:
         a, b = self._start + start, self._start + stop
         return self._k[:, :, a:b], self._v[:, :, a:b]
 
+    def value_span(self, start: int, stop: int) -> torch.Tensor:
+        """The values alone of `span`."""
+        return self._v[:, :, self._start + start : self._start + stop]
+
     def score_span(self, start: int, stop: int) -> torch.Tensor:
         """``[B, H, stop - start]`` the scores of live tokens ``start .. stop - 1`` (a view: add in place)."""
         return self._s[:, :, self._start + start : self._start + stop]
@@ -225,15 +229,17 @@ class BlockMemory:
         selection: torch.Tensor,
         head: tuple[torch.Tensor, torch.Tensor] | None = None,
         tail: tuple[torch.Tensor, torch.Tensor] | None = None,
+        tail_first: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
         """Keys and values ``[B, H_kv, k * bs, D]`` of the selected blocks ``[B, k]``, and per row the block of each
         of the ``k`` places: the order of the keys (see `AttendedBuffer.gather`; `positions` gives theirs). With
-        ``head`` / ``tail``, the keys and values are ``[head ; blocks ; tail]``."""
+        ``head`` / ``tail``, the keys and values are ``[head ; blocks ; tail]``; ``tail_first``: the tail's first
+        logical position (`AttendedBuffer.gather` then writes only its new entries)."""
         chosen = selection.tolist()
         if self.cache is None:  # on the device already: block j in slot j
-            return self.buffer.gather(self.store.slots, chosen, chosen, head, tail)
+            return self.buffer.gather(self.store.slots, chosen, chosen, head, tail, tail_first)
         slots = self.cache.load(chosen, self.store, self.device)
-        return self.buffer.gather(self.cache.slots, slots, chosen, head, tail)
+        return self.buffer.gather(self.cache.slots, slots, chosen, head, tail, tail_first)
 
     def credit(self, selection: list[list[int]], mass: torch.Tensor) -> None:
         """The attention mass ``[B, k]`` the blocks of ``selection`` received (the device cache's ``"lru-s"``)."""
