@@ -24,12 +24,18 @@ def grouped_logits(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     b, h, w, d = query.shape
     n_kv = keys.shape[1]
     rows = query.reshape(b, n_kv, (h // n_kv) * w, d)
-    if w == 1 and keys.dtype in LOW_PRECISION and keys.device.type == "cpu" and not keys.is_contiguous():
+    return row_logits(rows, keys, one_query=w == 1).reshape(b, h, w, -1)
+
+
+def row_logits(rows: torch.Tensor, keys: torch.Tensor, one_query: bool) -> torch.Tensor:
+    """Each KV head's stacked query rows ``[B, H_kv, r, D]`` x its ``keys`` ``[B, H_kv, S, D]`` -> ``[B, H_kv, r,
+    S]`` (`grouped_logits` without its layout; ``one_query``: the rows are one query's heads)."""
+    if one_query and keys.dtype in LOW_PRECISION and keys.device.type == "cpu" and not keys.is_contiguous():
         # A decode step over a slice of a cache buffer: torch's CPU bf16 matmul is several times slower with that
         # strided slice as the transposed operand than as ``K @ Q^T`` (the same dot products; "grouped, slice" in
         # `benchmarks/bench_decode_attention.py`); the few rows are then laid out again (equal logits: tests).
-        return torch.matmul(keys, rows.transpose(-1, -2)).transpose(-1, -2).reshape(b, h, w, -1)
-    return torch.matmul(rows, keys.transpose(-1, -2)).view(b, h, w, -1)
+        return torch.matmul(keys, rows.transpose(-1, -2)).transpose(-1, -2)
+    return torch.matmul(rows, keys.transpose(-1, -2))
 
 
 def grouped_weighted_sum(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

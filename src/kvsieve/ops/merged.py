@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from kvsieve.ops.grouped import cast, grouped_logits, grouped_weighted_sum
+from kvsieve.ops.grouped import cast, grouped_logits, grouped_weighted_sum, row_logits
 
 _FUSED_CPU_DTYPES = (torch.float32, torch.bfloat16)
 _NEG = torch.finfo(torch.float32).min  # finite: a fully masked row never makes inf - inf
@@ -242,14 +242,18 @@ def _one_query(
     a peak, an exp and a normaliser per part, ops that at one query cost more than their arithmetic (timed as
     "window" by `benchmarks/bench_decode_attention.py`)."""
     parts = [*scored, *fused]
-    logits = []
+    b, h, _, d = scored[0].query.shape
+    n_kv = scored[0].keys.shape[1]
+    g = h // n_kv
+    logits = []  # kept in the grouped layout [B, H_kv, g, S] throughout: no view per part and op
     for part in parts:
-        part_logits = cast(grouped_logits(part.query, part.keys), torch.float32)
+        rows = part.query.reshape(b, n_kv, g, d)
+        part_logits = cast(row_logits(rows, part.keys, one_query=True), torch.float32)
         mask = None if part.band is None else part.band.visible(0, 1, 0, part.keys.shape[2], part.query.device)
         if mask is not None:
             part_logits.masked_fill_(~mask, _NEG)  # exp(_NEG - peak) is exactly 0
         logits.append(part_logits)
-    # scaled once on the joint row (one op, not one per part's query); [B, H, 1, S_total]
+    # scaled once on the joint row (one op, not one per part's query); [B, H_kv, g, S_total]
     probs = torch.cat(logits, dim=-1).mul_(scaling).softmax(dim=-1)
     pieces, start = [], 0
     for part in parts:  # slices: torch's split costs a Python wrapper on top
@@ -258,10 +262,11 @@ def _one_query(
         start = stop
     out = None
     for p, part in zip(pieces, parts):
-        term = cast(grouped_weighted_sum(cast(p, part.values.dtype), part.values), torch.float32)
+        term = cast(torch.matmul(cast(p, part.values.dtype), part.values), torch.float32)  # [B, H_kv, g, D]
         out = term if out is None else out.add_(term)
     kept = len(parts) if fused_sums else len(scored)
-    return cast(out, scored[0].values.dtype), [p.squeeze(-2) for p in pieces[:kept]]
+    out = cast(out, scored[0].values.dtype).view(b, h, 1, -1)
+    return out, [p.reshape(b, h, -1) for p in pieces[:kept]]
 
 
 def _shifted_exp(logits: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
