@@ -11,14 +11,20 @@ Two parts, so that the attention is not computed twice:
   shared prefill, must match the full cache). On a CPU it comes from the very flash kernel that sdpa dispatches to,
   called directly because it also returns each query's log-sum-exp ``lse_i``;
 * the column sums ``sum_i exp(q_i . k_j * scale - lse_i)`` then cost one ``Q K^T`` per tile of queries x keys: the
-  ``- lse_i`` is folded into the product as one more dimension (``[q_i * scale, -lse_i] . [k_j, 1]``), the
-  exponential is taken in place, only tiles on the diagonal are masked, and the tile is summed over its queries.
-  No softmax pass, no second ``P V``, never the ``q x S`` matrix: the peak extra memory is one tile.
-  With ``per_query_head=False`` (H2O's ``gqa_reduce`` mean or sum) a tile is summed over all ``g * block`` rows of
-  its KV head at once, one contiguous reduction;
-* in bfloat16/float16 the column sums follow H2O's release: the logits ``q . k`` are taken in the model's dtype
-  (a bfloat16 matmul), the scaling, ``- lse_i`` and the exponential in float32. ``lse_i`` is the flash kernel's
-  (float32 accumulation), so a row sums to one only up to the logits' bfloat16 rounding.
+  ``- lse_i`` is folded into the product as one more dimension and the scale is the matmul's alpha (``scale x
+  [q_i, -lse_i / scale] . [k_j, 1]``), the exponential is taken in place, only tiles on the diagonal are masked,
+  and the tile is summed over its queries. No softmax pass, no second ``P V``, never the ``q x S`` matrix: the
+  peak extra memory is one tile. With ``per_query_head=False`` (H2O's ``gqa_reduce`` mean or sum) a tile is
+  summed over all ``g * block`` rows of its KV head at once, one contiguous reduction;
+* in bfloat16/float16 the product is the model's dtype's matmul, as in H2O's release (whose logits ``q . k`` are
+  bfloat16), with ``- lse_i / scale`` as two dimensions (its high and low parts: a single one would be off by
+  ~0.04 in the exponent): the matmul accumulates ``q_i . k_j * scale - lse_i`` in float32 and rounds it once,
+  after the subtraction, where the release rounds the logit itself; the exponential is float32. A probability's
+  exponent is then off by ``|log p| x 2^-9`` instead of ``|logit| x 2^-9``: smaller exactly where a key draws
+  attention (the keys a 20% budget keeps: within 3e-3 of the exact sums, the release's rounding up to 1e-2;
+  tests), and two float32 passes over each tile fewer than scaling and subtracting after the matmul (8K tokens:
+  1.3x the flash kernel's time instead of 1.9x, docs/results/speed.md). ``lse_i`` is the flash kernel's (float32
+  accumulation).
 
 Elsewhere (no CPU flash kernel, dropout, soft-capping) the output comes from `attend` and the log-sum-exp from a
 tiled pass of its own (`causal_lse`).
@@ -32,7 +38,9 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from kvsieve.ops.attention import attend, chunk_mask
 from kvsieve.ops.grouped import LOW_PRECISION
 
-KEY_TILE = 512  # keys per tile of the column-sum pass on a CPU: a tile of g * block x 512 floats stays in cache
+# keys per tile of the column-sum pass on a CPU: a tile of g * block x 256 floats stays in cache (256 against 512:
+# 0.64x against 0.69x the flash kernel's time in float32, 1.27x against 1.43x in bfloat16, at 8K, 128 queries)
+KEY_TILE = 256
 # On an accelerator the loop's cost is its launches, not its cache misses (an H200 spent 30 s in ~260,000 CPU-sized
 # tiles of a 32K prefill, docs/results/gpu_decode.md): one key tile, queries blocked to about this many floats.
 ACCELERATOR_TILE_ELEMENTS = 2**28
@@ -118,38 +126,42 @@ def causal_column_sums(
     (float32), from each query's log-sum-exp ``lse`` ``[B, H, q]``; tiles of ``block`` queries x ``key_tile`` keys.
 
     ``per_query_head=False`` sums over each KV head's ``g`` query heads as well: ``[B, H_kv, S]`` (one contiguous
-    reduction over the tile's ``g * block`` rows instead of ``g`` reductions). A float32 tile folds ``-lse`` into
-    the product; a low-precision one takes ``Q K^T`` in the model's dtype, then scales, subtracts ``lse`` and
-    exponentiates in float32 (an ``lse`` folded into a bfloat16 dimension would be off by ~0.04 in the exponent).
+    reduction over the tile's ``g * block`` rows instead of ``g`` reductions). ``-lse`` is folded into the
+    product: ``scale x [q_i, -lse_i / scale] . [k_j, 1]``, the scale as the matmul's alpha, in float32; in a
+    low-precision dtype the matmul is the model's dtype's (one rounding, of the scaled sum) and ``-lse_i / scale``
+    two dimensions, its high and low parts (one would be off by ~0.04 in the exponent).
     """
     b, h, q = query.shape[:3]
     n_kv, s = keys.shape[1], keys.shape[2]
     g = h // n_kv
-    low_precision = query.dtype in LOW_PRECISION
-    if low_precision:  # logits in the model's dtype, softmax in float32 (H2O's release)
-        keys_t = keys.transpose(-1, -2).contiguous()  # [B, H_kv, D, S]
-        rows_all = query
-        neg_lse = -lse.unsqueeze(-1)  # [B, H, q, 1]
+    # the matmul's alpha scales q . k and the folded -lse / scale together, before its one rounding
+    neg_lse = lse.unsqueeze(-1) / -scaling  # [B, H, q, 1] float32
+    if query.dtype in LOW_PRECISION:
+        high = neg_lse.to(query.dtype)
+        folded = [high, (neg_lse - high.float()).to(query.dtype)]
+        dtype = query.dtype
     else:
-        ones = torch.ones(b, n_kv, s, 1, dtype=torch.float32, device=keys.device)
-        keys_t = torch.cat([keys.float(), ones], dim=-1).transpose(-1, -2)  # [B, H_kv, D + 1, S]
-        rows_all = torch.cat([query.float() * scaling, -lse.unsqueeze(-1)], dim=-1)  # [B, H, q, D + 1]
+        folded, dtype = [neg_lse], torch.float32
+    ones = torch.ones(b, n_kv, s, len(folded), dtype=dtype, device=keys.device)
+    keys_t = torch.cat([keys.to(dtype), ones], dim=-1).transpose(-1, -2)  # [B, H_kv, D + f, S]
+    if dtype != torch.float32:  # oneDNN's low-precision matmul reads the keys' tiles faster laid out [D + f, S]
+        keys_t = keys_t.contiguous()
+    rows_all = torch.cat([query.to(dtype), *folded], dim=-1)  # [B, H, q, D + f]
     width_d = rows_all.shape[-1]
+    unused = torch.zeros((), dtype=dtype, device=query.device)  # baddbmm's input, weighted by beta=0
     total = torch.zeros(b, n_kv, g if per_query_head else 1, s, dtype=torch.float32, device=query.device)
     future = torch.ones(block, block, dtype=torch.bool, device=query.device).triu_(1)
     for start in range(0, q, block):
         stop = min(q, start + block)
         n = stop - start
         diagonal = query_start + start  # keys from here on are the block's own tokens: a causal triangle
-        rows = rows_all[:, :, start:stop].reshape(b, n_kv, g * n, width_d)
-        if low_precision:
-            tile_neg_lse = neg_lse[:, :, start:stop].reshape(b, n_kv, g * n, 1)
+        rows = rows_all[:, :, start:stop].reshape(b * n_kv, g * n, width_d)
         for k0 in range(0, query_start + stop, key_tile):
             k1 = min(query_start + stop, k0 + key_tile)
-            logits = torch.matmul(rows, keys_t[..., k0:k1])  # [B, H_kv, g * n, k1 - k0]
-            if low_precision:  # in place on a float32 copy (a mixed-dtype add is 10x slower than the three passes)
-                logits = logits.float().mul_(scaling).add_(tile_neg_lse)
-            probs = logits.exp_()  # float32
+            tile = keys_t[..., k0:k1].reshape(b * n_kv, width_d, k1 - k0)  # a view
+            exponents = torch.baddbmm(unused, rows, tile, beta=0, alpha=scaling)  # [B * H_kv, g * n, k1 - k0]
+            probs = (exponents.float() if exponents.dtype != torch.float32 else exponents).exp_()
+            probs = probs.view(b, n_kv, g * n, k1 - k0)
             if k1 > diagonal:  # query r sees key diagonal + t iff t <= r (invisible ones may be inf: overwritten)
                 lo = max(k0, diagonal)
                 visible = probs.view(b, n_kv, g, n, k1 - k0)[..., lo - k0 :]
