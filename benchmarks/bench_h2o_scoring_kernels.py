@@ -17,6 +17,12 @@ output and column sums (divided by the length) from the adopted path's. The pref
 docs/results/speed.md): 1.10x at 8K needs ``ratio <= 1.18``.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_h2o_scoring_kernels.py --lengths 4096 8192 --repeats 3 --threads 1
+
+``--key-tiles T ...`` times the column sums alone at each key tile (the grid that set `KEY_TILE`); ``--heads`` and
+``--kv-heads`` set other attention shapes (Qwen2.5-0.5B: 14 and 2):
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_h2o_scoring_kernels.py --lengths 8192 --key-tiles 256 512 1024 \\
+        --dtype bfloat16 --heads 14 --kv-heads 2
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 
@@ -88,15 +95,46 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def tile_grid(args: argparse.Namespace) -> None:
+    """The column sums alone (``lse`` given, H2O's ``gqa_reduce="mean"`` call) at each key tile, against flash."""
+    torch.set_num_threads(args.threads)
+    dtype, scale = getattr(torch, args.dtype), HEAD_DIM**-0.5
+    print("| tokens | flash s | " + " | ".join(f"column sums / flash, {t}-key tiles" for t in args.key_tiles) + " |")
+    print("|---:|---:|" + "---:|" * len(args.key_tiles))
+    for n in args.lengths:
+        gen = torch.Generator().manual_seed(n)
+        q, k, v = (
+            torch.randn(1, heads, n, HEAD_DIM, generator=gen).to(dtype)
+            for heads in (args.heads, args.kv_heads, args.kv_heads)
+        )
+        flash = median_seconds(partial(_flash_for_cpu, q, k, v, 0.0, True, scale=scale), args.repeats)
+        lse = _flash_for_cpu(q, k, v, 0.0, True, scale=scale)[1]
+        ratios = [
+            median_seconds(partial(causal_column_sums, q, k, scale, lse, 0, 128, False, t), args.repeats) / flash
+            for t in args.key_tiles
+        ]
+        print(f"| {n:,} | {flash:.3f} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192], help="prompt tokens")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per variant (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="tensor dtype")
+    parser.add_argument(
+        "--key-tiles", type=int, nargs="+", default=None, help="time only the column sums at these key tiles instead"
+    )
+    parser.add_argument("--heads", type=int, default=HEADS, help="query heads (Qwen2.5-0.5B: 14)")
+    parser.add_argument("--kv-heads", type=int, default=KV_HEADS, help="KV heads (Qwen2.5-0.5B: 2)")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or min(args.lengths) < 1:
-        parser.error("--repeats and --lengths must be >= 1")
+    if args.repeats < 1 or min(args.lengths) < 1 or min(args.key_tiles or [1]) < 1:
+        parser.error("--repeats, --lengths and --key-tiles must be >= 1")
+    if args.heads < 1 or args.kv_heads < 1 or args.heads % args.kv_heads:
+        parser.error("--heads must be a positive multiple of --kv-heads")
+    if args.key_tiles:
+        tile_grid(args)
+        return
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     scale = HEAD_DIM**-0.5

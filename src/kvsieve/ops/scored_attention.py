@@ -22,9 +22,9 @@ Two parts, so that the attention is not computed twice:
   after the subtraction, where the release rounds the logit itself; the exponential is float32. A probability's
   exponent is then off by ``|log p| x 2^-9`` instead of ``|logit| x 2^-9``: smaller exactly where a key draws
   attention (the keys a 20% budget keeps: within 3e-3 of the exact sums, the release's rounding up to 1e-2;
-  tests), and two float32 passes over each tile fewer than scaling and subtracting after the matmul (8K tokens:
-  1.3x the flash kernel's time instead of 1.9x, docs/results/speed.md). ``lse_i`` is the flash kernel's (float32
-  accumulation).
+  tests), and two float32 passes over each tile fewer than scaling and subtracting after the matmul (the default
+  model's shapes: 1.45x the flash kernel's time instead of 1.82x, `benchmarks/bench_h2o_prefill.py`). ``lse_i`` is
+  the flash kernel's (float32 accumulation).
 
 Elsewhere (no CPU flash kernel, dropout, soft-capping) the output comes from `attend` and the log-sum-exp from a
 tiled pass of its own (`causal_lse`).
@@ -38,8 +38,9 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from kvsieve.ops.attention import attend, chunk_mask
 from kvsieve.ops.grouped import LOW_PRECISION
 
-# keys per tile of the column-sum pass on a CPU: a tile of g * block x 256 floats stays in cache (256 against 512:
-# 0.64x against 0.69x the flash kernel's time in float32, 1.27x against 1.43x in bfloat16, at 8K, 128 queries)
+# keys per tile of the column-sum pass on a CPU: a tile of g * block x 256 floats stays in cache. The in-model H2O
+# prefill was measured with it; 256 against 512 at op level is not settled on these shared machines
+# (`benchmarks/bench_h2o_scoring_kernels.py --key-tiles`, docs/results/speed.md)
 KEY_TILE = 256
 # On an accelerator the loop's cost is its launches, not its cache misses (an H200 spent 30 s in ~260,000 CPU-sized
 # tiles of a 32K prefill, docs/results/gpu_decode.md): one key tile, queries blocked to about this many floats.
@@ -160,8 +161,7 @@ def causal_column_sums(
             k1 = min(query_start + stop, k0 + key_tile)
             tile = keys_t[..., k0:k1].reshape(b * n_kv, width_d, k1 - k0)  # a view
             exponents = torch.baddbmm(unused, rows, tile, beta=0, alpha=scaling)  # [B * H_kv, g * n, k1 - k0]
-            probs = (exponents.float() if exponents.dtype != torch.float32 else exponents).exp_()
-            probs = probs.view(b, n_kv, g * n, k1 - k0)
+            probs = exponents.float().exp_().view(b, n_kv, g * n, k1 - k0)  # .float(): itself when float32
             if k1 > diagonal:  # query r sees key diagonal + t iff t <= r (invisible ones may be inf: overwritten)
                 lo = max(k0, diagonal)
                 visible = probs.view(b, n_kv, g, n, k1 - k0)[..., lo - k0 :]
