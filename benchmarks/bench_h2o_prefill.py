@@ -13,6 +13,11 @@ overhead is ``1 + attention_share * colsum_over_attention`` (plus H2O's selectio
 
     python benchmarks/bench_h2o_prefill.py --lengths 4096 8192 --repeats 5 --threads 1 --out h2o_prefill.json
     python benchmarks/bench_h2o_prefill.py --dtype bfloat16 --model PATH_OR_NAME --lengths 16384
+    python benchmarks/bench_h2o_prefill.py --key-tiles 256 512 --lengths 4096 8192 --threads 1
+
+``--key-tiles T ...`` times H2O at each key tile of the column-sum pass (`kvsieve.ops.scored_attention.KEY_TILE`)
+in the same alternation, each paired with the full cache's prefill of its repetition: the in-model comparison of
+tiles; the row's ``h2o_s`` and ratios are the first tile's.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import kvsieve
 from kvsieve.cache import SieveCache
 from kvsieve.driver import cache_kwargs
 from kvsieve.methods.base import Phase
+from kvsieve.ops import scored_attention
 from kvsieve.ops.scored_attention import causal_column_sums
 
 
@@ -41,8 +47,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the model's dtype")
     parser.add_argument("--model", default=None, help="model name or path (default: kvsieve's default model)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--key-tiles",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="T",
+        help="keys per tile of H2O's column sums, each timed (default: KEY_TILE)",
+    )
     parser.add_argument("--out", default=None, metavar="FILE", help="write the measurements to this file (JSON)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.key_tiles and min(args.key_tiles) < 1:
+        parser.error(f"--key-tiles: each tile must be a positive number of keys, got {args.key_tiles}")
+    return args
 
 
 def prompt_ids(n: int, vocab: int, seed: int = 0) -> torch.Tensor:
@@ -82,30 +99,47 @@ def time_ops(model, n: int, repeats: int) -> tuple[float, float]:
     return statistics.median(attention_s), statistics.median(sums_s)
 
 
+def time_h2o(model, ids: torch.Tensor, h2o: kvsieve.Method, key_tile: int) -> float:
+    """H2O's prefill with ``key_tile`` keys per tile of its column sums (the module's tile, restored after)."""
+    default = scored_attention.KEY_TILE
+    scored_attention.KEY_TILE = key_tile
+    try:
+        return time_prefill(model, ids, h2o)
+    finally:
+        scored_attention.KEY_TILE = default
+
+
+def paired(h2o_s: list[float], full_s: list[float]) -> dict:
+    ratios = [h / f for h, f in zip(h2o_s, full_s)]
+    return dict(h2o_s=h2o_s, h2o_median_s=statistics.median(h2o_s), ratios=ratios, ratio_min=min(ratios),
+                ratio_median=statistics.median(ratios), ratio_max=max(ratios))  # fmt: skip
+
+
 def run(model, args: argparse.Namespace) -> list[dict]:
     """One row per length: the full cache's and H2O's prefill seconds and their pairwise ratios."""
     full = kvsieve.method("full")
     budget = int(args.budget) if args.budget > 1 else args.budget
     h2o = kvsieve.method("h2o", budget=budget)
+    tiles = args.key_tiles or [scored_attention.KEY_TILE]
     vocab = model.get_input_embeddings().weight.shape[0]
     rows = []
     for n in args.lengths:
         ids = prompt_ids(n, vocab)
         time_prefill(model, ids[:, : min(n, 256)], h2o)  # warm-up
-        full_s, h2o_s = [], []
+        full_s, by_tile = [], {t: [] for t in tiles}
         for rep in range(args.repeats):
-            pair = [(full, full_s), (h2o, h2o_s)]
-            for method, times in pair if rep % 2 == 0 else pair[::-1]:  # alternate who goes first
-                times.append(time_prefill(model, ids, method))
-        ratios = [h / f for h, f in zip(h2o_s, full_s)]
+            runs = [(None, full_s)] + [(t, by_tile[t]) for t in tiles]
+            for tile, times in runs if rep % 2 == 0 else runs[::-1]:  # alternate who goes first
+                times.append(time_prefill(model, ids, full) if tile is None else time_h2o(model, ids, h2o, tile))
+        per_tile = {str(t): paired(by_tile[t], full_s) for t in tiles}
         attention_s, sums_s = time_ops(model, n, args.repeats)
         share = attention_s * model.config.num_hidden_layers / statistics.median(full_s)
         rows.append(
-            dict(tokens=n, budget=budget, full_s=full_s, h2o_s=h2o_s, ratios=ratios,
-                 ratio_min=min(ratios), ratio_median=statistics.median(ratios), ratio_max=max(ratios),
-                 full_median_s=statistics.median(full_s), h2o_median_s=statistics.median(h2o_s),
-                 layer_attention_s=attention_s, layer_column_sums_s=sums_s, attention_share=share,
-                 colsum_over_attention=sums_s / attention_s, expected_ratio=1 + share * sums_s / attention_s)
+            dict(tokens=n, budget=budget, full_s=full_s, **per_tile[str(tiles[0])],
+                 full_median_s=statistics.median(full_s), layer_attention_s=attention_s,
+                 layer_column_sums_s=sums_s, attention_share=share,
+                 colsum_over_attention=sums_s / attention_s, expected_ratio=1 + share * sums_s / attention_s,
+                 key_tiles=per_tile)
         )  # fmt: skip
     return rows
 
@@ -122,6 +156,17 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def tile_table(rows: list[dict]) -> str:
+    """H2O / full (min, median, max) per key tile, one line per length."""
+    tiles = list(rows[0]["key_tiles"])
+    lines = [f"{'tokens':>6} " + " ".join(f"{'tile ' + t + ' min/med/max':>24}" for t in tiles)]
+    for r in rows:
+        cells = [r["key_tiles"][t] for t in tiles]
+        lines.append(f"{r['tokens']:>6} " + " ".join(
+            f"{c['ratio_min']:>8.3f}{c['ratio_median']:>8.3f}{c['ratio_max']:>8.3f}" for c in cells))  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
@@ -132,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     name = model.config.name_or_path
     print(f"H2O prefill against the full cache, {name} {args.dtype}, {machine}, {args.repeats} repetitions (paired)")
     print(table(rows))
+    if len(rows[0]["key_tiles"]) > 1:
+        print(tile_table(rows))
     if args.out:
         with open(args.out, "w") as f:
             record = {"machine": machine, "model": name, "dtype": args.dtype, "repeats": args.repeats, "rows": rows}

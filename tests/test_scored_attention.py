@@ -281,6 +281,29 @@ def test_bench_h2o_prefill_runs_at_a_toy_size():
     assert "40" in bench.table(rows)
 
 
+def test_bench_h2o_prefill_times_each_key_tile_against_the_same_full_runs(monkeypatch):
+    from helpers import load_benchmark
+
+    bench = load_benchmark("bench_h2o_prefill")
+    seen: list[int] = []
+    real = bench.time_prefill
+
+    def spy(model, ids, method):
+        seen.append(sa.KEY_TILE if method.name == "h2o" else 0)
+        return real(model, ids, method)
+
+    monkeypatch.setattr(bench, "time_prefill", spy)
+    args = bench.parse_args(["--lengths", "40", "--repeats", "2", "--budget", "10", "--key-tiles", "8", "16"])
+    (row,) = bench.run(tiny_model("llama"), args)
+    assert sorted(seen[1:]) == [0, 0, 8, 8, 16, 16] and sa.KEY_TILE == 256  # after the warm-up; restored
+    assert list(row["key_tiles"]) == ["8", "16"] and row["h2o_s"] == row["key_tiles"]["8"]["h2o_s"]
+    for cell in row["key_tiles"].values():
+        assert cell["ratios"] == [h / f for h, f in zip(cell["h2o_s"], row["full_s"])]
+    assert "tile 16" in bench.tile_table([row])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--key-tiles", "0"])
+
+
 def test_bench_h2o_scoring_kernels_runs_at_a_toy_size(capsys):
     from helpers import load_benchmark
 
