@@ -165,3 +165,34 @@ def test_copies_are_independent(model):
         after = [layer.policy.store.keys for layer in base.sieve_layers]
         assert all(torch.equal(a, b) for a, b in zip(before, after))
         assert all(layer.seen == N_CONTEXT for layer in base.sieve_layers)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 64])
+def test_the_attention_runs_once_per_chunk_however_many_h2o_budgets_share_it(monkeypatch, chunk_size):
+    """Two H2O budgets and SnapKV: each layer's attention over each prompt chunk is computed once, by the full
+    cache, and both H2O caches score from its log-sum-exp (their hooks no longer attend on their own)."""
+    import kvsieve.ops.attention as attention_ops
+    import kvsieve.ops.scored_attention as scored_ops
+
+    model = tiny_model("llama")
+    calls = {"prefill": 0}
+    sdpa, flash = attention_ops.sdpa_attention_forward, scored_ops._flash_for_cpu
+
+    def counted(real):
+        def run(*args, **kwargs):
+            calls["prefill"] += args[1].shape[2] > 1  # a prompt chunk's queries, not a decode step's one
+            return real(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(attention_ops, "sdpa_attention_forward", counted(sdpa))
+    monkeypatch.setattr(scored_ops, "_flash_for_cpu", counted(flash))
+    methods = build([("h2o", {"budget": 50}), ("h2o", {"budget": 0.5, "recent_ratio": 0.25}), EARLY[0]])
+    with torch.inference_mode():
+        result = shared_prefill(model, methods, random_ids(N_CONTEXT), chunk_size=chunk_size)
+    n_chunks = 1 if chunk_size is None else -(-N_CONTEXT // chunk_size)
+    assert calls["prefill"] == len(result.full.sieve_layers) * n_chunks
+    with torch.inference_mode():  # H2O alone: its observe attends, its attend returns that output
+        calls["prefill"] = 0
+        Driver(model, SieveCache(model, methods[0])).prefill(random_ids(N_CONTEXT), chunk_size)
+    assert calls["prefill"] == len(result.full.sieve_layers) * n_chunks

@@ -8,7 +8,10 @@ serve all of them: `shared_prefill` runs the prompt through a full cache whose l
 * Every prompt chunk's keys and values are stored once, in the full cache's store. Before each chunk's attention,
   every participant's policy ``observe``-s the same call through its own store, which mirrors the full store
   (`KVStore.mirror`): no copy of the keys, but private auxiliary tensors (H2O's accumulated scores), so methods
-  and budgets never see each other's state.
+  and budgets never see each other's state. Where a participant's ``observe`` reads the attention's log-sum-exp
+  (``LayerPolicy.observes_lse``: H2O), the full cache computes its attention with it before they observe
+  (`attention_with_lse`, `attend`'s output bit for bit) and hands both to each of them: the attention runs once
+  per chunk however many H2O budgets ride along, and their hooks' time is their column sums alone.
 * After the attention over the chunk that completes the prompt (``PREFILL_LAST``), layer by layer, each
   participant's store takes a private copy of that layer's entries (`KVStore.adopt`) and the policy runs its own
   ``compress`` on it. Peak memory is the full cache plus one layer's copy per participant, plus what the
@@ -33,6 +36,7 @@ from kvsieve.cache import SieveCache, SieveLayer
 from kvsieve.driver import Driver
 from kvsieve.methods.base import LayerPolicy, Method, Phase, PromptLayout
 from kvsieve.methods.base import method as make_method
+from kvsieve.ops.scored_attention import attention_with_lse
 
 __all__ = ["SharedPrefill", "check_shareable", "copy_cache", "shared_prefill", "shares_prefill"]
 
@@ -90,13 +94,19 @@ class _FanOutLayer(SieveLayer):
         if self._phase is Phase.DECODE or not self.participants:
             return super().attend_call(call, row)
         module, query, scaling, kwargs = call.module, call.query, call.scaling, call.kwargs
+        if any(target.policy.observes_lse for _, target in self._targets()):  # the attention once, for all of them
+            call.output, call.lse = attention_with_lse(
+                module, query, call.keys, call.values, scaling, call.first_position, **kwargs
+            )
         for participant, target in self._targets():
             start = time.perf_counter()
             target.follow(self._phase, call.first_position, call.seen)
             target.layout = self.layout
             store = target.policy.store
             store.mirror(self.policy.store)
-            target.policy.observe(target.call(module, query, store.keys, store.values, scaling, kwargs))
+            observed = target.call(module, query, store.keys, store.values, scaling, kwargs)
+            observed.output, observed.lse = call.output, call.lse
+            target.policy.observe(observed)
             participant.seconds += time.perf_counter() - start
         out = super().attend_call(call, row)
         if self._phase is Phase.PREFILL_LAST:

@@ -104,6 +104,8 @@ class AttentionCall:
     kwargs: dict[str, Any]
     record: Callable[..., None]  # the positions ``[B, H_kv, S]`` this call attended (`LayerMeter.record`)
     layout: PromptLayout = PromptLayout()  # the prompt's parts (``SieveCache.layout``)
+    output: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
 
     @property
     def n_new(self) -> int:
@@ -118,6 +120,9 @@ class AttentionCall:
 class LayerPolicy:
     """Per-layer state of a method. The default stores everything and attends to everything (the full cache)."""
 
+    # ``observe`` reads ``call.lse`` (and sets it when absent): a shared prefill computes it with the attention
+    observes_lse = False
+
     def __init__(self, method: Method, info: LayerInfo, reserve: int = 64) -> None:
         self.method = method
         self.info = info
@@ -131,6 +136,8 @@ class LayerPolicy:
 
     def attend(self, call: AttentionCall) -> torch.Tensor:
         call.record(self.store.positions)
+        if call.output is not None:
+            return call.output
         return attend(call.module, call.query, call.keys, call.values, call.scaling, **call.kwargs)
 
     def observe(self, call: AttentionCall) -> None:

@@ -31,7 +31,6 @@ from kvsieve.methods.base import (
     resolve_budget,
 )
 from kvsieve.methods.schedules import PYRAMID_BETA, LayerSchedule, Pyramid, check_schedule, layer_entries, uniform
-from kvsieve.ops.attention import attend
 from kvsieve.ops.scoring import top_indices
 
 # Priorities (float64) of protected entries (sinks, recent window) sit above any attention score (<= the number
@@ -81,8 +80,7 @@ class PriorityEvictionPolicy(LayerPolicy):
         self.evict_to_budget(call)
 
     def attend(self, call: AttentionCall) -> torch.Tensor:
-        call.record(self.store.positions)
-        out = attend(call.module, call.query, call.keys, call.values, call.scaling, **call.kwargs)
+        out = super().attend(call)
         if self.method.rolling and call.phase is Phase.DECODE:
             self.after_decode_attention(call)
             self.evict_to_budget(call)

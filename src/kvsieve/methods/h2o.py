@@ -22,18 +22,18 @@ import torch
 
 from kvsieve.methods.base import AttentionCall, check_choice, check_float, check_int, param, register
 from kvsieve.methods.eviction import PROTECTED, ROLLING_HELP, EvictionMethod, PriorityEvictionPolicy
-from kvsieve.ops.scored_attention import scored_attention
+from kvsieve.ops.scored_attention import attention_with_lse, prefix_column_sums
 from kvsieve.ops.scoring import attention_column_sums, attention_probs, reduce_gqa
 
 SCORE = "h2o_score"
 
 
 class H2OPolicy(PriorityEvictionPolicy):
+    observes_lse = True
+
     def __init__(self, method, info, reserve=64):
         super().__init__(method, info, reserve)
         self.store.add_aux(SCORE)
-        # (call, output) of the prefill attention that `observe` computed with the scores, for `attend` to return
-        self._prefill_output: tuple[AttentionCall, torch.Tensor] | None = None
 
     def _accumulate(self, probs_sum: torch.Tensor) -> None:
         """Add per-query-head attention mass ``[B, H, S]`` to the stored entries' scores."""
@@ -47,19 +47,16 @@ class H2OPolicy(PriorityEvictionPolicy):
     def observe(self, call: AttentionCall) -> None:
         store = self.store
         if store.length == call.seen:  # nothing evicted yet: the entries are the prefix in order
+            block = self.method.score_block
+            if call.lse is None:  # `attend` returns this output (a shared prefill brings its own)
+                call.output, call.lse = attention_with_lse(
+                    call.module, call.query, call.keys, call.values, call.scaling, call.first_position, block,
+                    **call.kwargs,
+                )  # fmt: skip
             per_query_head = self.method.gqa_reduce == "max"  # mean and sum: the op sums each group itself
-            out, sums = scored_attention(
-                call.module,
-                call.query,
-                call.keys,
-                call.values,
-                call.scaling,
-                call.first_position,
-                self.method.score_block,
-                per_query_head,
-                **call.kwargs,
+            sums = prefix_column_sums(
+                call.query, call.keys, call.scaling, call.lse, call.first_position, block, per_query_head
             )
-            self._prefill_output = (call, out)  # a shared prefill attends on its own: dropped at the next call
             if not per_query_head:
                 self._accumulate_group_sums(sums)
                 return
@@ -68,17 +65,6 @@ class H2OPolicy(PriorityEvictionPolicy):
                 call.query, store.keys, call.scaling, call.first_position, self.method.score_block, store.positions
             )
         self._accumulate(sums)
-
-    def attend(self, call: AttentionCall) -> torch.Tensor:
-        computed, self._prefill_output = self._prefill_output, None
-        if computed is not None and computed[0] is call:
-            call.record(self.store.positions)
-            return computed[1]
-        return super().attend(call)
-
-    def compress(self, call: AttentionCall) -> None:
-        self._prefill_output = None
-        super().compress(call)
 
     def after_decode_attention(self, call: AttentionCall) -> None:
         if call.n_new == 1:  # the newest token sees every stored entry: no mask

@@ -173,6 +173,46 @@ def causal_column_sums(
     return total.view(b, -1, s)
 
 
+def attention_with_lse(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scaling: float | None,
+    query_start: int,
+    block: int = 128,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attend`'s output ``[B, q, H, D]`` (bit for bit) for ``query`` ``[B, H, q, D]`` over the prefix
+    ``keys``/``values`` ``[B, H_kv, S, D]`` (``S = query_start + q``), and each query's log-sum-exp ``[B, H, q]``
+    (float32): the flash kernel's where it is `attend`'s, else a tiled pass (`causal_lse`, blocks of `tiling`)."""
+    q, s = query.shape[2], keys.shape[2]
+    if query_start + q != s:
+        raise ValueError(f"scored_attention: {q} queries from token {query_start} need {query_start + q} keys, got {s}")
+    if _flash_applies(module, query, kwargs):
+        return _flash_with_lse(query, keys, values, scaling)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    lse = causal_lse(query, keys, scale, query_start, tiling(query, s, block)[0])
+    return attend(module, query, keys, values, scaling, **kwargs), lse
+
+
+def prefix_column_sums(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    scaling: float | None,
+    lse: torch.Tensor,
+    query_start: int,
+    block: int = 128,
+    per_query_head: bool = True,
+) -> torch.Tensor:
+    """Each key's attention summed over the queries, ``[B, H, S]`` (float32; ``[B, H_kv, S]`` summed over each KV
+    head's query heads too if not ``per_query_head``), from the log-sum-exp ``lse`` of `attention_with_lse`:
+    `causal_column_sums` at the device's tiling (`tiling`) and the model's default scale."""
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    block, key_tile = tiling(query, keys.shape[2], block)
+    return causal_column_sums(query, keys, scale, lse, query_start, block, per_query_head, key_tile)
+
+
 def scored_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -184,18 +224,6 @@ def scored_attention(
     per_query_head: bool = True,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`attend`'s output ``[B, q, H, D]`` for ``query`` ``[B, H, q, D]`` over the prefix ``keys``/``values``
-    ``[B, H_kv, S, D]`` (``S = query_start + q``), and each key's attention summed over the queries ``[B, H, S]``
-    (float32; ``[B, H_kv, S]`` summed over each KV head's query heads too if not ``per_query_head``), ``block``
-    queries at a time."""
-    q, s = query.shape[2], keys.shape[2]
-    if query_start + q != s:
-        raise ValueError(f"scored_attention: {q} queries from token {query_start} need {query_start + q} keys, got {s}")
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    block, key_tile = tiling(query, s, block)
-    if _flash_applies(module, query, kwargs):
-        out, lse = _flash_with_lse(query, keys, values, scaling)
-    else:
-        out = attend(module, query, keys, values, scaling, **kwargs)
-        lse = causal_lse(query, keys, scale, query_start, block)
-    return out, causal_column_sums(query, keys, scale, lse, query_start, block, per_query_head, key_tile)
+    """`attention_with_lse`'s output and `prefix_column_sums`' sums, ``block`` queries at a time."""
+    out, lse = attention_with_lse(module, query, keys, values, scaling, query_start, block, **kwargs)
+    return out, prefix_column_sums(query, keys, scaling, lse, query_start, block, per_query_head)
