@@ -18,8 +18,9 @@ docs/results/speed.md): 1.10x at 8K needs ``ratio <= 1.18``.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_h2o_scoring_kernels.py --lengths 4096 8192 --repeats 3 --threads 1
 
-``--key-tiles T ...`` times the column sums alone at each key tile (the grid that set `KEY_TILE`); ``--heads`` and
-``--kv-heads`` set other attention shapes (Qwen2.5-0.5B: 14 and 2):
+``--one-pass-blocks B ...`` times the one pass at each block of queries (128 by default; smaller blocks keep a
+block's rows over all keys in a smaller cache). ``--key-tiles T ...`` times the column sums alone at each key
+tile (the grid that set `KEY_TILE`); ``--heads`` and ``--kv-heads`` set other attention shapes (Qwen2.5-0.5B: 14 and 2):
 
     OMP_NUM_THREADS=1 python benchmarks/bench_h2o_scoring_kernels.py --lengths 8192 --key-tiles 256 512 1024 \\
         --dtype bfloat16 --heads 14 --kv-heads 2
@@ -72,8 +73,9 @@ def reversed_flash(q, k, lse, scale):
     return swapped.flip(-1).exp()
 
 
-def variants(q, k, v, scale):
-    """The four computations timed, as callables: flash, flash + column sums, one pass, reversed flash."""
+def variants(q, k, v, scale, blocks=(128,)):
+    """The computations timed, as callables: flash, flash + column sums, one pass per query block in ``blocks``,
+    reversed flash."""
 
     def flash():
         return _flash_for_cpu(q, k, v, 0.0, True, scale=scale)
@@ -81,7 +83,7 @@ def variants(q, k, v, scale):
     return (
         flash,
         lambda: causal_column_sums(q, k, scale, flash()[1], 0, 128, per_query_head=False),
-        lambda: one_pass(q, k, v, scale),
+        *(partial(one_pass, q, k, v, scale, block) for block in blocks),
         lambda: reversed_flash(q, k, flash()[1], scale),
     )
 
@@ -127,9 +129,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--heads", type=int, default=HEADS, help="query heads (Qwen2.5-0.5B: 14)")
     parser.add_argument("--kv-heads", type=int, default=KV_HEADS, help="KV heads (Qwen2.5-0.5B: 2)")
+    parser.add_argument(
+        "--one-pass-blocks", type=int, nargs="+", default=[128], metavar="B", help="queries per block of one pass"
+    )
     args = parser.parse_args(argv)
-    if args.repeats < 1 or min(args.lengths) < 1 or min(args.key_tiles or [1]) < 1:
-        parser.error("--repeats, --lengths and --key-tiles must be >= 1")
+    if args.repeats < 1 or min(args.lengths) < 1 or min(args.key_tiles or [1]) < 1 or min(args.one_pass_blocks) < 1:
+        parser.error("--repeats, --lengths, --key-tiles and --one-pass-blocks must be >= 1")
     if args.heads < 1 or args.kv_heads < 1 or args.heads % args.kv_heads:
         parser.error("--heads must be a positive multiple of --kv-heads")
     if args.key_tiles:
@@ -138,24 +143,27 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     scale = HEAD_DIM**-0.5
-    print("| tokens | flash s | flash + column sums | one pass | reversed flash | max diff: one pass, reversed |")
-    print("|---:|---:|---:|---:|---:|---|")
+    blocks = args.one_pass_blocks
+    passes = " | ".join(f"one pass, {block} queries" for block in blocks)
+    print(f"| tokens | flash s | flash + column sums | {passes} | reversed flash | max diff: one pass, reversed |")
+    print("|---:|---:|---:|" + "---:|" * len(blocks) + "---:|---|")
     for n in args.lengths:
         gen = torch.Generator().manual_seed(n)
-        q, k, v = (torch.randn(1, heads, n, HEAD_DIM, generator=gen).to(dtype) for heads in (HEADS, KV_HEADS, KV_HEADS))
+        q, k, v = (
+            torch.randn(1, heads, n, HEAD_DIM, generator=gen).to(dtype)
+            for heads in (args.heads, args.kv_heads, args.kv_heads)
+        )
         out, lse = _flash_for_cpu(q, k, v, 0.0, True, scale=scale)
         sums = causal_column_sums(q, k, scale, lse, 0, 128, per_query_head=True)  # [B, H, n]
-        fused_out, fused_sums = one_pass(q, k, v, scale)
+        fused_out, fused_sums = one_pass(q, k, v, scale, blocks[0])
         diff_pass = max(
             (fused_out.float() - out.float()).abs().max().item(),
-            (fused_sums - sums.view(1, KV_HEADS, -1, n).sum(2)).abs().max().item() / n,
+            (fused_sums - sums.view(1, args.kv_heads, -1, n).sum(2)).abs().max().item() / n,
         )
         diff_reversed = (reversed_flash(q, k, lse, scale) - sums).abs().max().item() / n
-        flash, adopted, fused, swapped = (median_seconds(fn, args.repeats) for fn in variants(q, k, v, scale))
-        print(
-            f"| {n:,} | {flash:.3f} | {adopted:.3f} ({adopted / flash:.2f}x) | {fused:.3f} ({fused / flash:.2f}x) | "
-            f"{swapped:.3f} ({swapped / flash:.2f}x) | {diff_pass:.1e}, {diff_reversed:.1e} |"
-        )
+        flash, adopted, *fused, swapped = (median_seconds(fn, args.repeats) for fn in variants(q, k, v, scale, blocks))
+        cells = [f"{t:.3f} ({t / flash:.2f}x)" for t in (adopted, *fused, swapped)]
+        print(f"| {n:,} | {flash:.3f} | " + " | ".join(cells) + f" | {diff_pass:.1e}, {diff_reversed:.1e} |")
 
 
 if __name__ == "__main__":

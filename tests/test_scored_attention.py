@@ -311,6 +311,12 @@ def test_bench_h2o_scoring_kernels_runs_at_a_toy_size(capsys):
     bench.main(["--lengths", "40", "--repeats", "1"])
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 40 |")]
     assert len(row) == 1
+    # one pass at two query blocks, on other head counts: a column each, the output and sums the adopted path's
+    bench.main(["--lengths", "40", "--repeats", "1", "--one-pass-blocks", "8", "16", "--heads", "4", "--kv-heads", "2"])
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 40 |")]
+    cells = row[0].strip("| ").split(" | ")
+    assert len(cells) == 7  # tokens, flash s, column sums, two one passes, reversed flash, the differences
+    assert all(float(diff) < 1e-4 for diff in cells[-1].split(", "))
 
 
 def test_bench_h2o_scoring_kernels_tile_grid_gives_a_ratio_per_tile(capsys):

@@ -38,9 +38,8 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from kvsieve.ops.attention import attend, chunk_mask
 from kvsieve.ops.grouped import LOW_PRECISION
 
-# keys per tile of the column-sum pass on a CPU: a tile of g * block x 256 floats stays in cache. The in-model H2O
-# prefill was measured with it; 256 against 512 at op level is not settled on these shared machines
-# (`benchmarks/bench_h2o_scoring_kernels.py --key-tiles`, docs/results/speed.md)
+# keys per tile of the column-sum pass on a CPU: a tile of g * block x 256 floats stays in cache. In the model 256
+# is even with 512 or ahead of it, fp32 and bf16 (`benchmarks/bench_h2o_prefill.py --key-tiles`, docs/results/speed.md)
 KEY_TILE = 256
 # On an accelerator the loop's cost is its launches, not its cache misses (an H200 spent 30 s in ~260,000 CPU-sized
 # tiles of a 32K prefill, docs/results/gpu_decode.md): one key tile, queries blocked to about this many floats.
