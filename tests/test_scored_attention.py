@@ -52,8 +52,9 @@ def _plain_column_sums(query, keys, scaling, query_start):
 CASES = [(40, 0), (13, 37), (1, 49), (300, 0)]  # (queries, past keys)
 
 
-# bfloat16 against the float64 softmax: the logits are rounded to bfloat16 (H2O's release), ~0.02 at |logit| ~ 10
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+# against the float64 softmax of the same inputs: bfloat16 on a CPU never rounds `logit - lse` (`swapped_column_sums`:
+# 1e-4 seen, the flash kernel's exponentials); float16's tiles round it once to float16 (2e-3 seen)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-4), (torch.float16, 1e-2)])
 @pytest.mark.parametrize("n_query, n_past", CASES)
 @pytest.mark.parametrize("flash", [True, False], ids=["flash", "fallback"])
 def test_output_is_attend_and_column_sums_are_the_plain_ones(monkeypatch, dtype, tol, n_query, n_past, flash):
@@ -104,41 +105,44 @@ def _max_relative_error(sums, reference):
 
 @pytest.mark.parametrize("n_query, n_past", CASES)
 @pytest.mark.parametrize("flash", [True, False], ids=["flash", "fallback"])
-def test_bfloat16_column_sums_round_once_after_the_log_sum_exp(monkeypatch, n_query, n_past, flash):
-    """bfloat16: ``- lse / scale`` is folded into the bfloat16 matmul (high and low parts) and the scale is its
-    alpha, so ``logit - lse`` is rounded once: the sums are that recipe's done plainly with the same ``lse`` (2e-3
-    relative, 7e-4 seen: float32 against float64 accumulation moves a few exponents by one bfloat16 step, where
-    rounding the logit instead is ~1.5e-2 away; the exact sums:
-    `test_output_is_attend_and_column_sums_are_the_plain_ones`)."""
+def test_bfloat16_tiles_round_once_after_the_log_sum_exp(monkeypatch, n_query, n_past, flash):
+    """The tiled pass in bfloat16 (off the CPU; float16 on it): ``- lse / scale`` is folded into the bfloat16 matmul
+    (high and low parts) and the scale is its alpha, so ``logit - lse`` is rounded once: the sums are that recipe's
+    done plainly with the same ``lse`` (2e-3 relative, 7e-4 seen: float32 against float64 accumulation moves a few
+    exponents by one bfloat16 step, where rounding the logit instead is ~1.5e-2 away)."""
     if not flash:
         monkeypatch.setattr(sa, "_flash_applies", lambda *args: False)
     torch.manual_seed(n_query)
     s, module = n_query + n_past, _Module(3)
     query = torch.randn(2, 6, n_query, 16, dtype=torch.bfloat16) * 2
     keys, values = torch.randn(2, 2, s, 16, dtype=torch.bfloat16), torch.randn(2, 2, s, 16, dtype=torch.bfloat16)
-    _, sums = sa.scored_attention(module, query, keys, values, 0.3, n_past, block=8)
     if flash:
         lse = sa._flash_with_lse(query, keys, values, 0.3)[1]
     else:
         lse = sa.causal_lse(query, keys, 0.3, n_past, block=1000)
+    sums = sa.causal_column_sums(query, keys, 0.3, lse, n_past, 8)
     assert _max_relative_error(sums, _rounded_after_lse_column_sums(query, keys, 0.3, n_past, lse)) < 2e-3
 
 
 # (head dim, tokens, query scale)
 @pytest.mark.parametrize("head_dim, n, sharpness", [(128, 512, 2), (64, 512, 2), (64, 1024, 3), (16, 300, 2)])
 def test_bfloat16_column_sums_of_the_keys_h2o_keeps_are_within_3e_3_of_the_exact_ones(head_dim, n, sharpness):
-    """The keys a 20% budget keeps (the top fifth of the exact sums): rounding ``logit - lse`` (whose magnitude is
-    small exactly where a key draws attention) keeps them within 3e-3 of the float64 sums (2.7e-3 seen), where
-    rounding the logit (the release) is more than 4e-3 off (4.3e-3 to 1e-2 here); over all keys both are ~1.5e-2
-    (the tiny probabilities)."""
+    """The keys a 20% budget keeps (the top fifth of the exact sums): the tiles' rounding of ``logit - lse`` (whose
+    magnitude is small exactly where a key draws attention) keeps them within 3e-3 of the float64 sums (2.7e-3
+    seen), where rounding the logit (the release) is more than 4e-3 off (4.3e-3 to 1e-2 here); over all keys both
+    are ~1.5e-2 (the tiny probabilities). The CPU's swapped flash kernel, which rounds neither, keeps every key
+    within 5e-4 (1e-4 seen)."""
     torch.manual_seed(0)
     query = (torch.randn(1, 6, n, head_dim) * sharpness).bfloat16()
     keys = torch.randn(1, 2, n, head_dim).bfloat16()
     scaling = head_dim**-0.5
-    sums = sa.causal_column_sums(query, keys, scaling, sa.causal_lse(query, keys, scaling, 0, 128), 0, 128)
+    lse = sa.causal_lse(query, keys, scaling, 0, 128)
+    sums = sa.causal_column_sums(query, keys, scaling, lse, 0, 128)
     exact = _plain_column_sums(query, keys, scaling, 0)
     kept = exact >= exact.quantile(0.8, dim=-1, keepdim=True)
     assert ((sums.double() - exact).abs() / exact)[kept].max().item() < 3e-3
+    swapped = sa.prefix_column_sums(query, keys, scaling, lse, 0)
+    assert ((swapped.double() - exact).abs() / exact).max().item() < 5e-4
     release = _release_column_sums(query, keys, scaling, 0).double()
     assert ((release - exact).abs() / exact)[kept].max().item() > 4e-3  # the bound tells the two roundings apart
 

@@ -16,15 +16,18 @@ Two parts, so that the attention is not computed twice:
   and the tile is summed over its queries. No softmax pass, no second ``P V``, never the ``q x S`` matrix: the
   peak extra memory is one tile. With ``per_query_head=False`` (H2O's ``gqa_reduce`` mean or sum) a tile is
   summed over all ``g * block`` rows of its KV head at once, one contiguous reduction;
-* in bfloat16/float16 the product is the model's dtype's matmul, as in H2O's release (whose logits ``q . k`` are
-  bfloat16), with ``- lse_i / scale`` as two dimensions (its high and low parts: a single one would be off by
-  ~0.04 in the exponent): the matmul accumulates ``q_i . k_j * scale - lse_i`` in float32 and rounds it once,
-  after the subtraction, where the release rounds the logit itself; the exponential is float32. A probability's
-  exponent is then off by ``|log p| x 2^-9`` instead of ``|logit| x 2^-9``: smaller exactly where a key draws
-  attention (the keys a 20% budget keeps: within 3e-3 of the exact sums, the release's rounding up to 1e-2;
-  tests), and two float32 passes over each tile fewer than scaling and subtracting after the matmul (the default
-  model's shapes: 1.45x the flash kernel's time instead of 1.82x, `benchmarks/bench_h2o_prefill.py`). ``lse_i`` is
-  the flash kernel's (float32 accumulation).
+* on a CPU in bfloat16 the sums come from the flash kernel too, the keys attending the queries
+  (`swapped_column_sums`): a key's sum is the log-sum-exp of its logits less each query's ``lse_i``, the products
+  accumulated in float32 and never rounded to bfloat16 (1e-4 of the float64 sums over every key, where rounding
+  the logit, as H2O's release does, is ~1.5e-2 off), at about the attention's cost (1.2-1.3x the flash kernel,
+  the tiles below 1.7-2.1x);
+* elsewhere in bfloat16/float16 the tiles' product is the model's dtype's matmul, as in H2O's release (whose logits
+  ``q . k`` are bfloat16), with ``- lse_i / scale`` as two dimensions (its high and low parts: a single one would
+  be off by ~0.04 in the exponent): the matmul accumulates ``q_i . k_j * scale - lse_i`` in float32 and rounds it
+  once, after the subtraction, where the release rounds the logit itself; the exponential is float32. A
+  probability's exponent is then off by ``|log p| x 2^-9`` instead of ``|logit| x 2^-9``: smaller exactly where a
+  key draws attention (the keys a 20% budget keeps: within 3e-3 of the exact sums, the release's rounding up to
+  1e-2; tests). ``lse_i`` is the flash kernel's (float32 accumulation).
 
 Elsewhere (no CPU flash kernel, dropout, soft-capping) the output comes from `attend` and the log-sum-exp from a
 tiled pass of its own (`causal_lse`).
@@ -195,6 +198,44 @@ def attention_with_lse(
     return attend(module, query, keys, values, scaling, **kwargs), lse
 
 
+def swapped_column_sums(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    scaling: float,
+    lse: torch.Tensor,
+    query_start: int,
+    per_query_head: bool = True,
+) -> torch.Tensor:
+    """`causal_column_sums` by the CPU flash kernel, for a bfloat16 (or float16) ``query`` ``[B, H, q, D]`` and
+    ``keys`` ``[B, H_kv, S, D]``: ``[B, H, S]`` float32 (``[B, H_kv, S]`` if not ``per_query_head``).
+
+    A key's column sum is ``exp(logsumexp_i(scale x q_i . k_j - lse_i))`` over the queries that see it: the
+    log-sum-exp the kernel returns when the keys attend the queries. So the keys are the kernel's queries, the
+    queries its keys, each with ``-lse_i / scale`` folded in as two more dimensions (its high and low parts) against
+    two ones on the key side, and the values zeros (only the log-sum-exp is read). Key ``j`` sees query ``i`` iff
+    ``j <= query_start + i``: reversing both sequences makes that the kernel's causal triangle for the chunk's own
+    keys; the keys before the chunk see every query (no mask). The kernel accumulates the products in float32, so
+    ``logit - lse`` is never rounded to the model's dtype, and its exponentials are fused with the sums: about the
+    attention's cost (bfloat16 on an AMX CPU: 1.2-1.3x the flash kernel at the default model's and Qwen2.5-0.5B's
+    shapes, where the tiled pass costs 1.7-2.1x; float16, whose flash kernel has no AMX path: 1.17x, the tiles
+    0.84x; docs/results/speed.md)."""
+    b, h, q, d = query.shape
+    n_kv, s = keys.shape[1], keys.shape[2]
+    g, dtype = h // n_kv, query.dtype
+    shifted = lse.unsqueeze(-1) / -scaling  # [B, H, q, 1] float32
+    high = shifted.to(dtype)
+    as_keys = torch.cat([query, high, (shifted - high.float()).to(dtype)], dim=-1).flip(2)  # [B, H, q, D + 2]
+    as_queries = torch.cat([keys, keys.new_ones(b, n_kv, s, 2)], dim=-1).flip(2)  # [B, H_kv, S, D + 2]
+    as_queries = as_queries.repeat_interleave(g, dim=1)  # the kernel maps query heads onto fewer KV heads only
+    zeros = torch.zeros_like(as_keys)
+    _, own = _flash_for_cpu(as_queries[:, :, :q], as_keys, zeros, 0.0, True, scale=scaling)  # [B, H, q]
+    parts = [own]
+    if query_start:  # the keys before the chunk, last first
+        parts.append(_flash_for_cpu(as_queries[:, :, q:], as_keys, zeros, 0.0, False, scale=scaling)[1])
+    sums = torch.cat(parts, dim=-1).flip(-1).exp_()  # [B, H, S], keys in order again
+    return sums if per_query_head else sums.view(b, n_kv, g, s).sum(dim=2)
+
+
 def prefix_column_sums(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -206,8 +247,11 @@ def prefix_column_sums(
 ) -> torch.Tensor:
     """Each key's attention summed over the queries, ``[B, H, S]`` (float32; ``[B, H_kv, S]`` summed over each KV
     head's query heads too if not ``per_query_head``), from the log-sum-exp ``lse`` of `attention_with_lse`:
-    `causal_column_sums` at the device's tiling (`tiling`) and the model's default scale."""
+    `swapped_column_sums` on a CPU in bfloat16, else `causal_column_sums` at the device's tiling
+    (`tiling`); ``scaling`` None: the model's default scale."""
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if query.device.type == "cpu" and query.dtype == torch.bfloat16:  # float16: the tiles are faster (no AMX)
+        return swapped_column_sums(query, keys, scale, lse, query_start, per_query_head)
     block, key_tile = tiling(query, keys.shape[2], block)
     return causal_column_sums(query, keys, scale, lse, query_start, block, per_query_head, key_tile)
 
