@@ -36,7 +36,7 @@ from kvsieve.cache import SieveCache
 from kvsieve.driver import cache_kwargs
 from kvsieve.methods.base import Phase
 from kvsieve.ops import scored_attention
-from kvsieve.ops.scored_attention import causal_column_sums
+from kvsieve.ops.scored_attention import prefix_column_sums
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -94,7 +94,7 @@ def time_ops(model, n: int, repeats: int) -> tuple[float, float]:
         _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, keys, values, 0.0, True, scale=scale)
         attention_s.append(time.perf_counter() - start)
         start = time.perf_counter()
-        causal_column_sums(query, keys, scale, lse, 0, 128, per_query_head=False)
+        prefix_column_sums(query, keys, scale, lse, 0, 128, per_query_head=False)
         sums_s.append(time.perf_counter() - start)
     return statistics.median(attention_s), statistics.median(sums_s)
 
