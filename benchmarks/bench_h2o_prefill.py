@@ -8,7 +8,7 @@ then the selection and the gather of the kept entries.
 
 The ratio is explained per length by the ops alone, on random tensors of the model's layer shapes: the attention
 (sdpa's causal flash kernel, once per layer) as a share of Full's prefill, and the column sums' cost against the
-attention's (`causal_column_sums` as H2O's default ``gqa_reduce="mean"`` calls it), so that the expected
+attention's (`prefix_column_sums` as H2O's default ``gqa_reduce="mean"`` calls it), so that the expected
 overhead is ``1 + attention_share * colsum_over_attention`` (plus H2O's selection and gather).
 
     python benchmarks/bench_h2o_prefill.py --lengths 4096 8192 --repeats 5 --threads 1 --out h2o_prefill.json
