@@ -113,7 +113,7 @@ def test_bfloat16_tiles_round_once_after_the_log_sum_exp(monkeypatch, n_query, n
     if not flash:
         monkeypatch.setattr(sa, "_flash_applies", lambda *args: False)
     torch.manual_seed(n_query)
-    s, module = n_query + n_past, _Module(3)
+    s = n_query + n_past
     query = torch.randn(2, 6, n_query, 16, dtype=torch.bfloat16) * 2
     keys, values = torch.randn(2, 2, s, 16, dtype=torch.bfloat16), torch.randn(2, 2, s, 16, dtype=torch.bfloat16)
     if flash:

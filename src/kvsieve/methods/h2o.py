@@ -7,10 +7,12 @@ recent tokens plus the highest-scoring others (the paper splits the budget equal
 the lowest-scoring non-recent entry leaves. GQA: scores are reduced over each group.
 
 Speed: prefill scores are column sums from the attention's own log-sum-exp (`kvsieve.ops.scored_attention`: the
-output is sdpa's, bit for bit, and the scores cost one ``Q K^T`` per tile of ``score_block`` queries, never the
-``n x n`` matrix; in a bf16/fp16 model the tiles' ``Q K^T`` is in the model's dtype and the softmax in float32,
-as H2O's release computes them; off the CPU the tiles hold every key and as many queries as fit ~2^28 floats,
-`kvsieve.ops.scored_attention.tiling`); a decode step adds one row of probabilities (its query sees every entry:
+output is sdpa's, bit for bit, computed once -- in a shared prefill once for every H2O budget -- and never the
+``n x n`` matrix). On a CPU in bfloat16 the sums are the flash kernel's log-sum-exp with keys and queries swapped
+(float32 products, no logit rounded: closer to the exact softmax than the release, which rounds the logits to
+bfloat16); elsewhere one ``Q K^T`` per tile of ``score_block`` queries (in bfloat16/float16 in the model's dtype,
+``logit - lse`` rounded once); off the CPU the tiles hold every key and as many queries as fit ~2^28 floats
+(`kvsieve.ops.scored_attention.tiling`). A decode step adds one row of probabilities (its query sees every entry:
 no mask) and evicts by moving one entry per head in place.
 """
 

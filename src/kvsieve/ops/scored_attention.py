@@ -219,7 +219,7 @@ def swapped_column_sums(
     attention's cost (bfloat16 on an AMX CPU: 1.2-1.3x the flash kernel at the default model's and Qwen2.5-0.5B's
     shapes, where the tiled pass costs 1.7-2.1x; float16, whose flash kernel has no AMX path: 1.17x, the tiles
     0.84x; docs/results/speed.md)."""
-    b, h, q, d = query.shape
+    b, h, q = query.shape[:3]
     n_kv, s = keys.shape[1], keys.shape[2]
     g, dtype = h // n_kv, query.dtype
     shifted = lse.unsqueeze(-1) / -scaling  # [B, H, q, 1] float32
