@@ -1,15 +1,17 @@
-"""H2O's prefill scoring: the column sums beside sdpa's flash kernel, against two ways of computing them that were
-tried and not adopted, at SmolLM2-135M's attention shapes (9 query heads, 3 KV heads, head dim 64), causal.
+"""H2O's prefill scoring: the column sums beside sdpa's flash kernel, the two ways kvsieve computes them and one that
+was tried and not adopted, at SmolLM2-135M's attention shapes (9 query heads, 3 KV heads, head dim 64), causal.
 
 * ``flash``: sdpa's CPU flash kernel alone (the full cache's attention; the floor of any scoring);
-* ``flash + column sums`` (what `kvsieve.ops.scored_attention` does): the kernel's output and log-sum-exp, then
-  one ``Q K^T`` and an exponential per visible logit, tile by tile;
+* ``flash + column sums`` (`kvsieve.ops.scored_attention.causal_column_sums`, H2O's path in float32): the
+  kernel's output and log-sum-exp, then one ``Q K^T`` and an exponential per visible logit, tile by tile;
 * ``one pass``: output and column sums from one pass of torch ops per block of queries (logits, softmax, ``P V``,
   the probabilities summed over the block's rows): one ``Q K^T`` fewer, but torch's matmuls and elementwise
   passes over a block's full rows are slower than the fused kernel's cache-sized tiles;
-* ``reversed flash``: the column sums as the log-sum-exp of a second flash call with keys and queries swapped (a
-  key's column sum is ``exp(logsumexp_i(q_i . k_j * scale - lse_i))``; the ``- lse_i`` folded into one more head
-  dimension, the causal mask flipped by reversing both sequences): a whole second attention.
+* ``swapped flash`` (`kvsieve.ops.scored_attention.swapped_column_sums`, H2O's path in bfloat16 on a CPU): the
+  column sums as the log-sum-exp of a second flash call with keys and queries swapped (a key's column sum is
+  ``exp(logsumexp_i(q_i . k_j * scale - lse_i))``; ``- lse_i / scale`` folded in as two more head dimensions, the
+  causal mask flipped by reversing both sequences): a whole second attention, whose exponentials the kernel
+  fuses with its sums -- slower than the tiles in float32, faster in bfloat16 with AMX.
 
 Prints the median seconds of each and its ratio to ``flash``, with the largest difference of the alternatives'
 output and column sums (divided by the length) from the adopted path's. The prefill ratio H2O / Full is about
@@ -35,7 +37,7 @@ from functools import partial
 
 import torch
 
-from kvsieve.ops.scored_attention import _flash_for_cpu, causal_column_sums
+from kvsieve.ops.scored_attention import _flash_for_cpu, causal_column_sums, swapped_column_sums
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 
@@ -62,20 +64,9 @@ def one_pass(q, k, v, scale, block=128):
     return out.view(b, h, n, d), total
 
 
-def reversed_flash(q, k, lse, scale):
-    """Per-query-head column sums ``[B, H, n]`` as the log-sum-exp of the swapped attention."""
-    b, h, n, d = q.shape
-    g = h // k.shape[1]
-    as_keys = torch.cat([q.float() * scale, -lse.unsqueeze(-1)], -1).flip(2).to(q.dtype)  # [B, H, n, D + 1]
-    as_queries = torch.cat([k.float(), torch.ones(*k.shape[:3], 1)], -1).flip(2).to(q.dtype).repeat_interleave(g, 1)
-    dummy = torch.zeros(b, h, n, d + 1, dtype=q.dtype)  # the kernel wants values; only the log-sum-exp is read
-    _, swapped = _flash_for_cpu(as_queries, as_keys, dummy, 0.0, True, scale=1.0)
-    return swapped.flip(-1).exp()
-
-
 def variants(q, k, v, scale, blocks=(128,)):
     """The computations timed, as callables: flash, flash + column sums, one pass per query block in ``blocks``,
-    reversed flash."""
+    flash + swapped flash."""
 
     def flash():
         return _flash_for_cpu(q, k, v, 0.0, True, scale=scale)
@@ -84,7 +75,7 @@ def variants(q, k, v, scale, blocks=(128,)):
         flash,
         lambda: causal_column_sums(q, k, scale, flash()[1], 0, 128, per_query_head=False),
         *(partial(one_pass, q, k, v, scale, block) for block in blocks),
-        lambda: reversed_flash(q, k, flash()[1], scale),
+        lambda: swapped_column_sums(q, k, scale, flash()[1], 0, per_query_head=False),
     )
 
 
@@ -145,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     scale = HEAD_DIM**-0.5
     blocks = args.one_pass_blocks
     passes = " | ".join(f"one pass, {block} queries" for block in blocks)
-    print(f"| tokens | flash s | flash + column sums | {passes} | reversed flash | max diff: one pass, reversed |")
+    print(f"| tokens | flash s | flash + column sums | {passes} | flash + swapped flash | max diff: one pass, swap |")
     print("|---:|---:|---:|" + "---:|" * len(blocks) + "---:|---|")
     for n in args.lengths:
         gen = torch.Generator().manual_seed(n)
@@ -160,10 +151,10 @@ def main(argv: list[str] | None = None) -> None:
             (fused_out.float() - out.float()).abs().max().item(),
             (fused_sums - sums.view(1, args.kv_heads, -1, n).sum(2)).abs().max().item() / n,
         )
-        diff_reversed = (reversed_flash(q, k, lse, scale) - sums).abs().max().item() / n
+        diff_swapped = (swapped_column_sums(q, k, scale, lse, 0) - sums).abs().max().item() / n
         flash, adopted, *fused, swapped = (median_seconds(fn, args.repeats) for fn in variants(q, k, v, scale, blocks))
         cells = [f"{t:.3f} ({t / flash:.2f}x)" for t in (adopted, *fused, swapped)]
-        print(f"| {n:,} | {flash:.3f} | " + " | ".join(cells) + f" | {diff_pass:.1e}, {diff_reversed:.1e} |")
+        print(f"| {n:,} | {flash:.3f} | " + " | ".join(cells) + f" | {diff_pass:.1e}, {diff_swapped:.1e} |")
 
 
 if __name__ == "__main__":
