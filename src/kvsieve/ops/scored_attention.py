@@ -10,7 +10,8 @@ Two parts, so that the attention is not computed twice:
 * the output is exactly `kvsieve.ops.attention.attend`'s (bit for bit: a model whose cache evicts nothing, or a
   shared prefill, must match the full cache). On a CPU it comes from the very flash kernel that sdpa dispatches to,
   called directly because it also returns each query's log-sum-exp ``lse_i``;
-* the column sums ``sum_i exp(q_i . k_j * scale - lse_i)`` then cost one ``Q K^T`` per tile of queries x keys: the
+* the column sums ``sum_i exp(q_i . k_j * scale - lse_i)`` (`prefix_column_sums`) then cost, in float32, float16
+  and off the CPU (`causal_column_sums`), one ``Q K^T`` per tile of queries x keys: the
   ``- lse_i`` is folded into the product as one more dimension and the scale is the matmul's alpha (``scale x
   [q_i, -lse_i / scale] . [k_j, 1]``), the exponential is taken in place, only tiles on the diagonal are masked,
   and the tile is summed over its queries. No softmax pass, no second ``P V``, never the ``q x S`` matrix: the
