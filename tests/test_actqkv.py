@@ -140,6 +140,53 @@ def test_statistics_follow_the_released_update_rule():
             assert torch.allclose(weights.double(), dev / dev.sum(), atol=1e-5)
 
 
+@pytest.mark.parametrize("max_pending", [256, 7])
+def test_one_token_windows_folded_later_follow_the_recurrence(monkeypatch, max_pending):
+    """Decode steps' one-token windows are folded in when the statistics are next read (`ActivationStats._fold`),
+    up to ``max_pending`` at a time: the mean and variance equal the recurrence run window by window (0 pending),
+    across the horizon's cap and a warm-up, within float32 rounding; the count and the weighting at once."""
+    g = torch.Generator().manual_seed(3)
+    windows = [8, *[1] * 40, 5, *[1] * 300, 6, 1, 1]
+    inputs = [torch.randn(2, c, 24, generator=g) * 2 + 1 for c in windows]
+
+    def run(pending: int) -> tuple[ActivationStats, list]:
+        monkeypatch.setattr(ActivationStats, "max_pending", pending)
+        stats, seen = ActivationStats(horizon=30, warmup=20), []
+        for h in inputs:
+            weighted = stats.update(h)
+            seen.append((weighted, stats.count))
+            if h.shape[1] > 1:  # a prompt window reads the statistics: its weights
+                seen.append(stats.bias_weights(h))
+        return stats, seen
+
+    deferred, seen = run(max_pending)
+    assert len(deferred._pending) == 2 and deferred._mean is not None  # the last two: not folded yet
+    mean, var = deferred.mean, deferred.var  # folded on reading
+    reference, seen_reference = run(0)
+    assert torch.allclose(mean, reference.mean, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(var, reference.var, rtol=1e-5, atol=1e-6)
+    for got, want in zip(seen, seen_reference):
+        assert got == want if isinstance(got, tuple) else torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_decode_with_folded_statistics_generates_what_the_window_by_window_one_does(monkeypatch):
+    """In the model: the greedy tokens and the statistics of an ActQKV decode equal those of the recurrence run
+    at every step (the pending queries are the steps' own, untouched by what follows)."""
+    model = tiny_model("llama")
+    method = kvsieve.method("actqkv", **DYNAMIC, warmup_calls=4)
+    runs = []
+    for pending in (ActivationStats.max_pending, 0):
+        monkeypatch.setattr(ActivationStats, "max_pending", pending)
+        cache = SieveCache(model, method)
+        tokens, logits = greedy_with_logits(model, cache, random_ids(N_PROMPT), 12, chunk_size=20)
+        runs.append((tokens, logits, cache.sieve_layers[1].policy.activation))
+    (tokens, logits, stats), (ref_tokens, ref_logits, ref_stats) = runs
+    assert tokens == ref_tokens and (logits - ref_logits).abs().max().item() < LOGIT_TOL
+    assert stats.count == ref_stats.count and stats._pending  # the decode left its steps pending
+    assert torch.allclose(stats.mean, ref_stats.mean, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(stats.var, ref_stats.var, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------- the dynamic cut-off
 def _expected_split(entropy_means, topk, n_blocks, min_blocks, max_blocks):
     remaining = topk * len(entropy_means)
