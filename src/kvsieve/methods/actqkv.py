@@ -158,21 +158,22 @@ class ActivationStats:
         if not self._pending:
             return
         xs = torch.stack([x.to(self._mean.device) for x in self._pending])  # [m, B, C]
-        n = torch.tensor(self._pending_n, dtype=torch.float64)
+        n = torch.tensor(self._pending_n, dtype=torch.float64, device="cpu")  # the coefficients: on the host
         self._pending, self._pending_n = [], []
         m = xs.shape[0]
         a = 1 / (n + 1)
         log_k = torch.cat([n.new_zeros(1), torch.log1p(-a).cumsum(0)])  # [m + 1]: sum_{u<t} log k_u
-        t, s = torch.arange(m)[:, None], torch.arange(m)[None, :]
+        t, s = torch.arange(m, device="cpu")[:, None], torch.arange(m, device="cpu")[None, :]
         before = (a[None, :] * (log_k[:m, None] - log_k[None, 1:]).exp()).masked_fill_(s >= t, 0.0)  # [m, m]
         flat = xs.view(m, -1)
         mean_0 = self._mean.view(1, -1)
-        means = torch.addmm(log_k[:m, None].exp().float() * mean_0, before.float(), flat)  # mean_{t-1}, [m, B * C]
+        dev = dict(device=flat.device, dtype=torch.float32)
+        means = torch.addmm(log_k[:m, None].exp().to(**dev) * mean_0, before.to(**dev), flat)  # mean_{t-1}, [m, B C]
         r = (n - 1) / n
         after = torch.cat([r.flip(0).cumprod(0).flip(0)[1:], r.new_ones(1)])  # prod_{u>t} r_u
         squares = (flat - means).square_()
-        var = torch.addmm(self._var.view(1, -1), (a * after).float()[None], squares, beta=float(r.prod()))
-        last = (a * (log_k[m] - log_k[1:]).exp()).float()[None]  # the weight of x_s in mean_m
+        var = torch.addmm(self._var.view(1, -1), (a * after).to(**dev)[None], squares, beta=float(r.prod()))
+        last = (a * (log_k[m] - log_k[1:]).exp()).to(**dev)[None]  # the weight of x_s in mean_m
         mean = torch.addmm(mean_0, last, flat, beta=float(log_k[m].exp()))
         self._mean, self._var = mean.view_as(self._mean), var.view_as(self._var)
 
