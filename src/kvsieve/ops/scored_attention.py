@@ -218,7 +218,7 @@ def swapped_column_sums(
     keys; the keys before the chunk see every query (no mask). The kernel accumulates the products in float32, so
     ``logit - lse`` is never rounded to the model's dtype, and its exponentials are fused with the sums: about the
     attention's cost (bfloat16 on an AMX CPU: 1.2-1.3x the flash kernel at the default model's and Qwen2.5-0.5B's
-    shapes, where the tiled pass costs 1.7-2.1x; float16, whose flash kernel has no AMX path: 1.17x, the tiles
+    shapes, where the tiled pass costs 1.5-1.9x; float16, whose flash kernel has no AMX path: 1.17x, the tiles
     0.84x; docs/results/speed.md)."""
     b, h, q = query.shape[:3]
     n_kv, s = keys.shape[1], keys.shape[2]
