@@ -20,8 +20,8 @@ Two parts, so that the attention is not computed twice:
 * on a CPU in bfloat16 the sums come from the flash kernel too, the keys attending the queries
   (`swapped_column_sums`): a key's sum is the log-sum-exp of its logits less each query's ``lse_i``, the products
   accumulated in float32 and never rounded to bfloat16 (1e-4 of the float64 sums over every key, where rounding
-  the logit, as H2O's release does, is ~1.5e-2 off), at about the attention's cost (1.2-1.3x the flash kernel,
-  the tiles below 1.7-2.1x);
+  the logit, as H2O's release does, is ~1.5e-2 off), at about the attention's cost (1.05-1.3x the flash kernel,
+  the tiles 1.5-1.9x);
 * elsewhere in bfloat16/float16 the tiles' product is the model's dtype's matmul, as in H2O's release (whose logits
   ``q . k`` are bfloat16), with ``- lse_i / scale`` as two dimensions (its high and low parts: a single one would
   be off by ~0.04 in the exponent): the matmul accumulates ``q_i . k_j * scale - lse_i`` in float32 and rounds it
@@ -217,7 +217,7 @@ def swapped_column_sums(
     ``j <= query_start + i``: reversing both sequences makes that the kernel's causal triangle for the chunk's own
     keys; the keys before the chunk see every query (no mask). The kernel accumulates the products in float32, so
     ``logit - lse`` is never rounded to the model's dtype, and its exponentials are fused with the sums: about the
-    attention's cost (bfloat16 on an AMX CPU: 1.2-1.3x the flash kernel at the default model's and Qwen2.5-0.5B's
+    attention's cost (bfloat16 on an AMX CPU: 1.05-1.3x the flash kernel at the default model's and Qwen2.5-0.5B's
     shapes, where the tiled pass costs 1.5-1.9x; float16, whose flash kernel has no AMX path: 1.17x, the tiles
     0.84x; docs/results/speed.md)."""
     b, h, q = query.shape[:3]
