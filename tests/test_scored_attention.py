@@ -49,6 +49,12 @@ def _plain_column_sums(query, keys, scaling, query_start):
     return logits.masked_fill(~visible, -torch.inf).softmax(dim=-1).sum(dim=2)
 
 
+def _scored(module, query, keys, values, scaling, query_start, block=128, per_query_head=True):
+    """What H2O's ``observe`` does: the output and log-sum-exp, then the column sums from them."""
+    out, lse = sa.attention_with_lse(module, query, keys, values, scaling, query_start, block)
+    return out, sa.prefix_column_sums(query, keys, scaling, lse, query_start, block, per_query_head)
+
+
 CASES = [(40, 0), (13, 37), (1, 49), (300, 0)]  # (queries, past keys)
 
 
@@ -64,7 +70,7 @@ def test_output_is_attend_and_column_sums_are_the_plain_ones(monkeypatch, dtype,
     s, module = n_query + n_past, _Module(3)
     query = torch.randn(2, 6, n_query, 16, dtype=dtype) * 2
     keys, values = torch.randn(2, 2, s, 16, dtype=dtype), torch.randn(2, 2, s, 16, dtype=dtype)
-    out, sums = sa.scored_attention(module, query, keys, values, 0.3, n_past, block=8)
+    out, sums = _scored(module, query, keys, values, 0.3, n_past, block=8)
     assert torch.equal(out, attend(module, query, keys, values, 0.3))
     plain = _plain_column_sums(query, keys, 0.3, n_past)
     assert sums.dtype == torch.float32 and sums.shape == plain.shape
@@ -155,8 +161,8 @@ def test_group_sums_are_the_query_heads_sums_added(dtype, tol, n_query, n_past):
     s, module = n_query + n_past, _Module(3)
     query = torch.randn(2, 6, n_query, 16, dtype=dtype) * 2
     keys, values = torch.randn(2, 2, s, 16, dtype=dtype), torch.randn(2, 2, s, 16, dtype=dtype)
-    out, per_head = sa.scored_attention(module, query, keys, values, 0.3, n_past, block=8)
-    out_grouped, grouped = sa.scored_attention(module, query, keys, values, 0.3, n_past, 8, False)
+    out, per_head = _scored(module, query, keys, values, 0.3, n_past, block=8)
+    out_grouped, grouped = _scored(module, query, keys, values, 0.3, n_past, 8, False)
     assert torch.equal(out_grouped, out) and grouped.shape == (2, 2, s)
     expected = per_head.double().view(2, 2, 3, s).sum(dim=2)
     assert ((grouped.double() - expected).abs() / expected.clamp_min(1e-3)).max().item() < tol
@@ -170,7 +176,7 @@ def test_tiles_cover_every_key_whatever_the_block():
     values = torch.randn(1, 2, 1300, 8)
     plain = _plain_column_sums(query, keys, 0.5, 600)
     for block in (1, 7, 128, 1000):
-        _, sums = sa.scored_attention(module, query, keys, values, 0.5, 600, block=block)
+        _, sums = _scored(module, query, keys, values, 0.5, 600, block=block)
         assert ((sums.double() - plain).abs() / plain.clamp_min(1e-3)).max().item() < 1e-5, block
 
 
@@ -198,7 +204,7 @@ def test_the_accelerator_tiling_one_key_tile_and_large_blocks_gives_the_same_sum
 def test_keys_must_be_the_prefix_up_to_the_last_query():
     query, keys = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 9, 8)
     with pytest.raises(ValueError, match="4 queries from token 3 need 7 keys, got 9"):
-        sa.scored_attention(_Module(1), query, keys, keys, 0.3, 3)
+        _scored(_Module(1), query, keys, keys, 0.3, 3)
 
 
 # ------------------------------------------------------------------------------------------- method level

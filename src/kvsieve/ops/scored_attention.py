@@ -5,7 +5,7 @@ H_kv``), ``q`` queries, ``S`` keys, ``D`` head dim. The keys are the prefix in o
 the queries are tokens ``query_start .. query_start + q - 1``: query ``i`` sees key ``j`` iff
 ``j <= query_start + i``.
 
-Two parts, so that the attention is not computed twice:
+Two parts (`attention_with_lse`, then `prefix_column_sums`), so that the attention is not computed twice:
 
 * the output is exactly `kvsieve.ops.attention.attend`'s (bit for bit: a model whose cache evicts nothing, or a
   shared prefill, must match the full cache). On a CPU it comes from the very flash kernel that sdpa dispatches to,
@@ -191,7 +191,7 @@ def attention_with_lse(
     (float32): the flash kernel's where it is `attend`'s, else a tiled pass (`causal_lse`, blocks of `tiling`)."""
     q, s = query.shape[2], keys.shape[2]
     if query_start + q != s:
-        raise ValueError(f"scored_attention: {q} queries from token {query_start} need {query_start + q} keys, got {s}")
+        raise ValueError(f"keys: {q} queries from token {query_start} need {query_start + q} keys, got {s}")
     if _flash_applies(module, query, kwargs):
         return _flash_with_lse(query, keys, values, scaling)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -255,19 +255,3 @@ def prefix_column_sums(
         return swapped_column_sums(query, keys, scale, lse, query_start, per_query_head)
     block, key_tile = tiling(query, keys.shape[2], block)
     return causal_column_sums(query, keys, scale, lse, query_start, block, per_query_head, key_tile)
-
-
-def scored_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    scaling: float | None,
-    query_start: int,
-    block: int = 128,
-    per_query_head: bool = True,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`attention_with_lse`'s output and `prefix_column_sums`' sums, ``block`` queries at a time."""
-    out, lse = attention_with_lse(module, query, keys, values, scaling, query_start, block, **kwargs)
-    return out, prefix_column_sums(query, keys, scaling, lse, query_start, block, per_query_head)
