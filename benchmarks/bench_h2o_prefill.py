@@ -17,7 +17,8 @@ overhead is ``1 + attention_share * colsum_over_attention`` (plus H2O's selectio
 
 ``--key-tiles T ...`` times H2O at each key tile of the column-sum pass (`kvsieve.ops.scored_attention.KEY_TILE`)
 in the same alternation, each paired with the full cache's prefill of its repetition: the in-model comparison of
-tiles; the row's ``h2o_s`` and ratios are the first tile's.
+tiles; the row's ``h2o_s`` and ratios are the first tile's. float32 only: in bfloat16 H2O's column sums on a CPU
+take no tiles (`swapped_column_sums`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.key_tiles and min(args.key_tiles) < 1:
         parser.error(f"--key-tiles: each tile must be a positive number of keys, got {args.key_tiles}")
+    if args.key_tiles and args.dtype == "bfloat16":  # `prefix_column_sums`: the swapped flash kernel, no tiles
+        parser.error("--key-tiles: H2O's bfloat16 column sums on a CPU use no key tiles; use --dtype float32")
     return args
 
 

@@ -79,6 +79,15 @@ def variants(q, k, v, scale, blocks=(128,)):
     )
 
 
+def random_attention(args: argparse.Namespace, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Query ``[1, heads, n, D]``, keys and values ``[1, kv_heads, n, D]``, seeded by ``n``."""
+    gen = torch.Generator().manual_seed(n)
+    return tuple(
+        torch.randn(1, heads, n, HEAD_DIM, generator=gen).to(dtype)
+        for heads in (args.heads, args.kv_heads, args.kv_heads)
+    )
+
+
 def median_seconds(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -95,11 +104,7 @@ def tile_grid(args: argparse.Namespace) -> None:
     print("| tokens | flash s | " + " | ".join(f"column sums / flash, {t}-key tiles" for t in args.key_tiles) + " |")
     print("|---:|---:|" + "---:|" * len(args.key_tiles))
     for n in args.lengths:
-        gen = torch.Generator().manual_seed(n)
-        q, k, v = (
-            torch.randn(1, heads, n, HEAD_DIM, generator=gen).to(dtype)
-            for heads in (args.heads, args.kv_heads, args.kv_heads)
-        )
+        q, k, v = random_attention(args, n, dtype)
         flash = median_seconds(partial(_flash_for_cpu, q, k, v, 0.0, True, scale=scale), args.repeats)
         lse = _flash_for_cpu(q, k, v, 0.0, True, scale=scale)[1]
         ratios = [
@@ -139,11 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| tokens | flash s | flash + column sums | {passes} | flash + swapped flash | max diff: one pass, swap |")
     print("|---:|---:|---:|" + "---:|" * len(blocks) + "---:|---|")
     for n in args.lengths:
-        gen = torch.Generator().manual_seed(n)
-        q, k, v = (
-            torch.randn(1, heads, n, HEAD_DIM, generator=gen).to(dtype)
-            for heads in (args.heads, args.kv_heads, args.kv_heads)
-        )
+        q, k, v = random_attention(args, n, dtype)
         out, lse = _flash_for_cpu(q, k, v, 0.0, True, scale=scale)
         sums = causal_column_sums(q, k, scale, lse, 0, 128, per_query_head=True)  # [B, H, n]
         fused_out, fused_sums = one_pass(q, k, v, scale, blocks[0])
