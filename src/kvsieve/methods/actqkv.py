@@ -94,8 +94,7 @@ class ActivationStats:
         self._mean: torch.Tensor | None = None  # [B, H * D] float32
         self._var: torch.Tensor | None = None
         self.count = 0
-        self._pending: list[torch.Tensor] = []  # one-token windows [B, H * D] not yet folded in
-        self._pending_n: list[int] = []  # the ``n = min(count, horizon)`` each is folded in with
+        self._pending: list[torch.Tensor] = []  # the last one-token windows [B, H * D], counted, not folded in yet
 
     @property
     def mean(self) -> torch.Tensor | None:
@@ -119,7 +118,6 @@ class ActivationStats:
         warming = self.count <= self.warmup
         if c == 1 and self._mean is not None and self.max_pending:  # a decode step: folded in when next read
             self._pending.append(h[:, 0])  # a view of the step's own queries, which nothing writes to
-            self._pending_n.append(min(self.count, self.horizon))
             self.count += 1
             if len(self._pending) >= self.max_pending:
                 self._fold()
@@ -149,18 +147,18 @@ class ActivationStats:
         return not warming
 
     def _fold(self) -> None:
-        """Fold the pending one-token windows ``x_t`` (``t = 0 .. m-1``, each with its ``n_t``) in: the recurrence
-        ``d_t = x_t - mean_{t-1}``, ``var_t = var_{t-1} (n_t - 1) / n_t + d_t^2 / (n_t + 1)``, ``mean_t = mean_{t-1}
-        + d_t / (n_t + 1)`` as three matmuls. With ``k_t = 1 - 1 / (n_t + 1)``, ``mean_{t-1} = (prod_{u<t} k_u)
-        mean_0 + sum_{s<t} x_s / (n_s + 1) prod_{s<u<t} k_u`` for every ``t`` at once, and the last ``var`` is
-        ``var_0 prod_t r_t + sum_t d_t^2 / (n_t + 1) prod_{u>t} r_u`` (``r_t = (n_t - 1) / n_t``); the coefficients in
-        float64."""
+        """Fold the pending one-token windows ``x_t`` in (``t = 0 .. m-1``, the last ``m`` counted, so ``n_t =
+        min(count - m + t, horizon)``): the recurrence ``d_t = x_t - mean_{t-1}``, ``var_t = var_{t-1} (n_t - 1) /
+        n_t + d_t^2 / (n_t + 1)``, ``mean_t = mean_{t-1} + d_t / (n_t + 1)`` as three matmuls. With ``k_t = 1 - 1 /
+        (n_t + 1)``, ``mean_{t-1} = (prod_{u<t} k_u) mean_0 + sum_{s<t} x_s / (n_s + 1) prod_{s<u<t} k_u`` for
+        every ``t`` at once, and the last ``var`` is ``var_0 prod_t r_t + sum_t d_t^2 / (n_t + 1) prod_{u>t} r_u``
+        (``r_t = (n_t - 1) / n_t``); the coefficients in float64."""
         if not self._pending:
             return
         xs = torch.stack([x.to(self._mean.device) for x in self._pending])  # [m, B, C]
-        n = torch.tensor(self._pending_n, dtype=torch.float64, device="cpu")  # the coefficients: on the host
-        self._pending, self._pending_n = [], []
-        m = xs.shape[0]
+        m, self._pending = xs.shape[0], []
+        counts = torch.arange(self.count - m, self.count, dtype=torch.float64, device="cpu")  # coefficients: host
+        n = counts.clamp_max(self.horizon)
         a = 1 / (n + 1)
         log_k = torch.cat([n.new_zeros(1), torch.log1p(-a).cumsum(0)])  # [m + 1]: sum_{u<t} log k_u
         t, s = torch.arange(m, device="cpu")[:, None], torch.arange(m, device="cpu")[None, :]
