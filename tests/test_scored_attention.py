@@ -327,7 +327,7 @@ def test_bench_h2o_scoring_kernels_runs_at_a_toy_size(capsys):
     bench.main(["--lengths", "40", "--repeats", "1", "--one-pass-blocks", "8", "16", "--heads", "4", "--kv-heads", "2"])
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 40 |")]
     cells = row[0].strip("| ").split(" | ")
-    assert len(cells) == 7  # tokens, flash s, column sums, two one passes, reversed flash, the differences
+    assert len(cells) == 7  # tokens, flash s, column sums, two one passes, swapped flash, the differences
     assert all(float(diff) < 1e-4 for diff in cells[-1].split(", "))
 
 
