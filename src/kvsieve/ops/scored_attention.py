@@ -155,6 +155,10 @@ def causal_column_sums(
     unused = torch.zeros((), dtype=dtype, device=query.device)  # baddbmm's input, weighted by beta=0
     total = torch.zeros(b, n_kv, g if per_query_head else 1, s, dtype=torch.float32, device=query.device)
     future = torch.ones(block, block, dtype=torch.bool, device=query.device).triu_(1)
+    # every tile is written into the same buffers: a fresh tile of ~1 MB per matmul costs its page faults
+    size = b * n_kv * g * min(block, q) * min(key_tile, s)
+    exponent_buffer = torch.empty(size, dtype=dtype, device=query.device)
+    prob_buffer = exponent_buffer if dtype == torch.float32 else torch.empty(size, device=query.device)
     for start in range(0, q, block):
         stop = min(q, start + block)
         n = stop - start
@@ -163,8 +167,13 @@ def causal_column_sums(
         for k0 in range(0, query_start + stop, key_tile):
             k1 = min(query_start + stop, k0 + key_tile)
             tile = keys_t[..., k0:k1].reshape(b * n_kv, width_d, k1 - k0)  # a view
-            exponents = torch.baddbmm(unused, rows, tile, beta=0, alpha=scaling)  # [B * H_kv, g * n, k1 - k0]
-            probs = exponents.float().exp_().view(b, n_kv, g * n, k1 - k0)  # .float(): itself when float32
+            used = b * n_kv * g * n * (k1 - k0)
+            exponents = exponent_buffer[:used].view(b * n_kv, g * n, k1 - k0)
+            torch.baddbmm(unused, rows, tile, beta=0, alpha=scaling, out=exponents)
+            probs = exponents
+            if prob_buffer is not exponent_buffer:  # the exponential in float32
+                probs = prob_buffer[:used].view(b * n_kv, g * n, k1 - k0).copy_(exponents)
+            probs = probs.exp_().view(b, n_kv, g * n, k1 - k0)
             if k1 > diagonal:  # query r sees key diagonal + t iff t <= r (invisible ones may be inf: overwritten)
                 lo = max(k0, diagonal)
                 visible = probs.view(b, n_kv, g, n, k1 - k0)[..., lo - k0 :]
