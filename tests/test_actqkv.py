@@ -23,8 +23,9 @@ import kvsieve
 from helpers import TINY_CONFIGS, greedy_with_logits, random_ids, tiny_model
 from kvsieve.cache import SieveCache
 from kvsieve.driver import cache_kwargs
-from kvsieve.methods.actqkv import ActivationStats, BlockPool, find_span, normalized_entropy
+from kvsieve.methods.actqkv import BlockPool, find_span, normalized_entropy
 from kvsieve.methods.base import Phase, PromptLayout
+from kvsieve.ops.activation_bias import ActivationStats
 from test_infllm import LOGIT_TOL, N_NEW, N_PROMPT, SMALL, _policy, passkey_prompt, run_against_reference
 
 DYNAMIC = dict(SMALL, min_blocks=2, max_blocks=6, entropy_window=4)
