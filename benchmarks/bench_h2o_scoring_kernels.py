@@ -26,6 +26,14 @@ tile (the grid that set `KEY_TILE`); ``--heads`` and ``--kv-heads`` set other at
 
     OMP_NUM_THREADS=1 python benchmarks/bench_h2o_scoring_kernels.py --lengths 8192 --key-tiles 256 512 1024 \\
         --dtype bfloat16 --heads 14 --kv-heads 2
+
+``--pieces`` (float32) times one tile of the column sums piece by piece (its ``Q K^T``, exponential, sum over the
+queries) and the matmul rate of the tile, of a large square matmul (the machine's float32 peak as torch reaches
+it) and of the flash kernel, then per length the column sums predicted from the tile's pieces and their floor (the
+``Q K^T`` alone at the peak rate) against the flash kernel, beside the measured ratio: where the float32 pass
+stands against the least it can cost.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_h2o_scoring_kernels.py --lengths 4096 8192 --pieces
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ from functools import partial
 
 import torch
 
-from kvsieve.ops.scored_attention import _flash_for_cpu, causal_column_sums, swapped_column_sums
+from kvsieve.ops.scored_attention import KEY_TILE, _flash_for_cpu, causal_column_sums, swapped_column_sums
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 
@@ -114,6 +122,65 @@ def tile_grid(args: argparse.Namespace) -> None:
         print(f"| {n:,} | {flash:.3f} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
 
 
+def per_call_us(fn, calls: int = 200) -> float:
+    """Microseconds per call of ``fn``, the least of five loops of ``calls`` after a warm-up."""
+    for _ in range(20):
+        fn()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best * 1e6
+
+
+def tile_pieces(args: argparse.Namespace) -> None:
+    """float32: one tile of `causal_column_sums` (a block of 128 queries x `KEY_TILE` keys, every KV head in one
+    batched matmul) piece by piece, and the column sums predicted from it against the flash kernel."""
+    torch.set_num_threads(args.threads)
+    block, h_kv, g, d = 128, args.kv_heads, args.heads // args.kv_heads, HEAD_DIM + 1  # + 1: the folded -lse
+    rows, tile = torch.randn(h_kv, g * block, d), torch.randn(h_kv, d, KEY_TILE) * 0.1
+    unused, logits, probs = (
+        torch.zeros(()),
+        torch.empty(h_kv, g * block, KEY_TILE),
+        torch.empty(h_kv, g * block, KEY_TILE),
+    )
+    total = torch.zeros(h_kv, g, KEY_TILE)
+    pieces = {  # the exponential into a buffer of its own: in place, repeated, it would overflow (inf is slow)
+        "Q K^T (baddbmm)": lambda: torch.baddbmm(unused, rows, tile, beta=0, alpha=0.125, out=logits),
+        "exponential": lambda: torch.exp(logits, out=probs),
+        "sum over the queries": lambda: total.add_(probs.view(h_kv, g, block, KEY_TILE).sum(dim=2)),
+    }
+    us = {name: per_call_us(fn) for name, fn in pieces.items()}
+    tile_us = sum(us.values())
+    tile_rate = 2 * rows.numel() * KEY_TILE / us["Q K^T (baddbmm)"] / 1e3  # GFLOP/s
+    square = torch.randn(1024, 1024)
+    peak = 2 * 1024**3 / per_call_us(lambda: square @ square, calls=10) / 1e3
+    print("| piece of one tile | us | share |\n|---|---:|---:|")
+    for name, t in us.items():
+        print(f"| {name} | {t:.1f} | {t / tile_us:.2f} |")
+    print(f"\nmatmul rate, GFLOP/s: the tile's Q K^T {tile_rate:.0f}, a 1024^3 matmul {peak:.0f}")
+    head = "column sums / flash: measured | from the pieces | floor (Q K^T at peak)"
+    print(f"\n| tokens | flash s | flash GFLOP/s | {head} |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for n in args.lengths:
+        q, k, v = random_attention(args, n, torch.float32)
+        flash = median_seconds(partial(_flash_for_cpu, q, k, v, 0.0, True, scale=HEAD_DIM**-0.5), args.repeats)
+        lse = _flash_for_cpu(q, k, v, 0.0, True, scale=HEAD_DIM**-0.5)[1]
+        sums = partial(causal_column_sums, q, k, HEAD_DIM**-0.5, lse, 0, block, False)
+        measured = median_seconds(sums, args.repeats)
+        keys = sum(min(n, start + block) for start in range(0, n, block))  # key columns the tiles cover, all blocks
+        visible = n * (n + 1) / 2 * args.heads  # logits a causal pass computes
+        flash_rate = 4 * visible * HEAD_DIM / flash / 1e9  # Q K^T and P V
+        predicted = tile_us * 1e-6 * keys / KEY_TILE
+        floor = 2 * keys * g * block * h_kv * d / (peak * 1e9)
+        print(
+            f"| {n:,} | {flash:.3f} | {flash_rate:.0f} | {measured / flash:.2f} | {predicted / flash:.2f} "
+            f"| {floor / flash:.2f} |"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192], help="prompt tokens")
@@ -128,13 +195,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--one-pass-blocks", type=int, nargs="+", default=[128], metavar="B", help="queries per block of one pass"
     )
+    parser.add_argument("--pieces", action="store_true", help="float32: one tile's pieces and the pass's floor instead")
     args = parser.parse_args(argv)
     if args.repeats < 1 or min(args.lengths) < 1 or min(args.key_tiles or [1]) < 1 or min(args.one_pass_blocks) < 1:
         parser.error("--repeats, --lengths, --key-tiles and --one-pass-blocks must be >= 1")
     if args.heads < 1 or args.kv_heads < 1 or args.heads % args.kv_heads:
         parser.error("--heads must be a positive multiple of --kv-heads")
+    if args.pieces and (args.key_tiles or args.dtype != "float32"):
+        parser.error("--pieces times the float32 tiles: it takes neither --key-tiles nor --dtype bfloat16")
     if args.key_tiles:
         tile_grid(args)
+        return
+    if args.pieces:
+        tile_pieces(args)
         return
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)

@@ -340,3 +340,19 @@ def test_bench_h2o_scoring_kernels_tile_grid_gives_a_ratio_per_tile(capsys):
     assert len(row) == 1 and len(row[0].strip("| ").split(" | ")) == 4  # tokens, flash s, one ratio per tile
     with pytest.raises(SystemExit):
         bench.main(["--lengths", "40", "--heads", "3", "--kv-heads", "2"])
+
+
+def test_bench_h2o_scoring_kernels_pieces_split_a_tile_and_bound_the_pass(capsys):
+    from helpers import load_benchmark
+
+    bench = load_benchmark("bench_h2o_scoring_kernels")
+    bench.main(["--lengths", "300", "--repeats", "1", "--pieces", "--heads", "4", "--kv-heads", "2"])
+    out = capsys.readouterr().out.splitlines()
+    pieces = [line for line in out if line.startswith(("| Q K^T", "| expo", "| sum"))]
+    shares = [float(line.split(" | ")[-1].rstrip(" |")) for line in pieces]
+    assert len(shares) == 3 and abs(sum(shares) - 1) < 0.02
+    row = next(line for line in out if line.startswith("| 300 |")).strip("| ").split(" | ")
+    assert len(row) == 6 and 0 < float(row[-1]) <= float(row[-2])  # the floor is the pieces' Q K^T alone
+    for bad in (["--pieces", "--dtype", "bfloat16"], ["--pieces", "--key-tiles", "256"]):
+        with pytest.raises(SystemExit):
+            bench.main(["--lengths", "40", *bad])
