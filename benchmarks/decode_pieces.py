@@ -7,7 +7,8 @@ microseconds) is of the size of the pieces measured here. This wraps only the na
 as they run: with the model's linear layers between them, caches are cold and every op costs several times what it
 does in a loop of its own (`--isolated` times a few ops both ways). A piece's time includes the pieces it calls
 (``attend`` is the whole layer step; ``merged`` the attention over its two parts; ``gather`` the attended
-buffer's block copies).
+buffer's block copies). For block memories it also prints the blocks copied into the attended buffer per layer and
+step, and their K/V bytes (a row's block each).
 
     OMP_NUM_THREADS=1 python benchmarks/decode_pieces.py --methods full@2056,infllm-2k,actqkv-2k --length 4096
     OMP_NUM_THREADS=1 python benchmarks/decode_pieces.py --isolated
@@ -87,6 +88,7 @@ def run(model, tok, method: str, length: int, steps: int, timer: Timer) -> dict:
     for _ in range(3):
         logits = driver.step(int(logits[0].argmax()))
     timer.ns.clear(), timer.calls.clear()
+    copies_before = block_copies(driver)
     timer.on = True
     start = time.perf_counter()
     for _ in range(steps):
@@ -95,7 +97,23 @@ def run(model, tok, method: str, length: int, steps: int, timer: Timer) -> dict:
     timer.on = False
     layers = model.config.num_hidden_layers
     per = {label: ns / 1e3 / steps / layers for label, ns in timer.ns.items()}
-    return {"method": method, "step_ms": 1e3 * total / steps, "us_per_layer_step": per}
+    row = {"method": method, "step_ms": 1e3 * total / steps, "us_per_layer_step": per}
+    if copies_before is not None:  # block memories: the blocks moved into the attended buffer, and their bytes
+        copied, block_bytes = block_copies(driver)[0] - copies_before[0], copies_before[1]
+        row["blocks_copied_per_layer_step"] = copied / steps / layers
+        row["copied_kib_per_layer_step"] = copied * block_bytes / 1024 / steps / layers
+    return row
+
+
+def block_copies(driver: Driver) -> tuple[int, int] | None:
+    """Blocks copied into the attended buffers so far (all layers and batch rows) and the K and V bytes of one row's
+    block, or None without block memories."""
+    memories = [getattr(layer.policy, "memory", None) for layer in driver.cache.sieve_layers]
+    memories = [m for m in memories if isinstance(m, blocks.BlockMemory)]
+    if not memories:
+        return None
+    k, v = memories[0].store.block(0, 0)  # one row's block: [H_kv, bs, D]
+    return sum(m.buffer.copies for m in memories), k.nbytes + v.nbytes
 
 
 def isolated(repeats: int) -> list[tuple[str, float, float]]:
@@ -152,6 +170,11 @@ def main() -> None:
     rows = [run(model, tok, method, args.length, args.steps, timer) for method in args.methods.split(",")]
     for row in rows:
         print(f"\n{row['method']}: {row['step_ms']:.2f} ms a step; per layer and step, us:")
+        if "blocks_copied_per_layer_step" in row:
+            print(
+                f"  ({row['blocks_copied_per_layer_step']:.2f} blocks copied into the attended buffer, "
+                f"{row['copied_kib_per_layer_step']:.0f} KiB)"
+            )
         for label, us in sorted(row["us_per_layer_step"].items(), key=lambda item: -item[1]):
             print(f"  {label:20s} {us:8.1f}")
     if args.out:
