@@ -122,6 +122,20 @@ def test_a_spent_cache_is_refused_for_a_second_prompt():
         Driver(model, cache).prefill(random_ids(30))
 
 
+def test_the_driver_builds_no_autograd_graph():
+    """Called outside any no_grad / inference_mode (as a user may), the driver's forwards keep no graph: the logits
+    need no grad, and InfLLM's decode steps write into its attended buffer (whose views refuse in-place writes
+    under autograd)."""
+    model = tiny_model("llama")
+    assert torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+    small = dict(n_init=4, n_local=16, block_size=4, topk=3, exc_block_size=8, repr_topk=2, offload=False)
+    driver = Driver.new(model, kvsieve.method("infllm", **small), 60, reserve=8)
+    logits = driver.prefill(random_ids(60))
+    for _ in range(3):
+        logits = driver.step(int(logits[0].argmax()))
+    assert not logits.requires_grad and torch.is_grad_enabled()
+
+
 def test_the_phase_lasts_one_forward():
     model = tiny_model("llama")
     cache = SieveCache(model, kvsieve.method("full"))
