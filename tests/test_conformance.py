@@ -120,6 +120,19 @@ def test_same_parameters_same_run_and_a_seed_changes_the_random_part(model, name
         assert any(not torch.equal(x, y) for x, y in zip(kept, kept_other)), f"{name}: the seed changes nothing"
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_a_model_called_with_autograd_on_runs_as_under_inference_mode(model, name):
+    """Called outside no_grad / inference_mode (as a user may): the same tokens and logits as under inference mode;
+    the cache's stores, written in place, keep no autograd history."""
+    method = build(name, REAL_BUDGET)
+    context = random_ids(prompt_length(method))
+    expected, expected_logits = greedy_with_logits(model, SieveCache(model, method), context, N_NEW, chunk_size=CHUNK)
+    assert torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+    run_with_grad = greedy_with_logits.__wrapped__  # the same loop without its inference_mode
+    tokens, logits = run_with_grad(model, SieveCache(model, method), context, N_NEW, chunk_size=CHUNK)
+    assert tokens == expected and (logits - expected_logits).abs().max().item() < LOGIT_TOL
+
+
 def _bad_values(value) -> list:
     """Values no parameter of this type may take: the wrong type, and out-of-range numbers."""
     if isinstance(value, bool):

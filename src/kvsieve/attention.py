@@ -39,7 +39,11 @@ def sieve_attention(
         )
     # The mask only tells the layer which new tokens are padding (`kvsieve.rows.real_tokens`): each batch row
     # attends over its own entries, with the causal rule of `kvsieve.ops.attention`.
-    return layer.attend(module, query, key, value, scaling, dict(kwargs, dropout=dropout), attention_mask), None
+    options = dict(kwargs, dropout=dropout)
+    if not torch.is_grad_enabled():  # inference_mode / no_grad: the usual case, no context to enter
+        return layer.attend(module, query, key, value, scaling, options, attention_mask), None
+    with torch.no_grad():  # a model called outside no_grad: the stores take in-place writes and keep no history
+        return layer.attend(module, query, key, value, scaling, options, attention_mask), None
 
 
 def register() -> str:

@@ -185,8 +185,7 @@ class Driver:
         ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], dtype=torch.long, device=self.device)
         self._sync()
         start = time.perf_counter()
-        # no autograd: nothing here is trained, and a graph would hold every layer's activations (and the block
-        # buffers' views, made without one, refuse in-place writes with one)
+        # no autograd: nothing here is trained, and a graph would hold every layer's activations
         with torch.no_grad(), self.cache.forward_as(phase):
             out = self.model(input_ids=ids, logits_to_keep=1, **kwargs, **cache_kwargs(self.model, self.cache))
         self._sync()
