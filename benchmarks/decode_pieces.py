@@ -107,10 +107,10 @@ def run(model, tok, method: str, length: int, steps: int, timer: Timer) -> dict:
 
 def block_copies(driver: Driver) -> tuple[int, int] | None:
     """Blocks copied into the attended buffers so far (all layers and batch rows) and the K and V bytes of one row's
-    block, or None without block memories."""
+    block, or None without a block memory holding blocks."""
     memories = [getattr(layer.policy, "memory", None) for layer in driver.cache.sieve_layers]
     memories = [m for m in memories if isinstance(m, blocks.BlockMemory)]
-    if not memories:
+    if not memories or not memories[0].store.n_blocks:  # no block memory, or no block in it yet
         return None
     k, v = memories[0].store.block(0, 0)  # one row's block: [H_kv, bs, D]
     return sum(m.buffer.copies for m in memories), k.nbytes + v.nbytes
