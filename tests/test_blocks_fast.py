@@ -245,6 +245,31 @@ def test_a_tail_with_its_first_position_is_written_only_where_it_is_new(offload)
             assert torch.equal(got_k[row], want_k) and torch.equal(got_v[row], want_v), (selection, first, n)
 
 
+@pytest.mark.parametrize("offload", [True, False])
+def test_a_tail_is_written_whole_after_a_call_that_laid_blocks_where_it_was(offload):
+    """Decode steps with two blocks and a tail, then a chunk's window with three blocks (no tail): its third place
+    is where the tail was, so the next step's tail, from the same first position, is copied whole (a step that
+    copied only its new entry read the chunk's block as its remainder). In a model this takes a chunk after decode
+    steps whose windows retrieve more blocks than the steps around it (ActQKV's counts vary by layer and step)."""
+    memory = _memory(6, offload)
+    keys = torch.randn(2, 2, 16, 8)
+    two, three = [[0, 1], [2, 3]], [[0, 1, 4], [2, 3, 5]]
+    memory.fetch(torch.tensor(three))  # places for three blocks (four, doubled): the chunk's window will not grow them
+    for n, new in ((2, 2), (3, 1), (4, 4)):  # the middle step copies one entry; after the chunk, all of them
+        if n == 4:  # (the tail's room, 4 entries, holds them all: no growth rewrites it)
+            memory.fetch(torch.tensor(three))
+        tail = (keys[:, :, :n], -keys[:, :, :n])
+        handed = tuple(t.clone() for t in tail)
+        for t in handed:
+            t[:, :, : n - new] = float("nan")
+        got_k, got_v, order = memory.fetch(torch.tensor(two), None, handed, 0)
+        for row in range(2):
+            blocks = [memory.store.block(row, j) for j in order[row]]
+            want_k = torch.cat([*(k for k, _ in blocks), tail[0][row]], dim=1)
+            want_v = torch.cat([*(v for _, v in blocks), tail[1][row]], dim=1)
+            assert torch.equal(got_k[row], want_k) and torch.equal(got_v[row], want_v), n
+
+
 def test_an_on_device_store_keeps_its_blocks_when_it_grows_and_counts_its_bytes_where_they_are():
     """The store grows geometrically (16 blocks, then 32): blocks written before a growth read back unchanged. In
     host memory (offloaded, or a CPU model) the store's bytes are host bytes and the device counts the blocks laid

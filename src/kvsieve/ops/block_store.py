@@ -390,6 +390,8 @@ class AttendedBuffer:
                 self._v[:, :, last + done : last + n_tail] = tail[1][:, :, done:]
             self._tail_at, self._tail_len = at, n_tail
             last += n_tail
+        else:  # this call's places may cover where the tail was (a chunk after decode steps): write it anew next
+            self._tail_at = None
         return self._k[:, :, first:last], self._v[:, :, first:last], [row[:k] for row in self.placed[:b]]
 
     def _grow(self, source_k: torch.Tensor, source_v: torch.Tensor, k: int, n_head: int, n_tail: int) -> None:
