@@ -1,5 +1,6 @@
 """`TokenBuffer.derived_keys`: each live token's derived key computed once, kept through drops and reallocations,
-and equal to deriving the slice directly (InfLLM's memory keys of the tokens that have left the window)."""
+and equal to deriving the slice directly (InfLLM's memory keys of the tokens that have left the window); keys
+derived ahead serve the next calls."""
 
 from __future__ import annotations
 
@@ -45,6 +46,27 @@ def test_each_token_is_derived_once_and_the_result_equals_deriving_the_slice():
     assert buf.derived_keys(0, derive).shape[2] == 0
     with pytest.raises(ValueError, match="derived_keys: 1 of 0 tokens"):
         buf.derived_keys(1, derive)
+
+
+def test_keys_derived_ahead_serve_the_next_calls_without_deriving_again():
+    """A decode step's remainder grows a token a step: ``ahead`` derives the next tokens' keys in the same call (no
+    further call until they are used up), never past the live tokens, and equal to deriving each slice directly."""
+    torch.manual_seed(0)
+    buf = TokenBuffer(n_heads=4, spare=3)
+    keys = torch.randn(1, 2, 30, 8)
+    calls: list[tuple[int, int]] = []
+    derive = _derive_counting(calls)
+    buf.append(keys[:, :, :20], keys[:, :, :20], 0)
+    for n in range(1, 12):  # one more token a step
+        assert torch.equal(buf.derived_keys(n, derive, ahead=4), _derive_counting([])(keys[:, :, :n], 0))
+    assert calls == [(0, 5), (5, 5), (10, 5)]  # the first n and 4 ahead, each time the derived ones run out
+    calls.clear()
+    assert buf.derived_keys(17, derive, ahead=10).shape[2] == 17 and calls == [(15, 5)]  # up to the 20 live ones
+    buf.drop_front(3)
+    buf.append(keys[:, :, 20:30], keys[:, :, 20:30], 20)  # reallocates: the derived ones move with their tokens
+    calls.clear()
+    assert torch.equal(buf.derived_keys(18, derive, ahead=2), _derive_counting([])(keys[:, :, 3:21], 3))
+    assert calls == [(20, 3)]
 
 
 def test_appended_tokens_start_with_zero_scores_through_drops_and_reallocations():

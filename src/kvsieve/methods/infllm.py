@@ -179,7 +179,11 @@ class InfLLMPolicy(LayerPolicy):
         # near memory: init tokens (seen by all) ; the remainder, seen by the queries it is n_local or more behind
         n_rem = max(0, end - n_local - rs)
         init = self.init
-        remainder = (recent.derived_keys(n_rem, self.memory_keys), recent.value_span(0, n_rem)) if n_rem else None
+        # the remainder grows a token a decode step: its memory keys are derived a block of tokens at a time
+        ahead = m.block_size if w == 1 else 0
+        remainder = None
+        if n_rem:
+            remainder = (recent.derived_keys(n_rem, self.memory_keys, ahead), recent.value_span(0, n_rem))
 
         # retrieved blocks; lru-s credits each block with the attention mass it received
         selection = self.select_blocks(call, q_mem, window)

@@ -108,19 +108,23 @@ class TokenBuffer:
         self._d_end = max(self._d_end, self._start)
         self.first_position += n
 
-    def derived_keys(self, n: int, derive: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+    def derived_keys(self, n: int, derive: Callable[[torch.Tensor, int], torch.Tensor], ahead: int = 0) -> torch.Tensor:
         """``derive(keys, first_position)`` of the first ``n`` live tokens, ``[B, H_kv, n, D]`` (a view, valid until
         the next `append`): each token's derived key is computed once and kept while the token stays (InfLLM's
-        memory keys of the tokens that have left the window, read by every later window until they leave)."""
+        memory keys of the tokens that have left the window, read by every later window until they leave).
+
+        ``ahead``: when keys must be derived, also derive up to ``ahead`` live tokens after the first ``n``, in the
+        same call (a decode step needs one more token's each step: one call for ``ahead + 1`` steps' tokens)."""
         if not 0 <= n <= self.length:
             raise ValueError(f"derived_keys: {n} of {self.length} tokens")
         stop = self._start + n
         if stop > self._d_end:
-            fresh = derive(self._k[:, :, self._d_end : stop], self.first_position + self._d_end - self._start)
+            until = min(self._end, stop + ahead)
+            fresh = derive(self._k[:, :, self._d_end : until], self.first_position + self._d_end - self._start)
             if self._d is None:  # `_reallocate` keeps it the keys' size
                 self._d = fresh.new_empty(*self._k.shape[:3], fresh.shape[-1])
-            self._d[:, :, self._d_end : stop] = fresh
-            self._d_end = stop
+            self._d[:, :, self._d_end : until] = fresh
+            self._d_end = until
         return self._d[:, :, self._start : stop]
 
     def shrink(self) -> None:
