@@ -95,6 +95,23 @@ def test_a_one_token_window_probes_with_its_query_exactly_as_the_weighted_formul
     assert policy.weighted_windows == 3
 
 
+def test_one_token_windows_probe_with_their_query_and_are_counted_in_warm_up_and_after():
+    """A decode step's probe is its query whether or not the statistics weigh it yet; every window counts, the
+    first ever included (no statistics to defer it to), and only windows past the warm-up count as weighted."""
+    policy, _ = _policy(kvsieve.method("actqkv", **SMALL, warmup_calls=3))
+    g = torch.Generator().manual_seed(2)
+    for i in range(5):
+        q_mem = torch.randn(1, 4, 1, 16, generator=g)
+        assert torch.equal(policy.probe(q_mem), q_mem.mean(dim=2).reshape(1, -1))
+        assert policy.activation.count == i + 1
+    assert policy.weighted_windows == 1  # the fifth: 4 windows seen before it, past the warm-up of 3
+    twin = ActivationStats(horizon=kvsieve.method("actqkv").stats_horizon, warmup=3)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        twin.update(torch.randn(1, 4, 1, 16, generator=g).reshape(1, 1, 64))
+    assert torch.equal(policy.activation.mean, twin.mean) and torch.equal(policy.activation.var, twin.var)
+
+
 def test_after_warmup_a_deviating_token_dominates_the_probe():
     policy, _ = _policy(kvsieve.method("actqkv", **SMALL, warmup_calls=20))
     g = torch.Generator().manual_seed(0)

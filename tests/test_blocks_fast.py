@@ -295,6 +295,21 @@ def test_unit_representatives_follow_the_blocks_added():
     assert memory.unit_reprs.shape == (1, 20, 32)
 
 
+def test_representatives_read_between_blocks_are_the_blocks_so_far():
+    """The views `reprs` and `unit_reprs` hand out are kept between blocks: each read after a block is added
+    holds that block, and reads in between return the same view."""
+    memory = BlockMemory(block_size=4, capacity=8, device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(1)
+    added = []
+    for j in range(20):
+        added.append(torch.randn(1, 32, generator=gen))
+        memory.add(torch.zeros(1, 2, 4, 8), torch.zeros(1, 2, 4, 8), added[-1], 4 * j)
+        expected = torch.stack(added, dim=1)  # [1, j + 1, 32]
+        assert torch.equal(memory.reprs, expected) and memory.reprs is memory.reprs
+        assert torch.allclose(memory.unit_reprs, F.normalize(expected, dim=-1), atol=1e-7)
+        assert memory.unit_reprs is memory.unit_reprs
+
+
 SMALL = dict(n_init=4, n_local=16, block_size=4, topk=3, exc_block_size=8, repr_topk=2)
 
 

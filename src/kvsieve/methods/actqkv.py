@@ -262,14 +262,15 @@ class ActQKVPolicy(InfLLMPolicy):
     def probe(self, q_mem: torch.Tensor) -> torch.Tensor:
         """Activation-Bias-weighted mean of the window's memory queries ``[B, H, w, D]`` -> ``[B, H * D]``."""
         b, h, w, d = q_mem.shape
-        # [B, w, H * D]; one query needs no permute (its dim of size 1 moves no element)
         q = cast(q_mem, torch.float32)
-        flat = q.reshape(b, 1, h * d) if w == 1 else q.permute(0, 2, 1, 3).reshape(b, w, h * d)
+        if w == 1:  # a decode step: its token's weight b / b is exactly 1, and InfLLM's mean is the query itself
+            query = q.reshape(b, h * d)  # its dim of size 1 moves no element: a view
+            self.weighted_windows += self.activation.update_one(query)
+            return query
+        flat = q.permute(0, 2, 1, 3).reshape(b, w, h * d)  # [B, w, H * D]
         if not self.activation.update(flat):  # warm-up: exactly InfLLM's probe
             return q_mem.float().mean(dim=2).reshape(b, -1)
         self.weighted_windows += 1
-        if w == 1:  # a decode step: the one token's weight b / b is exactly 1, so the probe is its query
-            return flat[:, 0]
         return (self.activation.bias_weights(flat)[..., None] * flat).sum(dim=1)
 
     def similarity(self, probe: torch.Tensor) -> torch.Tensor:

@@ -187,6 +187,10 @@ class BlockMemory:
         self.cache = DeviceBlockCache(capacity, strategy, decay) if offload else None
         self.buffer = AttendedBuffer(capacity)
         self._reprs: torch.Tensor | None = None
+        # the live views of the representatives and of their unit-length copies, kept until the next block: a
+        # decode step reads one every layer, and a slice is a dispatch (blocks come every block_size steps)
+        self._reprs_view: torch.Tensor | None = None
+        self._unit_view: torch.Tensor | None = None
         self._first: list[int] = []  # the first position of each block
         self._unit: torch.Tensor | None = None  # [B, capacity, H * D] the representatives at unit length
         self._unit_done = 0  # blocks normalised into _unit so far
@@ -198,12 +202,16 @@ class BlockMemory:
     @property
     def reprs(self) -> torch.Tensor:
         """``[B, N, H * D]`` representative vectors of the blocks (float32, on the device)."""
-        return self._reprs[:, : self.n_blocks]
+        if self._reprs_view is None:
+            self._reprs_view = self._reprs[:, : self.n_blocks]
+        return self._reprs_view
 
     @property
     def unit_reprs(self) -> torch.Tensor:
         """``[B, N, H * D]`` the representative vectors scaled to unit length (cosine retrieval), normalised once
         per block: the blocks added since the last call are normalised and appended."""
+        if self._unit_view is not None:
+            return self._unit_view
         n, done = self.n_blocks, self._unit_done
         if self._unit is None or self._unit.shape[1] < n:  # as large as the representatives' buffer
             grown = torch.empty_like(self._reprs)
@@ -213,7 +221,8 @@ class BlockMemory:
         if done < n:
             self._unit[:, done:n] = F.normalize(self._reprs[:, done:n], dim=-1)
             self._unit_done = n
-        return self._unit[:, :n]
+        self._unit_view = self._unit[:, :n]
+        return self._unit_view
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, representative: torch.Tensor, first_position: int) -> None:
         """Store a block: pre-RoPE keys and values ``[B, H_kv, bs, D]``, its representative vector ``[B, H * D]``."""
@@ -225,6 +234,7 @@ class BlockMemory:
                 grown[:, :n] = self._reprs[:, :n]
             self._reprs = grown
         self._reprs[:, n] = representative.float()
+        self._reprs_view = self._unit_view = None  # one block more
         self._first.append(first_position)
         self.store.append(keys, values)
 
