@@ -246,6 +246,38 @@ def test_a_tail_with_its_first_position_is_written_only_where_it_is_new(offload)
 
 
 @pytest.mark.parametrize("offload", [True, False])
+def test_a_tail_laid_out_ahead_is_attended_as_it_grows_without_being_written_again(offload):
+    """A decode step's remainder with the next tokens' keys derived already: the tail is handed longer than the part
+    attended (``tail_len``), laid out once, and the steps after it attend more of it without copying anything
+    until the tail handed grows past what was laid out. Entries a call must not copy are handed as NaN."""
+    memory = _memory(6, offload)
+    keys = torch.randn(2, 2, 16, 8)
+    head = (torch.ones(2, 2, 3, 8), -torch.ones(2, 2, 3, 8))
+    two, three = [[0, 1], [2, 3]], [[0, 1, 4], [2, 3, 5]]
+    # (selection, tail's first position, entries handed, entries attended, entries to copy); the tail's room: the
+    # first tail's 5 entries, then doubled (the buffer grown: written whole), as are the places for three blocks
+    steps = [(two, 0, 5, 1, 5), (two, 0, 5, 3, 0), (two, 0, 5, 5, 0), (two, 0, 8, 6, 8), (two, 0, 10, 9, 2)]
+    steps += [
+        (two, 0, 10, 10, 0),
+        (three, 0, 10, 7, 10),
+        (three, 0, 10, 10, 0),
+        (three, 4, 6, 2, 6),
+        (three, 4, 6, 0, 0),
+    ]
+    for selection, first, n, attended, new in steps:
+        tail = (keys[:, :, first : first + n], -keys[:, :, first : first + n])
+        handed = tuple(t.clone() for t in tail)
+        for t in handed:
+            t[:, :, : n - new] = float("nan")
+        got_k, got_v, order = memory.fetch(torch.tensor(selection), head, handed, first, tail_len=attended)
+        for row in range(2):
+            blocks = [memory.store.block(row, j) for j in order[row]]
+            want_k = torch.cat([head[0][row], *(k for k, _ in blocks), tail[0][row, :, :attended]], dim=1)
+            want_v = torch.cat([head[1][row], *(v for _, v in blocks), tail[1][row, :, :attended]], dim=1)
+            assert torch.equal(got_k[row], want_k) and torch.equal(got_v[row], want_v), (selection, first, n)
+
+
+@pytest.mark.parametrize("offload", [True, False])
 def test_a_tail_is_written_whole_after_a_call_that_laid_blocks_where_it_was(offload):
     """Decode steps with two blocks and a tail, then a chunk's window with three blocks (no tail): its third place
     is where the tail was, so the next step's tail, from the same first position, is copied whole (a step that

@@ -176,25 +176,30 @@ class InfLLMPolicy(LayerPolicy):
         loc_band = Band(first - lo - n_local + 1, first - lo + 1) if w > 1 else None
         local = Part(q_loc, *recent.span(lo - rs, end - rs), loc_band)
 
-        # near memory: init tokens (seen by all) ; the remainder, seen by the queries it is n_local or more behind
-        n_rem = max(0, end - n_local - rs)
-        init = self.init
-        # the remainder grows a token a decode step: its memory keys are derived a block of tokens at a time
-        ahead = m.block_size if w == 1 else 0
-        remainder = None
-        if n_rem:
-            remainder = (recent.derived_keys(n_rem, self.memory_keys, ahead), recent.value_span(0, n_rem))
-
         # retrieved blocks; lru-s credits each block with the attention mass it received
         selection = self.select_blocks(call, q_mem, window)
         n_sel = 0 if selection is None else selection.shape[1]
         (self.blocks_decode if call.phase is Phase.DECODE else self.blocks_prefill).append(n_sel)
+
+        # near memory: init tokens (seen by all) ; the remainder, seen by the queries it is n_local or more behind
+        n_rem = max(0, end - n_local - rs)
+        init = self.init
         order: list[list[int]] = []
         blocks_from = 0  # where the blocks' keys start in the memory part that holds them
         if n_sel and w == 1:  # one query sees every memory entry: init ; blocks ; remainder as one run, two parts
-            mem_k, mem_v, order = self.memory.fetch(selection, init if self.init_len else None, remainder, rs)
+            tail = None
+            if n_rem:  # the remainder grows a token a step: its memory keys are derived, and laid out after the
+                # blocks, a block of tokens ahead (the attended buffer then writes nothing at most steps)
+                n_ahead = recent.derive_keys(n_rem, self.memory_keys, m.block_size)
+                tail = (recent.derived_keys(n_ahead, self.memory_keys), recent.value_span(0, n_ahead))
+            head = init if self.init_len else None
+            mem_k, mem_v, order = self.memory.fetch(selection, head, tail, rs, tail_len=n_rem)
             scored, fused, blocks_from = [local], [Part(q_mem, mem_k, mem_v)], self.init_len
         else:
+            remainder = None
+            if n_rem:  # a decode step without blocks derives its keys a block of tokens ahead too
+                keys = recent.derived_keys(n_rem, self.memory_keys, m.block_size if w == 1 else 0)
+                remainder = (keys, recent.value_span(0, n_rem))
             near_k, near_v = init
             near_band = None
             if remainder is not None:

@@ -329,6 +329,7 @@ class AttendedBuffer:
         head: tuple[torch.Tensor, torch.Tensor] | None = None,
         tail: tuple[torch.Tensor, torch.Tensor] | None = None,
         tail_first: int | None = None,
+        tail_len: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
         """Keys and values ``[B, H_kv, k * bs, D]`` of ``blocks`` (per row, the same count ``k``), which sit in
         ``slots`` of ``source`` (keys and values ``[B, H_kv, C, bs, D]``: a device cache's slots or an on-device
@@ -342,7 +343,10 @@ class AttendedBuffer:
         attends as one part (InfLLM's init tokens and remainder around its retrieved blocks). The head is copied
         only when its length changes (it must only grow: init tokens), the tail at every call -- or, given
         ``tail_first`` (the logical position of its first entry, whose entries never change: InfLLM's remainder),
-        only its entries not yet written at the same place (a decode step adds one)."""
+        only its entries not yet written at the same place (a decode step adds one). ``tail_len``: of the tail's
+        entries, only the first ``tail_len`` are attended; the rest are laid out after them for later calls with the
+        same ``tail_first`` (InfLLM's remainder with the next tokens whose memory keys are derived already: written
+        once for a block of decode steps, not a token at every step)."""
         source_k, source_v = source
         b, k = len(slots), len(slots[0])
         n_head = 0 if head is None else head[0].shape[2]
@@ -383,13 +387,15 @@ class AttendedBuffer:
                 self._v[:, :, first:start] = head[1]
                 self._head_len = n_head
         if tail is not None:
+            attended = n_tail if tail_len is None else tail_len
             at = (last, tail_first) if tail_first is not None else None
             done = min(self._tail_len, n_tail) if at is not None and at == self._tail_at else 0
-            if done < n_tail:
+            if done < attended:
                 self._k[:, :, last + done : last + n_tail] = tail[0][:, :, done:]
                 self._v[:, :, last + done : last + n_tail] = tail[1][:, :, done:]
-            self._tail_at, self._tail_len = at, n_tail
-            last += n_tail
+                self._tail_len = n_tail
+            self._tail_at = at
+            last += attended
         else:  # this call's places may cover where the tail was (a chunk after decode steps): write it anew next
             self._tail_at = None
         return self._k[:, :, first:last], self._v[:, :, first:last], [row[:k] for row in self.placed[:b]]

@@ -112,9 +112,14 @@ class TokenBuffer:
         """``derive(keys, first_position)`` of the first ``n`` live tokens, ``[B, H_kv, n, D]`` (a view, valid until
         the next `append`): each token's derived key is computed once and kept while the token stays (InfLLM's
         memory keys of the tokens that have left the window, read by every later window until they leave).
+        ``ahead``: see `derive_keys`."""
+        self.derive_keys(n, derive, ahead)
+        return self._d[:, :, self._start : self._start + n]
 
-        ``ahead``: when keys must be derived, also derive up to ``ahead`` live tokens after the first ``n``, in the
-        same call (a decode step needs one more token's each step: one call for ``ahead + 1`` steps' tokens)."""
+    def derive_keys(self, n: int, derive: Callable[[torch.Tensor, int], torch.Tensor], ahead: int = 0) -> int:
+        """Derive the keys of the first ``n`` live tokens not derived yet -- and then also of up to ``ahead`` live
+        tokens after them, in the same call (a decode step needs one more token's each step: one call serves
+        ``ahead + 1`` steps); returns how many live tokens from the first have derived keys (``>= n``)."""
         if not 0 <= n <= self.length:
             raise ValueError(f"derived_keys: {n} of {self.length} tokens")
         stop = self._start + n
@@ -125,7 +130,7 @@ class TokenBuffer:
                 self._d = fresh.new_empty(*self._k.shape[:3], fresh.shape[-1])
             self._d[:, :, self._d_end : until] = fresh
             self._d_end = until
-        return self._d[:, :, self._start : stop]
+        return self._d_end - self._start
 
     def shrink(self) -> None:
         """Release spare capacity left by a long chunk (keeps ``spare`` entries for the next appends)."""
@@ -244,16 +249,18 @@ class BlockMemory:
         head: tuple[torch.Tensor, torch.Tensor] | None = None,
         tail: tuple[torch.Tensor, torch.Tensor] | None = None,
         tail_first: int | None = None,
+        tail_len: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
         """Keys and values ``[B, H_kv, k * bs, D]`` of the selected blocks ``[B, k]``, and per row the block of each
         of the ``k`` places: the order of the keys (see `AttendedBuffer.gather`; `positions` gives theirs). With
         ``head`` / ``tail``, the keys and values are ``[head ; blocks ; tail]``; ``tail_first``: the tail's first
-        logical position (`AttendedBuffer.gather` then writes only its new entries)."""
+        logical position (`AttendedBuffer.gather` then writes only its new entries); ``tail_len``: the tail's entries
+        attended (the rest are laid out for later calls, see `AttendedBuffer.gather`)."""
         chosen = selection.tolist()
         if self.cache is None:  # on the device already: block j in slot j
-            return self.buffer.gather(self.store.slots, chosen, chosen, head, tail, tail_first)
+            return self.buffer.gather(self.store.slots, chosen, chosen, head, tail, tail_first, tail_len)
         slots = self.cache.load(chosen, self.store, self.device)
-        return self.buffer.gather(self.cache.slots, slots, chosen, head, tail, tail_first)
+        return self.buffer.gather(self.cache.slots, slots, chosen, head, tail, tail_first, tail_len)
 
     def credit(self, selection: list[list[int]], mass: torch.Tensor) -> None:
         """The attention mass ``[B, k]`` the blocks of ``selection`` received (the device cache's ``"lru-s"``)."""
