@@ -69,6 +69,29 @@ def test_keys_derived_ahead_serve_the_next_calls_without_deriving_again():
     assert calls == [(20, 3)]
 
 
+def test_the_derived_span_is_the_derived_tokens_keys_and_values_as_the_same_views_while_it_stays():
+    """`derive_keys` counts the live tokens derived (ahead included); `derived_span` hands their keys and values,
+    the same view objects while the first live token and the length stay, new ones after a drop or a
+    reallocation -- always the tokens' own derived keys and values."""
+    torch.manual_seed(0)
+    buf = TokenBuffer(n_heads=4, spare=3)
+    keys, values = torch.randn(1, 2, 30, 8), torch.randn(1, 2, 30, 8)
+    derive = _derive_counting([])
+    buf.append(keys[:, :, :20], values[:, :, :20], 0)
+    assert buf.derive_keys(2, derive, ahead=4) == 6 and buf.derive_keys(5, derive, ahead=4) == 6  # derived already
+    span = buf.derived_span(6)
+    assert buf.derived_span(6) is span
+    assert torch.equal(span[0], _derive_counting([])(keys[:, :, :6], 0)) and torch.equal(span[1], values[:, :, :6])
+    buf.drop_front(2)
+    moved = buf.derived_span(4)
+    assert moved is not span and torch.equal(moved[0], _derive_counting([])(keys[:, :, 2:6], 2))
+    buf.append(keys[:, :, 20:30], values[:, :, 20:30], 20)  # reallocates
+    again = buf.derived_span(4)
+    assert again is not moved and torch.equal(again[0], moved[0]) and torch.equal(again[1], values[:, :, 2:6])
+    with pytest.raises(ValueError, match="derived_span: 5 tokens, 4 derived"):
+        buf.derived_span(5)
+
+
 def test_appended_tokens_start_with_zero_scores_through_drops_and_reallocations():
     """An append does not write scores: every score past the live end is still the zero it was allocated as. Scores
     added to live tokens stay theirs; spans are the live tokens' own keys, values and scores."""

@@ -190,8 +190,7 @@ class InfLLMPolicy(LayerPolicy):
             tail = None
             if n_rem:  # the remainder grows a token a step: its memory keys are derived, and laid out after the
                 # blocks, a block of tokens ahead (the attended buffer then writes nothing at most steps)
-                n_ahead = recent.derive_keys(n_rem, self.memory_keys, m.block_size)
-                tail = (recent.derived_keys(n_ahead, self.memory_keys), recent.value_span(0, n_ahead))
+                tail = recent.derived_span(recent.derive_keys(n_rem, self.memory_keys, m.block_size))
             head = init if self.init_len else None
             mem_k, mem_v, order = self.memory.fetch(selection, head, tail, rs, tail_len=n_rem)
             scored, fused, blocks_from = [local], [Part(q_mem, mem_k, mem_v)], self.init_len

@@ -45,6 +45,8 @@ class TokenBuffer:
         self._s: torch.Tensor | None = None
         self._d: torch.Tensor | None = None  # derived keys (`derived_keys`), valid in [_start, _d_end)
         self._d_end = 0
+        # the last `derived_span`: ((first index, length), (keys, values)); its views stay valid until `_reallocate`
+        self._derived_span: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
         self._entry_bytes = 0  # K and V bytes of one token over the batch and heads (measured at allocation)
 
     @property
@@ -116,6 +118,18 @@ class TokenBuffer:
         self.derive_keys(n, derive, ahead)
         return self._d[:, :, self._start : self._start + n]
 
+    def derived_span(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Derived keys and values ``[B, H_kv, n, D]`` of the first ``n`` live tokens, whose keys `derive_keys`
+        derived: views, the same ones while the first live token and ``n`` stay (a decode step's remainder with
+        the tokens derived ahead: ``n`` moves once a block of steps, so most steps slice nothing)."""
+        if self._d is None or not 0 <= n <= self._d_end - self._start:
+            raise ValueError(f"derived_span: {n} tokens, {self._d_end - self._start} derived")
+        span = (self._start, n)
+        if self._derived_span is None or self._derived_span[0] != span:
+            a = self._start
+            self._derived_span = (span, (self._d[:, :, a : a + n], self._v[:, :, a : a + n]))
+        return self._derived_span[1]
+
     def derive_keys(self, n: int, derive: Callable[[torch.Tensor, int], torch.Tensor], ahead: int = 0) -> int:
         """Derive the keys of the first ``n`` live tokens not derived yet -- and then also of up to ``ahead`` live
         tokens after them, in the same call (a decode step needs one more token's each step: one call serves
@@ -157,6 +171,7 @@ class TokenBuffer:
             self._d = None
         self._k, self._v, self._s = k, v, s
         self._start, self._end, self._d_end = 0, n, derived
+        self._derived_span = None  # views of the old tensors
         self._entry_bytes = entry_bytes(k, 2) + entry_bytes(v, 2)
 
     def used_bytes(self) -> int:
