@@ -107,7 +107,7 @@ class BlockPool:
         # rounding does not drift): a layer's split reads every later layer's mean, at every step
         self.sums: list[float] = []
         self._fresh: list[int] = []  # samples since the layer's sum was summed anew
-        self._ready = False
+        self._full = 0  # layers with a full window of samples (a layer's, once full, stays full)
         self.remaining: list[float] = []
         self.history: list[list[int]] = []  # per reset: the counts handed out, in order (for statistics/tests)
 
@@ -119,7 +119,6 @@ class BlockPool:
         self.samples.append(deque(maxlen=self.window))
         self.sums.append(0.0)
         self._fresh.append(0)
-        self._ready = False
         return len(self.samples) - 1
 
     def reset(self, n_windows: int) -> None:
@@ -129,14 +128,14 @@ class BlockPool:
 
     def ready(self) -> bool:
         """Every layer has a full window of entropy samples (once true, it stays: samples only come in)."""
-        if not self._ready:
-            self._ready = all(len(s) == self.window for s in self.samples)
-        return self._ready
+        return self._full == len(self.samples)
 
     def record(self, layer: int, entropy: float) -> None:
         samples = self.samples[layer]
         if len(samples) == self.window:
             self.sums[layer] -= samples[0]  # leaves the window as the new sample comes in
+        elif len(samples) == self.window - 1:
+            self._full += 1  # this sample fills the layer's window
         samples.append(entropy)
         self._fresh[layer] += 1
         if self._fresh[layer] >= self.window:
