@@ -60,14 +60,12 @@ class BlockStore:
         self.offloaded = offloaded
         self.pin = pin and offloaded
         self.block_dim = 1 if offloaded else 2  # the dimension of N
+        # whether the store is in host memory (offloaded, or the model runs on the CPU): read by the accounting at
+        # every step, where a torch.device's type costs microseconds
+        self.on_host = self.device.type == "cpu"
         self.n_blocks = 0
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
-
-    @property
-    def on_host(self) -> bool:
-        """Whether the store is in host memory (offloaded, or the model runs on the CPU)."""
-        return self.device.type == "cpu"
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> int:
         """Store one block (``[B, H_kv, bs, D]``, any device); returns its index."""
