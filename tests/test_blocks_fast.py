@@ -275,6 +275,8 @@ def test_a_tail_laid_out_ahead_is_attended_as_it_grows_without_being_written_aga
             want_k = torch.cat([head[0][row], *(k for k, _ in blocks), tail[0][row, :, :attended]], dim=1)
             want_v = torch.cat([head[1][row], *(v for _, v in blocks), tail[1][row, :, :attended]], dim=1)
             assert torch.equal(got_k[row], want_k) and torch.equal(got_v[row], want_v), (selection, first, n)
+    with pytest.raises(ValueError, match="tail_len must be within the tail's 6 entries, got 7"):
+        memory.fetch(torch.tensor(three), head, tail, 4, tail_len=7)
 
 
 @pytest.mark.parametrize("offload", [True, False])

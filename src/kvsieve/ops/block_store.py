@@ -386,6 +386,8 @@ class AttendedBuffer:
                 self._head_len = n_head
         if tail is not None:
             attended = n_tail if tail_len is None else tail_len
+            if not 0 <= attended <= n_tail:
+                raise ValueError(f"tail_len must be within the tail's {n_tail} entries, got {tail_len}")
             at = (last, tail_first) if tail_first is not None else None
             done = min(self._tail_len, n_tail) if at is not None and at == self._tail_at else 0
             if done < attended:
