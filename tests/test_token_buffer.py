@@ -44,7 +44,7 @@ def test_each_token_is_derived_once_and_the_result_equals_deriving_the_slice():
     assert calls == [(108, 32)]  # 105..107 kept through the reallocations; the rest derived now, once
     buf.drop_front(buf.length)
     assert buf.derived_keys(0, derive).shape[2] == 0
-    with pytest.raises(ValueError, match="derived_keys: 1 of 0 tokens"):
+    with pytest.raises(ValueError, match="derive_keys: n must be within the 0 live tokens, got 1"):
         buf.derived_keys(1, derive)
 
 

@@ -53,10 +53,24 @@ class ActivationStats:
     def update(self, h: torch.Tensor) -> bool:
         """Fold the window ``h`` ``[B, c, H * D]`` into the statistics; whether its tokens are to be weighted (False
         while warming up: ``count <= warmup`` before this window)."""
+        return self.update_one(h[:, 0]) if h.shape[1] == 1 else self._fold_window(h)
+
+    def update_one(self, x: torch.Tensor) -> bool:
+        """`update` with a one-token window given as its query ``x`` ``[B, H * D]`` (a decode step's): counted now,
+        folded in when the statistics are next read (the first window ever, or with ``max_pending = 0``: at once)."""
+        if self._mean is None or not self.max_pending:
+            return self._fold_window(x[:, None])
+        warming = self.count <= self.warmup
+        self._pending.append(cast(x, torch.float32))  # a view of the step's own queries, which nothing writes to
+        self.count += 1
+        if len(self._pending) >= self.max_pending:
+            self._fold()
+        return not warming
+
+    def _fold_window(self, h: torch.Tensor) -> bool:
+        """`update`, the window folded in now."""
         h = cast(h, torch.float32)
         c = h.shape[1]
-        if c == 1 and self._mean is not None and self.max_pending:
-            return self.update_one(h[:, 0])
         warming = self.count <= self.warmup
         self._fold()
         one = c == 1  # the window's mean is its token and its variance exactly 0 (two ops fewer)
@@ -80,18 +94,6 @@ class ActivationStats:
                 self._var.add_(var_w, alpha=1 / norm)
             self._mean.add_(d, alpha=1 / (n + 1))
         self.count += 1
-        return not warming
-
-    def update_one(self, x: torch.Tensor) -> bool:
-        """`update` with a one-token window given as its query ``x`` ``[B, H * D]`` (a decode step's): counted now,
-        folded in when the statistics are next read."""
-        if self._mean is None or not self.max_pending:
-            return self.update(x[:, None])
-        warming = self.count <= self.warmup
-        self._pending.append(cast(x, torch.float32))  # a view of the step's own queries, which nothing writes to
-        self.count += 1
-        if len(self._pending) >= self.max_pending:
-            self._fold()
         return not warming
 
     def _fold(self) -> None:

@@ -135,7 +135,7 @@ class TokenBuffer:
         tokens after them, in the same call (a decode step needs one more token's each step: one call serves
         ``ahead + 1`` steps); returns how many live tokens from the first have derived keys (``>= n``)."""
         if not 0 <= n <= self.length:
-            raise ValueError(f"derived_keys: {n} of {self.length} tokens")
+            raise ValueError(f"derive_keys: n must be within the {self.length} live tokens, got {n}")
         stop = self._start + n
         if stop > self._d_end:
             until = min(self._end, stop + ahead)
