@@ -273,9 +273,10 @@ class AttendedBuffer:
     ``capacity`` places.
 
     A step's copies are one ``torch._foreach_copy_`` per batch row, from per-block views of the source into
-    per-place views of the buffer (both built once per allocation, `_views`): one pass over the moved blocks and
-    one dispatch, where an ``index_select`` into a temporary and an ``index_copy_`` into the places took two per
-    tensor (timed against it: docs/results/speed.md, "Two parts per decode step")."""
+    per-place views of the buffer (the places' built once per allocation, a source slot's when a step first reads
+    it: `_views`, `_slot_views`): one pass over the moved blocks and one dispatch, where an ``index_select`` into a
+    temporary and an ``index_copy_`` into the places took two per tensor (timed against it: docs/results/speed.md,
+    "Two parts per decode step")."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -291,9 +292,10 @@ class AttendedBuffer:
         self._block_bytes = 0  # K and V bytes of one block of one row
         self.placed: list[list[int]] = []  # per row: the block in each place
         self.copies = 0  # blocks copied in
-        # per row, views [H_kv, bs, D] of each place (K, then V) and of each slot of the last source, by its storage
+        # per row, views [H_kv, bs, D] of each place (K, then V) and of the slots of the last source read so far
+        # (None: not read yet), by its storage
         self._place_views: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] | None = None
-        self._source_views: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] | None = None
+        self._source_views: list[tuple[list[torch.Tensor | None], list[torch.Tensor | None]]] | None = None
         self._source: tuple[torch.Tensor, torch.Tensor] | None = None  # the tensors the source views are of
 
     def __deepcopy__(self, memo: dict) -> AttendedBuffer:
@@ -315,9 +317,21 @@ class AttendedBuffer:
                 for row in range(self._k.shape[0])
             ]
         if self._source is None or self._source[0] is not source_k or self._source[1] is not source_v:
-            rows = range(source_k.shape[0])
-            self._source_views = [(source_k[row].unbind(1), source_v[row].unbind(1)) for row in rows]
+            # a slot's views are made when a step first reads it (`_slot_views`): an on-device store holds every
+            # block, and views of all its slots at once cost the first step after a growth or a copy 165 ms at 16K
+            # on the 0.5B model (24 layers), where a decode step reads a few dozen slots
+            slots = source_k.shape[2]
+            self._source_views = [([None] * slots, [None] * slots) for _ in range(source_k.shape[0])]
             self._source = (source_k, source_v)  # a store only ever replaces its tensors (growth), never resizes them
+
+    def _slot_views(self, row: int, slots: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The source's views ``[H_kv, bs, D]`` of ``slots`` of batch ``row`` (K, V), made for those not read yet."""
+        views_k, views_v = self._source_views[row]
+        source_k, source_v = self._source
+        for slot in slots:
+            if views_k[slot] is None:
+                views_k[slot], views_v[slot] = source_k[row, :, slot], source_v[row, :, slot]
+        return [views_k[slot] for slot in slots], [views_v[slot] for slot in slots]
 
     def gather(
         self,
@@ -370,11 +384,10 @@ class AttendedBuffer:
                 else:
                     slot_of = dict(zip(wanted, row_slots))
                     sources = [slot_of[block] for block in incoming]
-                (place_k, place_v), (slot_k, slot_v) = self._place_views[row], self._source_views[row]
-                torch._foreach_copy_(
-                    [*map(place_k.__getitem__, places), *map(place_v.__getitem__, places)],
-                    [*map(slot_k.__getitem__, sources), *map(slot_v.__getitem__, sources)],
-                )
+                place_k, place_v = self._place_views[row]
+                from_k, from_v = self._slot_views(row, sources)
+                to_k, to_v = [*map(place_k.__getitem__, places)], [*map(place_v.__getitem__, places)]
+                torch._foreach_copy_(to_k + to_v, from_k + from_v)
                 self.copies += len(places)
         self._placed_total = k * b
         first, last = start, start + k * bs  # views: one head's places are adjacent
