@@ -304,8 +304,9 @@ class AttendedBuffer:
         return copy_without(self, memo, {"_place_views": None, "_source_views": None, "_source": None})
 
     def _views(self, source_k: torch.Tensor, source_v: torch.Tensor) -> None:
-        """Per-row views of the places (after a growth) and of the source's slots (after the source changed: a
-        store or cache that grew is a new tensor; a block written into allocated room is seen through its view)."""
+        """Per-row views of the places (after a growth), and the source's slot views emptied (after the source
+        changed: a store or cache that grew is a new tensor; a block written into allocated room is seen through
+        its view, made when a step first reads it)."""
         if self._place_views is None:
             h_kv, bs, d = source_k.shape[1], source_k.shape[3], self._k.shape[-1]
             start, stop = self._head_room, self._head_room + self._places * bs
